@@ -1,0 +1,83 @@
+"""Every storage key the pipeline reads or writes, built in one place.
+
+    catalog/CURRENT.json                      pointer to the latest snapshot (written last)
+    catalog/<snapshot_id>/part-00000.parquet  snapshot chunks: url, label, source_id
+    sample/sample.parquet                     the stratified sample: image_id, url, label, shard, ...
+    sample/CURSOR.json                        what the sample has consumed (incremental sampling)
+    images/<shard>/<image_id>.jpg             EXIF-normalised RGB JPEGs
+    images/<shard>.parquet                    per-shard image index (status, sha256, ...)
+    detections/<shard>.parquet                Grounding DINO candidates, one row per box
+    detections/<shard>.images.parquet         one row per image (size, candidate count)
+    masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
+    pseudo_labels/<shard>.parquet             kept instances after thresholds
+    pseudo_labels/<shard>.coco.json           the same as COCO
+    autosam2/...                              the AutoSAM2 training layout
+    label_quality/...                         evaluation reports
+"""
+
+from __future__ import annotations
+
+SHARD_PREFIX = "shard-"
+
+CATALOG_CURRENT = "catalog/CURRENT.json"
+SAMPLE = "sample/sample.parquet"
+SAMPLE_CURSOR = "sample/CURSOR.json"
+AUTOSAM2_ROOT = "autosam2"
+LABEL_QUALITY_ROOT = "label_quality"
+
+
+def shard_name(index: int) -> str:
+    """Dynamic-partition key of shard number ``index``: ``shard-00000``."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"{SHARD_PREFIX}{index:05d}"
+
+
+def shard_index(name: str) -> int:
+    if not name.startswith(SHARD_PREFIX):
+        raise ValueError(f"not a shard name: {name!r}")
+    return int(name[len(SHARD_PREFIX) :])
+
+
+def catalog_snapshot_dir(snapshot_id: str) -> str:
+    return f"catalog/{snapshot_id}"
+
+
+def catalog_part(snapshot_id: str, part: int) -> str:
+    return f"{catalog_snapshot_dir(snapshot_id)}/part-{part:05d}.parquet"
+
+
+def image(shard: str, image_id: str) -> str:
+    return f"images/{shard}/{image_id}.jpg"
+
+
+def images_dir(shard: str) -> str:
+    return f"images/{shard}/"
+
+
+def image_index(shard: str) -> str:
+    return f"images/{shard}.parquet"
+
+
+def detections(shard: str) -> str:
+    return f"detections/{shard}.parquet"
+
+
+def detection_images(shard: str) -> str:
+    return f"detections/{shard}.images.parquet"
+
+
+def masks(shard: str) -> str:
+    return f"masks/{shard}.parquet"
+
+
+def pseudo_labels(shard: str) -> str:
+    return f"pseudo_labels/{shard}.parquet"
+
+
+def pseudo_labels_coco(shard: str) -> str:
+    return f"pseudo_labels/{shard}.coco.json"
+
+
+def pseudo_labels_polygons(shard: str) -> str:
+    return f"pseudo_labels/{shard}.polygons.coco.json"

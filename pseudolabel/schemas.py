@@ -1,0 +1,79 @@
+"""Column contracts of the Parquet tables passed between stages.
+
+Each stage writes exactly these columns (extra columns allowed) so the next stage can rely on them.
+Boxes are always in *original, EXIF-upright* image pixels, xyxy, float.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SAMPLE = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("url", pa.string()),
+        ("label", pa.string()),
+        ("shard", pa.string()),
+        ("source_id", pa.string()),  # the catalog's own id, when it reports one
+        ("sample_key", pa.uint64()),  # seeded hash that orders the sample
+    ]
+)
+
+IMAGE_INDEX = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("url", pa.string()),
+        ("label", pa.string()),
+        ("width", pa.int32()),  # after EXIF rotation
+        ("height", pa.int32()),
+        ("original_orientation", pa.int8()),  # EXIF tag value 1..8 (1 when absent)
+        ("bytes", pa.int64()),  # size of the stored JPEG
+        ("sha256", pa.string()),  # of the stored JPEG
+        ("status", pa.string()),  # "ok" | "quarantined"
+        ("error", pa.string()),  # reason when quarantined
+    ]
+)
+
+# detections/<shard>.parquet: one row per candidate box, sorted by (image_id, box_score desc).
+DETECTIONS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("candidate_id", pa.int32()),  # 0..n-1 within an image, in score order
+        ("x0", pa.float32()),
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("box_score", pa.float32()),  # max token logit (sigmoid) over the caption
+        ("text_score", pa.float32()),  # score of the phrase's tokens
+        ("phrase", pa.string()),
+    ]
+)
+
+# detections/<shard>.images.parquet: one row per image, including zero-candidate images.
+DETECTION_IMAGES = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("num_candidates", pa.int32()),
+    ]
+)
+
+# masks/<shard>.parquet: one row per candidate (same image_id, candidate_id as detections).
+MASKS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("candidate_id", pa.int32()),
+        ("rle_counts", pa.string()),  # COCO compressed RLE (pycocotools), utf-8
+        ("height", pa.int32()),  # RLE size
+        ("width", pa.int32()),
+        ("mask_area", pa.int64()),  # pixels
+        ("mask_x", pa.float32()),  # mask bbox, COCO xywh
+        ("mask_y", pa.float32()),
+        ("mask_w", pa.float32()),
+        ("mask_h", pa.float32()),
+        ("mask_score", pa.float32()),  # SAM2 predicted IoU of the chosen mask
+        ("multimask_index", pa.int8()),  # chosen of 3 when multimask, else 0
+        ("multimask_scores", pa.list_(pa.float32())),  # all predicted IoUs (len 1 or 3)
+    ]
+)

@@ -1,0 +1,77 @@
+"""The object-store interface every stage writes through.
+
+Keys are always relative, '/'-separated paths (built by :mod:`pseudolabel.layout`); a backend
+maps them onto a directory or an S3 prefix. Writes are atomic: a reader sees the old object or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+class ObjectNotFound(FileNotFoundError):
+    """Raised when a key does not exist in the store."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(ABC):
+    """Minimal blob store: bytes in, bytes out, listing by prefix."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` atomically (replacing any previous object)."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Return the object's bytes; raise :class:`ObjectNotFound` if missing."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix`` (recursively), sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str:
+        """Human/tool-facing location of ``key`` (a filesystem path or an ``s3://`` URI)."""
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = [info.key for info in self.list(prefix)]
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode())
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode()
+
+
+def clean_key(key: str) -> str:
+    """Normalise a key and refuse anything that could escape the store's root."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ValueError(f"storage key must not contain '..': {key!r}")
+    return "/".join(parts)

@@ -1,0 +1,64 @@
+"""Where every asset reads and writes: a local directory by default, S3 in production.
+
+``PSEUDOLABEL_STORAGE`` picks the backend: a path, or ``s3://bucket/prefix`` (credentials and
+``AWS_ENDPOINT_URL`` come from the environment, as boto3 reads them).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from dagster import ConfigurableResource
+from dagster_aws.s3 import S3Resource
+from pydantic import PrivateAttr
+
+from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore, parse_s3_uri
+
+STORAGE_ENV = "PSEUDOLABEL_STORAGE"
+DEFAULT_STORAGE_ROOT = "./pseudolabel-data"
+
+
+class StorageResource(ConfigurableResource):
+    """Base class: assets depend on ``storage: StorageResource`` and call :meth:`store`."""
+
+    def store(self) -> ObjectStore:
+        raise NotImplementedError
+
+
+class LocalStorageResource(StorageResource):
+    """Objects under a local directory (atomic temp-file + rename writes)."""
+
+    root: str = DEFAULT_STORAGE_ROOT
+
+    def store(self) -> ObjectStore:
+        return LocalObjectStore(self.root)
+
+
+class S3StorageResource(StorageResource):
+    """Objects under ``s3://bucket/prefix`` through dagster-aws's ``S3Resource``."""
+
+    bucket: str
+    prefix: str = ""
+    s3: S3Resource = S3Resource()
+    _store: ObjectStore | None = PrivateAttr(default=None)
+
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = S3ObjectStore(self._client, self.bucket, self.prefix)
+        return self._store
+
+    @cached_property
+    def _client(self):
+        return self.s3.get_client()
+
+
+def storage_from_env(environ: dict[str, str] | None = None) -> StorageResource:
+    """Build the storage resource that ``PSEUDOLABEL_STORAGE`` describes."""
+    environ = os.environ if environ is None else environ
+    root = environ.get(STORAGE_ENV, "").strip() or DEFAULT_STORAGE_ROOT
+    if root.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(root)
+        endpoint = environ.get("AWS_ENDPOINT_URL") or None
+        return S3StorageResource(bucket=bucket, prefix=prefix, s3=S3Resource(endpoint_url=endpoint))
+    return LocalStorageResource(root=root)
