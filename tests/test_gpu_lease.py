@@ -1,0 +1,61 @@
+"""GPU leases: distinct devices for concurrent holders, released on exit and on crash."""
+
+import multiprocessing as mp
+import os
+import signal
+
+import pytest
+
+from pseudolabel.gpu_lease import NoFreeGpu, lease_gpu
+
+
+def _hold_lease(lock_dir, num_devices, ready, release, results):
+    with lease_gpu(num_devices, lock_dir, timeout_s=10, poll_s=0.05) as index:
+        results.put(index)
+        ready.set()
+        release.wait(10)
+
+
+def _hold_forever(lock_dir, ready):
+    with lease_gpu(1, lock_dir, timeout_s=5, poll_s=0.05):
+        ready.set()
+        signal.pause()
+
+
+def test_concurrent_processes_get_distinct_devices(tmp_path):
+    ctx = mp.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    readies = [ctx.Event() for _ in range(3)]
+    procs = [ctx.Process(target=_hold_lease, args=(tmp_path, 3, r, release, results)) for r in readies]
+    for p in procs:
+        p.start()
+    for r in readies:
+        assert r.wait(20)
+    leased = sorted(results.get(timeout=5) for _ in procs)
+    release.set()
+    for p in procs:
+        p.join(10)
+    assert leased == [0, 1, 2]
+
+
+def test_lease_released_after_block_and_after_failure(tmp_path):
+    with lease_gpu(1, tmp_path, timeout_s=1) as first:
+        assert first == 0
+    with pytest.raises(RuntimeError), lease_gpu(1, tmp_path, timeout_s=1):
+        raise RuntimeError("step failed")
+    with lease_gpu(1, tmp_path, timeout_s=1) as again:
+        assert again == 0
+
+
+def test_lease_of_a_killed_process_is_freed(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_forever, args=(tmp_path, ready))
+    proc.start()
+    assert ready.wait(20)
+    with pytest.raises(NoFreeGpu), lease_gpu(1, tmp_path, timeout_s=0.2, poll_s=0.05):
+        pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    with lease_gpu(1, tmp_path, timeout_s=2, poll_s=0.05) as index:
+        assert index == 0
