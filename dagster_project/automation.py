@@ -1,0 +1,100 @@
+"""Schedules and sensors: pick up new catalog items and run new shards, without ever doing work twice.
+
+The catalog cursor lives in Dagster: it is the ``catalog_offset`` metadata of the latest
+``stratified_sample`` materialization (how far into the catalog the sample has looked), so it
+survives restarts and is visible in the UI. Run keys make every request idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dagster import (
+    AssetKey,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SkipReason,
+    schedule,
+    sensor,
+)
+
+from dagster_project.jobs import sample_increment_job, shard_chain_job
+from dagster_project.partitions import SHARDS_PARTITIONS_NAME
+from resources.catalog import CatalogResource
+
+REFRESH_CRON_ENV = "PSEUDOLABEL_REFRESH_CRON"
+DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00
+SAMPLE_KEY = AssetKey("stratified_sample")
+FIRST_SHARD_ASSET = AssetKey("normalized_images")
+MAX_SHARD_RUNS_PER_TICK = 100
+
+
+def catalog_cursor(instance) -> int | None:
+    """Catalog offset the sample has consumed, from the latest materialization (None: never sampled)."""
+    event = instance.get_latest_materialization_event(SAMPLE_KEY)
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("catalog_offset")
+    return None if value is None else int(value.value)
+
+
+def increment_request(offset: int, run_key: str) -> RunRequest:
+    return RunRequest(
+        run_key=run_key,
+        run_config={"ops": {"stratified_sample": {"config": {"mode": "incremental", "start_offset": offset}}}},
+        tags={"pseudolabel/catalog_offset": str(offset)},
+    )
+
+
+@schedule(
+    job=sample_increment_job,
+    cron_schedule=os.environ.get(REFRESH_CRON_ENV, DEFAULT_REFRESH_CRON),
+    default_status=DefaultScheduleStatus.STOPPED,
+    description="Sample catalog items added since the last cursor and register their shards.",
+)
+def catalog_refresh_schedule(context: ScheduleEvaluationContext):
+    offset = catalog_cursor(context.instance)
+    if offset is None:
+        return SkipReason("No stratified_sample yet: materialize catalog_snapshot + stratified_sample first.")
+    day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+    return increment_request(offset, run_key=f"catalog-refresh-{offset}-{day}")
+
+
+@sensor(
+    job=sample_increment_job,
+    minimum_interval_seconds=3600,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Sample new items as soon as the catalog's reported `total` grows.",
+)
+def catalog_growth_sensor(context: SensorEvaluationContext, catalog: CatalogResource):
+    offset = catalog_cursor(context.instance)
+    if offset is None:
+        return SkipReason("No stratified_sample yet: materialize catalog_snapshot + stratified_sample first.")
+    total = catalog.fetch_total()
+    if total is None:
+        return SkipReason("The catalog does not report `total`; use catalog_refresh_schedule instead.")
+    seen = json.loads(context.cursor)["total"] if context.cursor else None
+    context.update_cursor(json.dumps({"total": total}))
+    if total <= offset or (seen is not None and total <= seen):
+        return SkipReason(f"Catalog total {total:,} has not grown past offset {offset:,}.")
+    return increment_request(offset, run_key=f"catalog-growth-{offset}-{total}")
+
+
+@sensor(
+    job=shard_chain_job,
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Run the shard chain once for every registered shard that has never been processed.",
+)
+def new_shards_sensor(context: SensorEvaluationContext):
+    shards = context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    done = context.instance.get_materialized_partitions(FIRST_SHARD_ASSET)
+    todo = [s for s in sorted(shards) if s not in done][:MAX_SHARD_RUNS_PER_TICK]
+    if not todo:
+        return SkipReason("Every registered shard has been processed.")
+    # The run key makes a shard's request happen once, however many ticks see it unprocessed.
+    return [RunRequest(run_key=f"shard-chain-{s}", partition_key=s) for s in todo]
