@@ -4,8 +4,6 @@
 ``AWS_ENDPOINT_URL`` come from the environment, as boto3 reads them).
 """
 
-from __future__ import annotations
-
 import os
 from functools import cached_property
 
@@ -41,6 +39,7 @@ class S3StorageResource(StorageResource):
     bucket: str
     prefix: str = ""
     s3: S3Resource = S3Resource()
+    # Resources are pydantic models: Dagster needs real (not postponed) annotations to see `s3`.
     _store: ObjectStore | None = PrivateAttr(default=None)
 
     def store(self) -> ObjectStore:

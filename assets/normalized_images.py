@@ -1,0 +1,116 @@
+"""``normalized_images``: one shard of the sample as upright RGB JPEGs plus a per-shard index."""
+
+# No `from __future__ import annotations` here: Dagster resolves the config/resource parameter
+# annotations at decoration time and cannot resolve them from strings.
+import os
+
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from dagster_project.partitions import shard_partitions
+from pseudolabel import layout
+from pseudolabel.images.download import DownloadPolicy
+from pseudolabel.images.normalize import NormalizeOptions
+from pseudolabel.images.preview import markdown_image, thumbnail_grid
+from pseudolabel.images.sample_items import SAMPLE_COLUMNS, shard_items
+from pseudolabel.images.shard import ShardOptions, ShardResult, preview_images, process_shard
+from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from resources.storage import StorageResource
+
+PREVIEW_IMAGES = 8
+
+
+class NormalizedImagesConfig(Config):
+    concurrency: int = Field(default=32, description="Simultaneous downloads.")
+    timeout_s: float = Field(default=30.0, description="Deadline per download attempt (connect + body).")
+    max_retries: int = Field(
+        default=3, description="Retries after 5xx / 429 / timeouts / dropped connections."
+    )
+    max_bytes: int = Field(
+        default=50 * 1024 * 1024, description="Larger bodies are quarantined as too_large."
+    )
+    max_pixels: int = Field(default=100_000_000, description="Decompression-bomb limit (width x height).")
+    jpeg_quality: int = Field(default=95, description="Quality of the stored JPEGs.")
+    max_failure_rate: float = Field(
+        default=0.2, description="Fail the shard above this quarantined fraction."
+    )
+    decode_workers: int | None = Field(
+        default=None, description="Decode/encode threads (default: CPU count)."
+    )
+    progress_every: int = Field(default=100, description="Log progress every N downloaded images.")
+
+    def shard_options(self) -> ShardOptions:
+        return ShardOptions(
+            download=DownloadPolicy(
+                concurrency=self.concurrency,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+                max_bytes=self.max_bytes,
+            ),
+            normalize=NormalizeOptions(max_pixels=self.max_pixels, jpeg_quality=self.jpeg_quality),
+            decode_workers=self.decode_workers or os.cpu_count() or 1,
+            progress_every=self.progress_every,
+        )
+
+
+@asset(
+    partitions_def=shard_partitions,
+    deps=["stratified_sample"],
+    group_name="images",
+    description=(
+        "The shard's sampled images downloaded, EXIF-rotated upright, converted to RGB and stored as "
+        "JPEG under images/<shard>/; images/<shard>.parquet indexes them (bad ones quarantined with a reason)."
+    ),
+)
+def normalized_images(
+    context: AssetExecutionContext, config: NormalizedImagesConfig, storage: StorageResource
+) -> MaterializeResult:
+    shard = context.partition_key
+    store = storage.store()
+    items = shard_items(read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS), shard)
+    context.log.info(f"{shard}: {len(items)} sampled images")
+
+    result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
+    write_parquet(store, layout.image_index(shard), result.index)  # first, so a failure loses nothing
+    metadata = _metadata(store, shard, result)
+
+    stats = result.stats
+    if stats.failure_rate > config.max_failure_rate:
+        raise Failure(
+            description=(
+                f"{shard}: {stats.quarantined} of {stats.total} images quarantined "
+                f"({stats.failure_rate:.0%} > max_failure_rate {config.max_failure_rate:.0%}); the index was "
+                f"written, see the quarantine reasons. Fix the cause and re-materialize: stored images are reused."
+            ),
+            metadata=metadata,
+        )
+    return MaterializeResult(metadata=metadata)
+
+
+def _metadata(store: ObjectStore, shard: str, result: ShardResult) -> dict[str, object]:
+    stats = result.stats
+    metadata: dict[str, object] = {
+        "dagster/row_count": MetadataValue.int(result.index.num_rows),
+        "images_ok": MetadataValue.int(stats.ok),
+        "images_quarantined": MetadataValue.int(stats.quarantined),
+        "images_reused": MetadataValue.int(stats.reused),
+        "images_fetched": MetadataValue.int(stats.fetched),
+        "failure_rate": MetadataValue.float(round(stats.failure_rate, 4)),
+        "quarantine_counts": MetadataValue.json(dict(stats.reasons.most_common())),
+        "quarantine_reasons": MetadataValue.md(stats.reasons_markdown()),
+        "orientation_histogram": MetadataValue.json(
+            {str(k): v for k, v in sorted(stats.orientations.items())}
+        ),
+        "bytes_downloaded": MetadataValue.int(stats.bytes_downloaded),
+        "bytes_stored": MetadataValue.int(stats.bytes_stored),
+        "elapsed_s": MetadataValue.float(round(stats.elapsed_s, 2)),
+        "images_per_s": MetadataValue.float(round(stats.images_per_s, 1)),
+        "index_path": MetadataValue.path(store.uri(layout.image_index(shard))),
+    }
+    thumbnails = preview_images(store, shard, result.index, limit=PREVIEW_IMAGES)
+    if thumbnails:
+        sheet = thumbnail_grid(thumbnails)
+        metadata["preview"] = MetadataValue.md(
+            markdown_image(sheet, f"{shard}: first {len(thumbnails)} images")
+        )
+    return metadata

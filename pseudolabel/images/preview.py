@@ -1,0 +1,72 @@
+"""Small contact sheets for asset metadata: a grid of thumbnails, embeddable in Markdown.
+
+Generic on purpose (plain PIL images in, encoded bytes out) so other stages can show masks or
+overlays the same way. Dagster keeps metadata in its event log, so the result must stay small.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+
+from PIL import Image
+
+DEFAULT_MAX_BYTES = 60_000  # ~80 KB once base64-encoded: comfortably under ~100 KB per entry
+_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+
+
+def thumbnail_grid(
+    images: Sequence[Image.Image],
+    *,
+    tile: int = 128,
+    columns: int = 4,
+    padding: int = 4,
+    background: tuple[int, int, int] = (255, 255, 255),
+    image_format: str = "JPEG",
+    quality: int = 80,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bytes:
+    """Encode the images, each fitted into a ``tile`` x ``tile`` cell, as one grid image.
+
+    Tiles shrink until the encoded grid fits in ``max_bytes``. Raises ValueError for no images.
+    """
+    if not images:
+        raise ValueError("thumbnail_grid needs at least one image")
+    while True:
+        data = _encode(_grid(images, tile, columns, padding, background), image_format, quality)
+        if len(data) <= max_bytes or tile <= 16:
+            return data
+        tile = int(tile * 0.75)
+
+
+def markdown_image(png_bytes: bytes, alt: str) -> str:
+    """A Markdown image with the bytes inlined as a data URI (PNG or JPEG, detected)."""
+    mime = next((m for magic, m in _MIME.items() if png_bytes.startswith(magic)), "image/png")
+    encoded = base64.b64encode(png_bytes).decode("ascii")
+    alt = alt.replace("[", "(").replace("]", ")")
+    return f"![{alt}](data:{mime};base64,{encoded})"
+
+
+def _grid(
+    images: Sequence[Image.Image], tile: int, columns: int, padding: int, background: tuple[int, int, int]
+) -> Image.Image:
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    cell = tile + padding
+    sheet = Image.new("RGB", (columns * cell + padding, rows * cell + padding), background)
+    for n, image in enumerate(images):
+        thumb = image.convert("RGB")  # a copy, so the caller's image is never resized in place
+        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+        x = padding + (n % columns) * cell + (tile - thumb.width) // 2
+        y = padding + (n // columns) * cell + (tile - thumb.height) // 2
+        sheet.paste(thumb, (x, y))
+    return sheet
+
+
+def _encode(image: Image.Image, image_format: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    params = {"quality": quality} if image_format.upper() in ("JPEG", "WEBP") else {"optimize": True}
+    image.save(buffer, format=image_format, **params)
+    return buffer.getvalue()
