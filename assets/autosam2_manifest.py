@@ -1,0 +1,123 @@
+"""``autosam2_manifest``: every materialised pseudo_labels shard -> AutoSAM2's training layout.
+
+Writes a new version under autosam2/versions/<version>/ and then flips autosam2/CURRENT.json to it
+(see :mod:`pseudolabel.dataset.publish` for the layout and why a trainer never sees a half-written
+split). Point AutoSAM2 at the directory CURRENT.json's ``root`` names.
+"""
+
+# No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
+from datetime import UTC, datetime
+
+import pandas as pd
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+
+from assets.pseudo_labels import THRESHOLDS
+from pseudolabel.dataset.collect import Collected, collect
+from pseudolabel.dataset.publish import PublishSummary, publish_dataset
+from pseudolabel.dataset.render import SampleSpec
+from pseudolabel.labels.stats import markdown_table
+from pseudolabel.labels.thresholds import thresholds_fingerprint
+from resources.storage import StorageResource
+
+
+class AutoSam2ManifestConfig(Config):
+    width: int = 512
+    height: int = 512
+    jpeg_quality: int = 95
+    train_fraction: float = 0.95
+    val_fraction: float = 0.04
+    test_fraction: float = 0.01
+    seed: int = 0
+    include_empty: bool = False  # images with no kept instance become all-black-mask samples
+    # Shards labelled with different thresholds (e.g. a backfill still running) make a mixed
+    # training set; refuse unless explicitly allowed.
+    allow_mixed_thresholds: bool = False
+    keep_versions: int = 2  # the new version plus this many - 1 previous ones, for readers mid-epoch
+    workers: int = 2
+
+
+@asset(
+    deps=["pseudo_labels"],
+    group_name="labels",
+    kinds={"json"},
+    description=(
+        "AutoSAM2 training set (samples/, binary_masks/, splits/, manifest.jsonl, coco.json) "
+        "from all pseudo_labels shards in storage; autosam2/CURRENT.json names the current version."
+    ),
+)
+def autosam2_manifest(
+    context: AssetExecutionContext, config: AutoSam2ManifestConfig, storage: StorageResource
+) -> MaterializeResult:
+    store = storage.store()
+    collected = collect(store)
+    for warning in collected.warnings:
+        context.log.warning(warning)
+    samples = collected.samples
+    if not config.include_empty:
+        samples = samples.loc[samples["instance_count"] > 0]
+    fingerprints = sorted(samples["thresholds_fingerprint"].dropna().unique())
+    if len(fingerprints) > 1 and not config.allow_mixed_thresholds:
+        by_fingerprint = samples.groupby("thresholds_fingerprint")["shard"].unique().to_dict()
+        raise Failure(
+            description="pseudo_labels shards were made with different thresholds; re-materialise the "
+            "unsynced shards or set allow_mixed_thresholds",
+            metadata={
+                "shards_by_fingerprint": MetadataValue.json({k: sorted(v) for k, v in by_fingerprint.items()})
+            },
+        )
+    current = thresholds_fingerprint(THRESHOLDS)
+    if fingerprints and fingerprints != [current]:
+        context.log.warning(
+            f"labels were made with thresholds {fingerprints}, the current file is {current}: "
+            "materialise the unsynced pseudo_labels partitions first to train on the current thresholds"
+        )
+    context.log.info(
+        f"{len(samples)} samples from {len(collected.shards)} shards "
+        f"({len(collected.samples) - len(samples)} empty images skipped)"
+    )
+
+    version = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
+    summary = publish_dataset(
+        store,
+        samples.reset_index(drop=True),
+        collected.instances,
+        version=version,
+        spec=SampleSpec(width=config.width, height=config.height, jpeg_quality=config.jpeg_quality),
+        fractions={"train": config.train_fraction, "val": config.val_fraction, "test": config.test_fraction},
+        seed=config.seed,
+        workers=config.workers,
+        keep_versions=config.keep_versions,
+        info={"thresholds_fingerprints": fingerprints, "shards": collected.shards, "run_id": context.run_id},
+        log=context.log.info,
+    )
+    for failure in summary.failure_examples:
+        context.log.warning(f"skipped sample {failure}")
+    metadata = _metadata(store.uri(summary.root), summary, collected, samples, fingerprints)
+    metadata["matches_current_thresholds"] = MetadataValue.bool(fingerprints == [current])
+    return MaterializeResult(metadata=metadata)
+
+
+def _metadata(
+    root_uri: str,
+    summary: PublishSummary,
+    collected: Collected,
+    samples: pd.DataFrame,
+    fingerprints: list[str],
+) -> dict[str, object]:
+    labels = samples["label"].fillna("").value_counts().rename_axis("label").reset_index(name="samples")
+    return {
+        "dagster/row_count": MetadataValue.int(summary.samples),
+        "version": MetadataValue.text(summary.version),
+        "dataset_root": MetadataValue.path(root_uri),
+        "samples": MetadataValue.int(summary.samples),
+        **{f"split_{name}": MetadataValue.int(size) for name, size in summary.split_sizes.items()},
+        "shards": MetadataValue.int(len(collected.shards)),
+        "images_seen": MetadataValue.int(len(collected.samples)),
+        "empty_images_skipped": MetadataValue.int(len(collected.samples) - len(samples)),
+        "render_failures": MetadataValue.int(summary.failures),
+        "reused_samples": MetadataValue.int(summary.reused_samples),
+        "duplicate_images": MetadataValue.int(collected.duplicate_images),
+        "thresholds_fingerprints": MetadataValue.json(fingerprints),
+        "deleted_versions": MetadataValue.json(summary.deleted_versions),
+        "labels": MetadataValue.md(markdown_table(labels.head(50))),
+    }

@@ -1,0 +1,237 @@
+"""``pseudo_labels``: one shard's stored candidates + SAM2 masks, re-thresholded into labels.
+
+The thresholds file is read at import time and its fingerprint is the asset's ``code_version``:
+editing the YAML (or pointing ``PSEUDOLABEL_THRESHOLDS`` elsewhere) marks every shard unsynced,
+and re-materialising only re-reads stored Parquet, never Grounding DINO or SAM2.
+"""
+
+# No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
+import time
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from dagster_project.partitions import shard_partitions
+from pseudolabel import layout
+from pseudolabel.labels.checks import check_rles, image_mask_fractions, within
+from pseudolabel.labels.coco import build_coco, category_names, coco_problems, coco_to_bytes, load_coco
+from pseudolabel.labels.polygons import coco_with_polygons
+from pseudolabel.labels.relabel import (
+    DETECTION_INPUT_COLUMNS,
+    MASK_INPUT_COLUMNS,
+    REJECT_REASONS,
+    RelabelResult,
+    pseudo_labels_table,
+    relabel_shard,
+)
+from pseudolabel.labels.stats import decision_table, markdown_table, score_histograms
+from pseudolabel.labels.thresholds import load_thresholds, thresholds_code_version, thresholds_path
+from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from resources.storage import StorageResource
+
+# Import-time on purpose: the code version must be known when definitions load (reload the code
+# location after editing the file; a test can set the env var and reload this module).
+THRESHOLDS_PATH = thresholds_path()
+THRESHOLDS = load_thresholds(THRESHOLDS_PATH)
+CODE_VERSION = thresholds_code_version(THRESHOLDS)
+
+CHECK_RLE = "rles_decode"
+CHECK_COCO = "coco_loads"
+CHECK_EMPTY = "empty_image_rate_in_bounds"
+CHECK_COVERAGE = "mask_coverage_in_bounds"
+
+
+class PseudoLabelsConfig(Config):
+    write_polygons: bool = False  # also write pseudo_labels/<shard>.polygons.coco.json (decodes every mask)
+    histogram_bins: int = 10
+    # Bounds for the warning checks; they flag a suspicious shard, they do not block.
+    min_empty_image_rate: float = 0.0
+    max_empty_image_rate: float = 0.9
+    min_mean_mask_fraction: float = 0.002  # mean union-mask fraction of labelled images
+    max_mean_mask_fraction: float = 0.8
+
+
+@asset(
+    partitions_def=shard_partitions,
+    deps=["masks", "detections"],
+    code_version=CODE_VERSION,
+    group_name="labels",
+    kinds={"parquet", "json"},
+    description=(
+        "Thresholded pseudo-labels per shard: pseudo_labels/<shard>.parquet and .coco.json (RLE). "
+        f"Thresholds: {THRESHOLDS_PATH.name}, fingerprint in the code version."
+    ),
+    check_specs=[
+        AssetCheckSpec(
+            CHECK_RLE,
+            asset="pseudo_labels",
+            blocking=True,
+            description="Every kept RLE decodes to its stored size and area.",
+        ),
+        AssetCheckSpec(
+            CHECK_COCO,
+            asset="pseudo_labels",
+            blocking=True,
+            description="The shard's COCO file loads with pycocotools and is consistent.",
+        ),
+        AssetCheckSpec(
+            CHECK_EMPTY,
+            asset="pseudo_labels",
+            description="Share of images with no kept instance is within the configured bounds.",
+        ),
+        AssetCheckSpec(
+            CHECK_COVERAGE,
+            asset="pseudo_labels",
+            description="Mean mask fraction of labelled images is within the configured bounds.",
+        ),
+    ],
+)
+def pseudo_labels(
+    context: AssetExecutionContext, config: PseudoLabelsConfig, storage: StorageResource
+) -> MaterializeResult:
+    store = storage.store()
+    shard = context.partition_key
+    detections, masks, images = _read_candidates(store, shard)
+
+    started = time.perf_counter()
+    result = relabel_shard(detections, masks, THRESHOLDS, images)
+    relabel_s = time.perf_counter() - started
+    context.log.info(
+        f"{shard}: kept {result.num_kept} of {len(result.candidates)} candidates in {relabel_s:.2f}s, "
+        f"{result.num_images_labelled}/{result.num_images} images labelled ({result.fingerprint})"
+    )
+
+    images = images.sort_values("image_id").assign(
+        file_name=lambda f: [layout.image(shard, i) for i in f["image_id"]]
+    )
+    info = {"shard": shard, "thresholds_fingerprint": result.fingerprint, "thresholds": THRESHOLDS.to_dict()}
+    coco = build_coco(result.kept, images, categories=category_names(detections["phrase"]), info=info)
+    coco_bytes = coco_to_bytes(coco)
+    write_parquet(store, layout.pseudo_labels(shard), pseudo_labels_table(result.kept, result.fingerprint))
+    store.put_bytes(layout.pseudo_labels_coco(shard), coco_bytes)
+    dropped_polygons = None
+    if config.write_polygons:
+        dropped_polygons = _write_polygons(store, shard, coco)
+    else:  # a polygon export made with older thresholds must not outlive them
+        store.delete(layout.pseudo_labels_polygons(shard))
+
+    checks, mean_fraction = _checks(config, result, coco_bytes)
+    return MaterializeResult(
+        metadata=_metadata(config, store, shard, result, relabel_s, mean_fraction, dropped_polygons),
+        check_results=checks,
+    )
+
+
+def _read_candidates(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    detections = read_parquet(store, layout.detections(shard), columns=DETECTION_INPUT_COLUMNS).to_pandas()
+    masks = read_parquet(store, layout.masks(shard), columns=MASK_INPUT_COLUMNS).to_pandas()
+    images = read_parquet(
+        store, layout.detection_images(shard), columns=["image_id", "width", "height"]
+    ).to_pandas()
+    return detections, masks, images
+
+
+def _write_polygons(store: ObjectStore, shard: str, coco: dict) -> int:
+    polygon_coco, dropped = coco_with_polygons(coco)
+    store.put_bytes(layout.pseudo_labels_polygons(shard), coco_to_bytes(polygon_coco))
+    return dropped
+
+
+def _checks(
+    config: PseudoLabelsConfig, result: RelabelResult, coco_bytes: bytes
+) -> tuple[list[AssetCheckResult], float | None]:
+    rle = check_rles(result.kept)
+    try:
+        coco_errors = coco_problems(load_coco(coco_bytes))
+    except Exception as exc:  # any load failure is exactly what the check reports
+        coco_errors = [f"pycocotools failed to load the file: {exc!r}"]
+    fractions = image_mask_fractions(result.kept)
+    mean_fraction = float(fractions.mean()) if len(fractions) else None
+    empty_ok = within(result.empty_image_rate, config.min_empty_image_rate, config.max_empty_image_rate)
+    # A shard with no labelled image has no coverage to judge; the empty-rate check covers it.
+    coverage_ok = mean_fraction is None or within(
+        mean_fraction, config.min_mean_mask_fraction, config.max_mean_mask_fraction
+    )
+    checks = [
+        AssetCheckResult(
+            check_name=CHECK_RLE,
+            passed=rle.passed,
+            metadata={
+                "checked": rle.checked,
+                "failures": rle.num_failures,
+                "examples": "\n".join(rle.failures),
+            },
+        ),
+        AssetCheckResult(
+            check_name=CHECK_COCO,
+            passed=not coco_errors,
+            metadata={"problems": len(coco_errors), "examples": "\n".join(coco_errors[:20])},
+        ),
+        AssetCheckResult(
+            check_name=CHECK_EMPTY,
+            passed=empty_ok,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "empty_image_rate": result.empty_image_rate,
+                "bounds": f"[{config.min_empty_image_rate}, {config.max_empty_image_rate}]",
+            },
+        ),
+        AssetCheckResult(
+            check_name=CHECK_COVERAGE,
+            passed=coverage_ok,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "mean_mask_fraction": mean_fraction,
+                "median_mask_fraction": float(fractions.median()) if len(fractions) else None,
+                "bounds": f"[{config.min_mean_mask_fraction}, {config.max_mean_mask_fraction}]",
+            },
+        ),
+    ]
+    return checks, mean_fraction
+
+
+def _metadata(
+    config: PseudoLabelsConfig,
+    store: ObjectStore,
+    shard: str,
+    result: RelabelResult,
+    relabel_s: float,
+    mean_fraction: float | None,
+    dropped_polygons: int | None,
+) -> dict[str, object]:
+    metadata: dict[str, object] = {
+        "dagster/row_count": MetadataValue.int(result.num_kept),
+        "thresholds_fingerprint": MetadataValue.text(result.fingerprint),
+        "thresholds": MetadataValue.json(THRESHOLDS.to_dict()),
+        "thresholds_path": MetadataValue.path(str(THRESHOLDS_PATH)),
+        "candidates": MetadataValue.int(len(result.candidates)),
+        "kept": MetadataValue.int(result.num_kept),
+        "rejected": MetadataValue.int(sum(result.rejected.values())),
+        **{f"rejected_{reason}": MetadataValue.int(result.rejected[reason]) for reason in REJECT_REASONS},
+        "decisions": MetadataValue.md(markdown_table(decision_table(result))),
+        "images": MetadataValue.int(result.num_images),
+        "images_labelled": MetadataValue.int(result.num_images_labelled),
+        "empty_image_rate": MetadataValue.float(round(result.empty_image_rate, 6)),
+        "mean_mask_fraction": (
+            MetadataValue.float(round(mean_fraction, 6))
+            if mean_fraction is not None
+            else MetadataValue.null()
+        ),
+        "score_histograms": MetadataValue.md(markdown_table(score_histograms(result, config.histogram_bins))),
+        "relabel_s": MetadataValue.float(round(relabel_s, 3)),
+        "parquet": MetadataValue.path(store.uri(layout.pseudo_labels(shard))),
+        "coco": MetadataValue.path(store.uri(layout.pseudo_labels_coco(shard))),
+    }
+    if dropped_polygons is not None:
+        metadata["polygons"] = MetadataValue.path(store.uri(layout.pseudo_labels_polygons(shard)))
+        metadata["polygons_dropped_tiny"] = MetadataValue.int(dropped_polygons)
+    return metadata

@@ -1,0 +1,1 @@
+"""The AutoSAM2 training set: kept pseudo-labels of every shard -> samples, binary masks, splits."""

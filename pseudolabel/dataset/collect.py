@@ -1,0 +1,147 @@
+"""Gather every materialised pseudo_labels shard in storage into one sample table + instance table."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pseudolabel import layout
+from pseudolabel.labels.checks import image_mask_fractions
+from pseudolabel.labels.relabel import table_fingerprint
+from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
+
+_LABEL_KEY = re.compile(r"^pseudo_labels/(?P<shard>[^/]+)\.parquet$")
+
+# Optional per-shard provenance the detection / mask stages may write next to their Parquet, e.g.
+# their model's describe(): {"model": "sam2.1", "variant": "hiera_large", "checkpoint_sha256": "..."}.
+PROVENANCE_STAGES = {"detector": layout.detections, "segmenter": layout.masks}
+_CHECKPOINT_KEYS = ("checkpoint_sha256", "checkpoint_hash", "sha256")
+
+SAMPLE_COLUMNS = [
+    "image_id",
+    "shard",
+    "url",
+    "label",
+    "width",
+    "height",
+    "source_sha256",
+    "instance_count",
+    "mask_fraction",
+    "thresholds_fingerprint",
+    "detector_model",
+    "detector_checkpoint_sha256",
+    "segmenter_model",
+    "segmenter_checkpoint_sha256",
+]
+
+
+def provenance_key(stage_key: str) -> str:
+    """``detections/shard-00000.parquet`` -> ``detections/shard-00000.meta.json``."""
+    return stage_key.removesuffix(".parquet") + ".meta.json"
+
+
+@dataclass(frozen=True)
+class Collected:
+    samples: pd.DataFrame  # SAMPLE_COLUMNS, one row per image
+    instances: pd.DataFrame  # PSEUDO_LABELS rows of those images, plus their shard
+    shards: list[str]
+    duplicate_images: int = 0  # image ids seen in more than one shard (first shard wins)
+    warnings: list[str] = field(default_factory=list)
+
+
+def labelled_shards(store: ObjectStore) -> list[str]:
+    shards = []
+    for info in store.list("pseudo_labels/"):
+        match = _LABEL_KEY.match(info.key)
+        if match:
+            shards.append(match.group("shard"))
+    return shards
+
+
+def _first(mapping: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((mapping[k] for k in keys if mapping.get(k) is not None), None)
+
+
+def _model_variant(meta: dict[str, Any]) -> str | None:
+    """Explicit ``model_variant``, else "model/variant" (either part alone when the other is missing)."""
+    if meta.get("model_variant"):
+        return str(meta["model_variant"])
+    parts = [str(meta[k]) for k in ("model", "variant") if meta.get(k)]
+    return "/".join(parts) or None
+
+
+def read_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
+    """Model variant + checkpoint hash per stage from its sidecar JSON, or None where absent."""
+    out: dict[str, str | None] = {}
+    for stage, key_of in PROVENANCE_STAGES.items():
+        try:
+            meta = store.get_json(provenance_key(key_of(shard)))
+        except (ObjectNotFound, ValueError):
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        out[f"{stage}_model"] = _model_variant(meta)
+        out[f"{stage}_checkpoint_sha256"] = _first(meta, _CHECKPOINT_KEYS)
+    return out
+
+
+def _read_optional(store: ObjectStore, key: str, columns: list[str]) -> pd.DataFrame | None:
+    try:
+        table = read_parquet(store, key)
+    except ObjectNotFound:
+        return None
+    present = [c for c in columns if c in table.column_names]
+    return table.select(present).to_pandas()
+
+
+def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(samples, instances) of one shard; samples include images with no kept instance."""
+    table = read_parquet(store, layout.pseudo_labels(shard))
+    instances = table.to_pandas()
+    fingerprint = table_fingerprint(table) or (
+        instances["thresholds_fingerprint"].iloc[0] if len(instances) else None
+    )
+    # Every image the detector saw (zero-candidate ones too); fall back to labelled images only.
+    images = _read_optional(store, layout.detection_images(shard), ["image_id", "width", "height"])
+    if images is None:
+        images = instances.groupby("image_id", as_index=False)[["width", "height"]].first()
+    index = _read_optional(store, layout.image_index(shard), ["image_id", "url", "label", "sha256"])
+    if index is not None:
+        images = images.merge(index, on="image_id", how="left")
+    samples = images.rename(columns={"sha256": "source_sha256"})
+    for column in ("url", "label", "source_sha256"):
+        if column not in samples:
+            samples[column] = None
+    counts = instances.groupby("image_id").size()
+    samples["instance_count"] = samples["image_id"].map(counts).fillna(0).astype(np.int64)
+    samples["mask_fraction"] = samples["image_id"].map(image_mask_fractions(instances)).fillna(0.0)
+    samples["shard"] = shard
+    instances["shard"] = shard
+    samples["thresholds_fingerprint"] = fingerprint
+    for column, value in read_provenance(store, shard).items():
+        samples[column] = value
+    return samples[SAMPLE_COLUMNS], instances
+
+
+def collect(store: ObjectStore, shards: list[str] | None = None) -> Collected:
+    shards = labelled_shards(store) if shards is None else shards
+    sample_parts, instance_parts = [], []
+    for shard in shards:
+        samples, instances = collect_shard(store, shard)
+        sample_parts.append(samples)
+        instance_parts.append(instances)
+    if not sample_parts:
+        return Collected(pd.DataFrame(columns=SAMPLE_COLUMNS), pd.DataFrame(), [])
+    samples = pd.concat(sample_parts, ignore_index=True)
+    instances = pd.concat(instance_parts, ignore_index=True)
+    duplicated = samples["image_id"].duplicated()
+    warnings = []
+    if duplicated.any():
+        warnings.append(f"{int(duplicated.sum())} image ids appear in more than one shard; kept the first")
+        samples = samples.loc[~duplicated].reset_index(drop=True)
+        owner = instances["image_id"].map(samples.set_index("image_id")["shard"])
+        instances = instances.loc[(owner == instances["shard"]).to_numpy()].reset_index(drop=True)
+    return Collected(samples, instances, list(shards), int(duplicated.sum()), warnings)

@@ -1,0 +1,261 @@
+"""Re-threshold one shard's stored candidates: detections + masks + thresholds -> kept instances.
+
+This is the whole label decision, and it never decodes an RLE: scores, mask area and boxes are
+stored columns, so re-labelling 100k images after a threshold edit is a handful of vectorised
+passes (see ``bench/relabel.py``). Steps, in order:
+
+1. join candidates with their masks (a candidate without a mask row is rejected as ``no_mask``);
+2. per-candidate filters (:mod:`pseudolabel.labels.filters`), first failure wins;
+3. class-aware NMS on detector boxes among survivors of the same image and phrase;
+4. the pick policy (:mod:`pseudolabel.labels.policies`);
+5. the per-image instance cap, by detector score.
+
+Each rejected candidate is counted under exactly one reason, so ``kept + sum(rejected)`` equals the
+number of candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pseudolabel.labels.filters import (
+    FILTER_ORDER,
+    PASSED,
+    box_coverage,
+    first_failed_filter,
+    mask_area_fraction,
+)
+from pseudolabel.labels.nms import grouped_nms
+from pseudolabel.labels.policies import apply_policy, cap_per_image
+from pseudolabel.labels.thresholds import Thresholds, thresholds_fingerprint
+
+KEPT = "kept"
+REJECT_REASONS = (*FILTER_ORDER, "nms", "policy", "max_instances")
+DECISIONS = (KEPT, *REJECT_REASONS)
+
+# The stored columns the label decision reads (what the asset loads from Parquet).
+DETECTION_INPUT_COLUMNS = [
+    "image_id",
+    "candidate_id",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "box_score",
+    "text_score",
+    "phrase",
+]
+MASK_INPUT_COLUMNS = [
+    "image_id",
+    "candidate_id",
+    "rle_counts",
+    "height",
+    "width",
+    "mask_area",
+    "mask_x",
+    "mask_y",
+    "mask_w",
+    "mask_h",
+    "mask_score",
+]
+
+# pseudo_labels/<shard>.parquet: one row per kept instance, sorted by (image_id, rank).
+PSEUDO_LABELS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("candidate_id", pa.int32()),
+        ("rank", pa.int32()),  # 0.. within the image, by detector score
+        ("phrase", pa.string()),
+        ("x0", pa.float32()),  # detector box, xyxy, original upright pixels
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("box_score", pa.float32()),
+        ("text_score", pa.float32()),
+        ("mask_score", pa.float32()),
+        ("rle_counts", pa.string()),  # COCO compressed RLE
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_area", pa.int64()),
+        ("mask_x", pa.float32()),  # mask bbox, COCO xywh
+        ("mask_y", pa.float32()),
+        ("mask_w", pa.float32()),
+        ("mask_h", pa.float32()),
+        ("area_fraction", pa.float32()),  # mask_area / image area
+        ("box_coverage", pa.float32()),  # clipped box area / image area
+        ("thresholds_fingerprint", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """One shard's stored model outputs, as read from storage."""
+
+    detections: pd.DataFrame  # DETECTIONS rows
+    images: pd.DataFrame  # DETECTION_IMAGES rows
+    masks: pd.DataFrame  # MASKS rows
+
+
+@dataclass(frozen=True)
+class RelabelResult:
+    """Outcome for one shard.
+
+    ``candidates`` holds every candidate (joined with its mask columns) with a ``decision`` column
+    (``"kept"`` or the reject reason); ``kept`` is the label table in :data:`PSEUDO_LABELS` columns.
+    """
+
+    candidates: pd.DataFrame
+    kept: pd.DataFrame
+    rejected: dict[str, int]
+    num_images: int
+    fingerprint: str
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.kept)
+
+    @property
+    def num_images_labelled(self) -> int:
+        return int(self.kept["image_id"].nunique())
+
+    @property
+    def empty_image_rate(self) -> float:
+        return 1.0 - self.num_images_labelled / self.num_images if self.num_images else 0.0
+
+
+def _join_masks(detections: pd.DataFrame, masks: pd.DataFrame) -> pd.DataFrame:
+    joined = detections[DETECTION_INPUT_COLUMNS].merge(
+        masks[MASK_INPUT_COLUMNS],
+        on=["image_id", "candidate_id"],
+        how="left",
+        sort=False,
+        indicator="_has_mask",
+    )
+    joined["_has_mask"] = joined["_has_mask"].to_numpy() == "both"
+    return joined
+
+
+def relabel_shard(
+    detections: pd.DataFrame,
+    masks: pd.DataFrame,
+    thresholds: Thresholds,
+    images: pd.DataFrame | None = None,
+) -> RelabelResult:
+    """Apply ``thresholds`` to one shard's candidates (DETECTIONS rows) and masks (MASKS rows).
+
+    ``images`` (DETECTION_IMAGES rows) only provides the image count, so zero-candidate images
+    count as empty; without it, the images are those that have candidates.
+    """
+    frame = _join_masks(detections, masks)
+    frame["phrase"] = frame["phrase"].fillna("")
+    n = len(frame)
+
+    has_mask = frame["_has_mask"].to_numpy()
+    width = frame["width"].to_numpy(dtype=np.float64, na_value=np.nan)
+    height = frame["height"].to_numpy(dtype=np.float64, na_value=np.nan)
+    x0, y0, x1, y1 = (frame[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in ("x0", "y0", "x1", "y1"))
+    box_score = frame["box_score"].to_numpy(dtype=np.float64, na_value=np.nan)
+    mask_score = frame["mask_score"].to_numpy(dtype=np.float64, na_value=np.nan)
+    candidate_id = frame["candidate_id"].to_numpy(dtype=np.int64)
+    coverage = box_coverage(x0, y0, x1, y1, width, height)
+    area_fraction = mask_area_fraction(
+        frame["mask_area"].to_numpy(dtype=np.float64, na_value=np.nan), width, height
+    )
+
+    decision = first_failed_filter(
+        has_mask=has_mask,
+        box_score=box_score,
+        text_score=frame["text_score"].to_numpy(dtype=np.float64, na_value=np.nan),
+        coverage=coverage,
+        mask_score=mask_score,
+        area_fraction=area_fraction,
+        thresholds=thresholds,
+    )
+    # Integer codes make the groupwise steps pure numpy (no string comparisons).
+    image_code = pd.factorize(frame["image_id"])[0]
+
+    def stage(reason: str, step: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Run a groupwise step on the rows still alive; the rows it does not keep get ``reason``."""
+        alive = np.flatnonzero(decision == PASSED)
+        if len(alive):
+            decision[alive[~step(alive)]] = REJECT_REASONS.index(reason)
+
+    phrase_code = pd.factorize(frame["phrase"])[0]
+    boxes = np.stack([x0, y0, x1, y1], axis=1)
+    stage(
+        "nms",
+        lambda rows: grouped_nms(
+            boxes[rows],
+            box_score[rows],
+            image_code[rows].astype(np.int64) * (int(phrase_code.max()) + 1) + phrase_code[rows],
+            thresholds.nms_iou,
+            tiebreak=candidate_id[rows],
+        ),
+    )
+    stage(
+        "policy",
+        lambda rows: apply_policy(
+            thresholds.pick_policy, image_code[rows], mask_score[rows], box_score[rows], candidate_id[rows]
+        ),
+    )
+    stage(
+        "max_instances",
+        lambda rows: cap_per_image(
+            image_code[rows], box_score[rows], candidate_id[rows], thresholds.max_instances_per_image
+        ),
+    )
+
+    codes = np.where(decision == PASSED, 0, decision.astype(np.int64) + 1)
+    frame = frame.drop(columns="_has_mask")
+    frame["decision"] = pd.Categorical.from_codes(codes, categories=list(DECISIONS))
+    frame["area_fraction"] = area_fraction
+    frame["box_coverage"] = coverage
+
+    fingerprint = thresholds_fingerprint(thresholds)
+    counts = np.bincount(codes, minlength=len(DECISIONS))
+    rejected = {reason: int(counts[i + 1]) for i, reason in enumerate(REJECT_REASONS)}
+    num_images = (
+        int(images["image_id"].nunique()) if images is not None else int(image_code.max(initial=-1) + 1)
+    )
+    assert int(counts[0]) + sum(rejected.values()) == n
+    return RelabelResult(
+        candidates=frame,
+        kept=_kept_table(frame, codes == 0, fingerprint),
+        rejected=rejected,
+        num_images=num_images,
+        fingerprint=fingerprint,
+    )
+
+
+def _kept_table(frame: pd.DataFrame, kept: np.ndarray, fingerprint: str) -> pd.DataFrame:
+    table = frame.loc[kept].sort_values(
+        ["image_id", "box_score", "candidate_id"], ascending=[True, False, True]
+    )
+    table = table.reset_index(drop=True)
+    table["rank"] = table.groupby("image_id", sort=False).cumcount()
+    table["thresholds_fingerprint"] = fingerprint
+    # Round-trip through the schema so dtypes are the same for empty and non-empty shards.
+    return pseudo_labels_table(table).to_pandas()
+
+
+FINGERPRINT_METADATA_KEY = b"pseudolabel.thresholds_fingerprint"
+
+
+def pseudo_labels_table(kept: pd.DataFrame, fingerprint: str | None = None) -> pa.Table:
+    """Arrow table in :data:`PSEUDO_LABELS` columns; the fingerprint also goes in the schema metadata
+    so a shard with no kept instance still says which thresholds made it."""
+    table = pa.Table.from_pandas(kept[PSEUDO_LABELS.names], schema=PSEUDO_LABELS, preserve_index=False)
+    if fingerprint is not None:
+        table = table.replace_schema_metadata({FINGERPRINT_METADATA_KEY: fingerprint.encode()})
+    return table
+
+
+def table_fingerprint(table: pa.Table) -> str | None:
+    value = (table.schema.metadata or {}).get(FINGERPRINT_METADATA_KEY)
+    return value.decode() if value is not None else None

@@ -1,0 +1,337 @@
+"""The label assets in Dagster: pseudo_labels per shard, autosam2_manifest, label_quality."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, materialize
+
+import assets.pseudo_labels as pseudo_labels_module
+from assets.autosam2_manifest import autosam2_manifest
+from assets.label_quality import label_quality
+from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE, pseudo_labels
+from pseudolabel import layout
+from pseudolabel.dataset.publish import current_root, split_key
+from pseudolabel.labels.coco import load_coco
+from pseudolabel.labels.relabel import REJECT_REASONS, pseudo_labels_table
+from pseudolabel.labels.synthetic import encode_mask, synthetic_candidates
+from pseudolabel.labels.thresholds import THRESHOLDS_ENV, load_thresholds, thresholds_code_version
+from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from resources.storage import LocalStorageResource
+
+SHARDS = ["shard-00000", "shard-00001"]
+H, W = 96, 128
+
+
+def seed_shard(store, shard: str, images: int, seed: int) -> None:
+    """What the images / detections / masks stages leave in storage for one shard."""
+    data = synthetic_candidates(
+        images, candidates_per_image=4.0, height=H, width=W, seed=seed, id_prefix=f"{shard}-"
+    )
+    write_parquet(store, layout.detections(shard), data.detections)
+    write_parquet(store, layout.masks(shard), data.masks)
+    write_parquet(store, layout.detection_images(shard), data.images)
+    ids = data.images["image_id"]
+    write_parquet(
+        store,
+        layout.image_index(shard),
+        pd.DataFrame(
+            {
+                "image_id": ids,
+                "url": "https://example.com/" + ids + ".jpg",
+                "label": np.where(np.arange(len(ids)) % 3, "cat", "dog"),
+                "width": W,
+                "height": H,
+                "sha256": "sha-" + ids,
+                "status": "ok",
+            }
+        ),
+    )
+    for n, image_id in enumerate(ids):
+        pixels = np.full((H, W, 3), (n * 7) % 255, np.uint8)
+        store.put_bytes(layout.image(shard, image_id), cv2.imencode(".jpg", pixels)[1].tobytes())
+
+
+def instance_with_shards() -> DagsterInstance:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", SHARDS)
+    return instance
+
+
+def materialize_shard(instance, storage_resource, shard, **config):
+    return materialize(
+        [pseudo_labels],
+        partition_key=shard,
+        instance=instance,
+        resources={"storage": storage_resource},
+        run_config={"ops": {"pseudo_labels": {"config": config}}} if config else None,
+        raise_on_error=False,
+    )
+
+
+def test_pseudo_labels_then_manifest_end_to_end(tmp_path):
+    # Local backend only: the S3 storage resource is exercised by the storage tests, and the
+    # dataset writer runs on both backends in test_autosam2.py.
+    store = LocalObjectStore(tmp_path / "store")
+    storage_resource = LocalStorageResource(root=str(tmp_path / "store"))
+    for n, shard in enumerate(SHARDS):
+        seed_shard(store, shard, images=30, seed=n)
+    instance = instance_with_shards()
+    thresholds = load_thresholds()
+
+    for shard in SHARDS:
+        result = materialize_shard(instance, storage_resource, shard, write_polygons=True)
+        assert result.success
+        (event,) = result.get_asset_materialization_events()
+        assert event.step_materialization_data.materialization.partition == shard
+        metadata = {
+            k: v.value for k, v in result.asset_materializations_for_node("pseudo_labels")[0].metadata.items()
+        }
+        assert (
+            metadata["kept"] + sum(metadata[f"rejected_{r}"] for r in REJECT_REASONS)
+            == metadata["candidates"]
+        )
+        assert metadata["thresholds"] == thresholds.to_dict()
+        assert metadata["thresholds_fingerprint"] in thresholds_code_version(thresholds)
+        assert "box_score kept" in metadata["score_histograms"]
+        assert {e.check_name: e.passed for e in result.get_asset_check_evaluations()} == {
+            "rles_decode": True,
+            "coco_loads": True,
+            CHECK_EMPTY: True,
+            CHECK_COVERAGE: True,
+        }
+
+        kept = read_parquet(store, layout.pseudo_labels(shard)).to_pandas()
+        assert len(kept) == metadata["kept"] > 0
+        coco = load_coco(store.get_bytes(layout.pseudo_labels_coco(shard)))
+        assert len(coco.imgs) == 30 and len(coco.anns) == len(kept)
+        assert coco.dataset["info"]["thresholds_fingerprint"] == metadata["thresholds_fingerprint"]
+        polygons = json.loads(store.get_bytes(layout.pseudo_labels_polygons(shard)))
+        assert all(isinstance(a["segmentation"], list) for a in polygons["annotations"])
+
+    # The asset's code version is the thresholds' fingerprint, and runs record it.
+    assert pseudo_labels.code_versions_by_key[AssetKey("pseudo_labels")] == thresholds_code_version(
+        thresholds
+    )
+    record = instance.get_latest_materialization_event(AssetKey("pseudo_labels"))
+    assert record.dagster_event.step_materialization_data.materialization.tags["dagster/code_version"] == (
+        thresholds_code_version(thresholds)
+    )
+
+    result = materialize(
+        [pseudo_labels, autosam2_manifest],
+        selection=[autosam2_manifest],
+        instance=instance,
+        resources={"storage": storage_resource},
+    )
+    assert result.success
+    metadata = {
+        k: v.value for k, v in result.asset_materializations_for_node("autosam2_manifest")[0].metadata.items()
+    }
+    root = current_root(store)
+    splits = {s: store.get_text(split_key(root, s)).split() for s in ("train", "val", "test")}
+    labelled = set()
+    for shard in SHARDS:
+        labelled |= set(read_parquet(store, layout.pseudo_labels(shard)).to_pandas()["image_id"])
+    assert sorted(sum(splits.values(), [])) == sorted(labelled)  # empty images skipped by default
+    assert metadata["samples"] == len(labelled) and metadata["shards"] == 2
+    assert metadata["matches_current_thresholds"] is True
+    assert metadata["thresholds_fingerprints"] == [
+        metadata_fp := thresholds_code_version(thresholds).split("-")[-1]
+    ]
+    sample_id = splits["train"][0]
+    sample = cv2.imdecode(
+        np.frombuffer(store.get_bytes(f"{root}/samples/{sample_id}.jpg"), np.uint8), cv2.IMREAD_COLOR
+    )
+    assert sample.shape == (512, 512, 3)
+    line = json.loads(store.get_text(f"{root}/manifest.jsonl").splitlines()[0])
+    assert line["thresholds_fingerprint"] == metadata_fp and line["url"].startswith("https://example.com/")
+
+
+def test_editing_the_thresholds_file_changes_the_code_version(tmp_path, monkeypatch):
+    original = pseudo_labels_module.CODE_VERSION
+    edited = load_thresholds().to_dict() | {"mask_score": 0.55}
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(yaml.safe_dump(edited))
+    monkeypatch.setenv(THRESHOLDS_ENV, str(path))
+    try:
+        module = importlib.reload(pseudo_labels_module)
+        assert module.THRESHOLDS.mask_score == 0.55
+        assert original != module.CODE_VERSION
+        assert module.pseudo_labels.code_versions_by_key[AssetKey("pseudo_labels")] == module.CODE_VERSION
+        # Formatting-only edits do not re-label anything.
+        path.write_text("# same values, new comment\n" + yaml.safe_dump(edited, sort_keys=True))
+        assert importlib.reload(pseudo_labels_module).CODE_VERSION == module.CODE_VERSION
+    finally:
+        monkeypatch.delenv(THRESHOLDS_ENV)
+        importlib.reload(pseudo_labels_module)
+    assert original == pseudo_labels_module.CODE_VERSION
+
+
+def test_a_thresholds_edit_marks_materialised_shards_stale(tmp_path, monkeypatch):
+    # Dagster's own staleness resolver (what the UI's "unsynced" and "Materialize unsynced" use).
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    store = LocalObjectStore(tmp_path / "store")
+    seed_shard(store, SHARDS[0], images=5, seed=1)
+    instance = instance_with_shards()
+    resource = LocalStorageResource(root=str(tmp_path / "store"))
+    assert materialize_shard(instance, resource, SHARDS[0]).success
+
+    def status(asset_def):
+        return get_stale_status_resolver(instance, [asset_def]).get_status(
+            AssetKey("pseudo_labels"), SHARDS[0]
+        )
+
+    assert status(pseudo_labels_module.pseudo_labels).value == "FRESH"
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(yaml.safe_dump(load_thresholds().to_dict() | {"box_score": 0.5}))
+    monkeypatch.setenv(THRESHOLDS_ENV, str(path))
+    try:
+        assert status(importlib.reload(pseudo_labels_module).pseudo_labels).value == "STALE"
+    finally:
+        monkeypatch.delenv(THRESHOLDS_ENV)
+        importlib.reload(pseudo_labels_module)
+
+
+def test_corrupt_masks_fail_the_blocking_rle_check(tmp_path):
+    store = LocalObjectStore(tmp_path / "store")
+    seed_shard(store, SHARDS[0], images=10, seed=3)
+    masks = read_parquet(store, layout.masks(SHARDS[0])).to_pandas()
+    masks["mask_area"] = masks["mask_area"] + 1  # stored area disagrees with the RLE
+    write_parquet(store, layout.masks(SHARDS[0]), masks)
+    result = materialize_shard(
+        instance_with_shards(), LocalStorageResource(root=str(tmp_path / "store")), SHARDS[0]
+    )
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks[CHECK_RLE].passed is False
+    assert "mask_area says" in checks[CHECK_RLE].metadata["examples"].value
+    assert not result.success  # blocking: the step fails so nothing downstream consumes the shard
+
+
+def test_check_bounds_are_configurable(tmp_path):
+    store = LocalObjectStore(tmp_path / "store")
+    seed_shard(store, SHARDS[0], images=10, seed=4)
+    resource = LocalStorageResource(root=str(tmp_path / "store"))
+    result = materialize_shard(
+        instance_with_shards(), resource, SHARDS[0], max_mean_mask_fraction=0.0001, min_empty_image_rate=0.99
+    )
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks[CHECK_COVERAGE] is False and checks[CHECK_EMPTY] is False
+    assert result.success  # warnings only
+
+
+def test_manifest_refuses_mixed_thresholds(tmp_path):
+    store = LocalObjectStore(tmp_path / "store")
+    resource = LocalStorageResource(root=str(tmp_path / "store"))
+    instance = instance_with_shards()
+    for n, shard in enumerate(SHARDS):
+        seed_shard(store, shard, images=8, seed=n)
+        assert materialize_shard(instance, resource, shard).success
+    table = read_parquet(store, layout.pseudo_labels(SHARDS[1]))
+    stale = table.replace_schema_metadata({b"pseudolabel.thresholds_fingerprint": b"old"}).to_pandas()
+    stale["thresholds_fingerprint"] = "old"
+    write_parquet(store, layout.pseudo_labels(SHARDS[1]), pseudo_labels_table(stale, "old"))
+    run = lambda **config: materialize(  # noqa: E731
+        [pseudo_labels, autosam2_manifest],
+        selection=[autosam2_manifest],
+        instance=instance,
+        resources={"storage": resource},
+        raise_on_error=False,
+        run_config={"ops": {"autosam2_manifest": {"config": {"width": 64, "height": 64, **config}}}},
+    )
+    failed = run()
+    assert not failed.success
+    failure = failed.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "different thresholds" in failure.description
+    assert failure.metadata["shards_by_fingerprint"].data == {
+        "old": [SHARDS[1]],
+        thresholds_code_version(load_thresholds()).split("-")[-1]: [SHARDS[0]],
+    }
+    assert run(allow_mixed_thresholds=True).success
+
+
+class RectDetector:
+    """Finds the gold rectangle shifted 2 px right, score 0.9."""
+
+    def detect(self, images):
+        return [
+            pd.DataFrame(
+                {
+                    "x0": [12.0],
+                    "y0": [10.0],
+                    "x1": [42.0],
+                    "y1": [30.0],
+                    "box_score": [0.9],
+                    "text_score": [0.9],
+                    "phrase": ["thing"],
+                }
+            )
+            for _ in images
+        ]
+
+
+class RectSegmenter:
+    def segment(self, image, boxes):
+        rows = []
+        for box in boxes.itertuples():
+            mask = np.zeros((image.height, image.width), np.uint8)
+            mask[int(box.y0) : int(box.y1), int(box.x0) : int(box.x1)] = 1
+            rows.append(
+                {
+                    "candidate_id": box.candidate_id,
+                    "rle_counts": encode_mask(mask)["counts"],
+                    "height": image.height,
+                    "width": image.width,
+                    "mask_area": int(mask.sum()),
+                    "mask_score": 0.95,
+                }
+            )
+        return pd.DataFrame(rows)
+
+
+def test_label_quality_asset_reports_the_sweep(tmp_path):
+    gold = tmp_path / "gold"
+    (gold / "images").mkdir(parents=True)
+    (gold / "masks").mkdir()
+    for stem in ("g1", "g2"):
+        cv2.imwrite(str(gold / "images" / f"{stem}.jpg"), np.zeros((40, 60, 3), np.uint8))
+        mask = np.zeros((40, 60), np.uint8)
+        mask[10:30, 10:40] = 255  # 30 x 20; the fake prediction is shifted by 2 px: IoU 560 / 640
+        cv2.imwrite(str(gold / "masks" / f"{stem}.png"), mask)
+    result = materialize(
+        [label_quality],
+        resources={
+            "storage": LocalStorageResource(root=str(tmp_path / "store")),
+            "quality_detector": RectDetector(),
+            "quality_segmenter": RectSegmenter(),
+        },
+        run_config={
+            "ops": {
+                "label_quality": {
+                    "config": {
+                        "gold_dir": str(gold),
+                        "box_score_grid": [0.5, 0.95],
+                        "mask_score_grid": [0.5],
+                        "contour_factor": 0.0,
+                    }
+                }
+            }
+        },
+    )
+    assert result.success
+    metadata = {
+        k: v.value for k, v in result.asset_materializations_for_node("label_quality")[0].metadata.items()
+    }
+    assert metadata["gold_images"] == 2
+    assert "0.875" in metadata["best_by_cd_iou"]  # 560 / 640, contour factor 0 = plain IoU
+    assert metadata["plot_preview"].startswith("![sweep](data:image/png;base64,")
+    report = json.loads((tmp_path / "store" / metadata["report"].split("/store/", 1)[1]).read_text())
+    by_box = {row["box_score"]: row["mean_iou"] for row in report["sweep"] if row["policy"] == "all"}
+    assert by_box == {0.5: pytest.approx(0.875), 0.95: 0.0}
