@@ -172,3 +172,46 @@ def stratum_report(populations: Mapping[str, int], sample: pd.DataFrame) -> pd.D
 
 def expected_shards(n_rows: int, shard_size: int) -> int:
     return math.ceil(n_rows / shard_size) if n_rows else 0
+
+
+def incremental_quotas(
+    new_populations: Mapping[str, int],
+    already_sampled: Mapping[str, int],
+    sampling_rate: float,
+    rules: SamplingRules,
+) -> dict[str, int]:
+    """Quotas for catalog items that arrived after the sample was drawn, under the same rules.
+
+    The new items are sampled at the original overall rate, proportionally by label; a label still
+    short of ``min_per_stratum`` is topped up and ``max_per_stratum`` counts what is already sampled.
+    """
+    budget = round(sampling_rate * sum(new_populations.values()))
+    proportional = SamplingRules(sample_size=budget, min_per_stratum=0, seed=rules.seed)
+    quotas = allocate(new_populations, proportional)
+    for label, available in new_populations.items():
+        have = already_sampled.get(label, 0)
+        quota = max(quotas.get(label, 0), min(available, max(0, rules.min_per_stratum - have)))
+        if rules.max_per_stratum is not None:
+            quota = min(quota, max(0, rules.max_per_stratum - have))
+        quotas[label] = quota
+    return {label: q for label, q in quotas.items() if q > 0}
+
+
+def extend_sample(
+    existing: pd.DataFrame,
+    new_items: pd.DataFrame,
+    sampling_rate: float,
+    rules: SamplingRules,
+    shard_size: int,
+) -> pd.DataFrame:
+    """Rows to append to ``existing``: new items (never ones already sampled) in new shards."""
+    fresh = new_items[~new_items["url"].isin(existing["url"])].drop_duplicates("url")
+    if fresh.empty:
+        return assign_shards(fresh.assign(sample_key=np.array([], np.uint64)), shard_size)
+    quotas = incremental_quotas(
+        fresh["label"].value_counts().to_dict(), existing["label"].value_counts().to_dict(), sampling_rate, rules
+    )
+    selector = StratifiedSelector(quotas, rules.seed)
+    selector.add(fresh)
+    first_shard = 1 + max((int(s.rsplit("-", 1)[1]) for s in existing["shard"]), default=-1)
+    return assign_shards(selector.result(), shard_size, first_shard)

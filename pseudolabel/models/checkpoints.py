@@ -1,0 +1,240 @@
+"""Model checkpoints: resolve a configured source to a verified local file.
+
+A source is one of
+
+    ""  / "official"     the variant's official release URL, downloaded once into the cache
+    "https://..."        any other URL, same caching
+    "s3://bucket/key"    fetched through the object store into the cache
+    "/a/local/file.pth"  used in place
+    "random"             no checkpoint: the architecture keeps its random init (smoke runs only)
+
+Every file is checked by sha256. The expected digest comes from the caller (resource config) or
+the variant's pinned table; when neither knows it, the digest seen on first download is recorded
+next to the cached file (``<file>.sha256``) and every later use must match it (trust on first use,
+reported as ``first_seen`` so the operator can pin it). A mismatch is always an error: a cached file
+is never silently replaced, because a swapped checkpoint silently changes every label downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pseudolabel.storage import S3ObjectStore, parse_s3_uri
+
+CACHE_ENV = "PSEUDOLABEL_MODEL_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/pseudolabel"
+RANDOM = "random"
+OFFICIAL = "official"
+_CHUNK = 1 << 20
+
+# How a resolved checkpoint's digest was established.
+VERIFIED = "verified"  # matched a pinned or configured sha256
+RECORDED = "recorded"  # matched the digest recorded when it was first downloaded
+FIRST_SEEN = "first_seen"  # no known digest: computed now and recorded; pin it
+UNPINNED = "unpinned"  # a local file with no expected digest: computed, nothing to compare
+RANDOM_WEIGHTS = "random"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be provided."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint is not available from the configured source."""
+
+
+class ChecksumMismatch(CheckpointError):
+    """The file's sha256 differs from the expected one."""
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """An official checkpoint: file name, release URL and (when known) its sha256."""
+
+    name: str  # human label, e.g. "Grounding DINO swint_ogc"
+    filename: str
+    url: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path | None  # None for random weights
+    sha256: str | None
+    source: str  # the URL, s3 URI, local path or "random" it came from
+    status: str  # VERIFIED | RECORDED | FIRST_SEEN | UNPINNED | RANDOM_WEIGHTS
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(CACHE_ENV, "").strip() or DEFAULT_CACHE_DIR).expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_checkpoint(
+    source: str,
+    spec: CheckpointSpec,
+    *,
+    expected_sha256: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_download: bool = True,
+    s3_get: Callable[[str], bytes] | None = None,
+    timeout_s: float = 60.0,
+) -> ResolvedCheckpoint:
+    """Turn a configured checkpoint ``source`` into a verified local file (see module docstring).
+
+    ``expected_sha256`` (from config) overrides ``spec.sha256``. ``s3_get`` fetches an ``s3://`` URI's
+    bytes (default: boto3 through :class:`S3ObjectStore`).
+    """
+    source = (source or "").strip()
+    expected = (expected_sha256 or "").strip().lower() or None
+    if source == RANDOM:
+        return ResolvedCheckpoint(path=None, sha256=None, source=RANDOM, status=RANDOM_WEIGHTS)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if source in ("", OFFICIAL):
+        return _resolve_remote(
+            spec.url,
+            cache / spec.filename,
+            spec,
+            expected or spec.sha256,
+            allow_download,
+            lambda target: _download_http(spec.url, target, timeout_s),
+        )
+    if source.startswith(("http://", "https://")):
+        target = cache / Path(urlparse(source).path).name
+        return _resolve_remote(
+            source, target, spec, expected, allow_download, lambda t: _download_http(source, t, timeout_s)
+        )
+    if source.startswith("s3://"):
+        bucket, key = parse_s3_uri(source)
+        getter = s3_get or _boto3_s3_get
+        return _resolve_remote(
+            source,
+            cache / "s3" / bucket / key,
+            spec,
+            expected,
+            allow_download,
+            lambda t: _write_bytes(getter(source), t),
+        )
+    return _resolve_local(Path(source).expanduser(), spec, expected)
+
+
+def _resolve_local(path: Path, spec: CheckpointSpec, expected: str | None) -> ResolvedCheckpoint:
+    if not path.is_file():
+        raise CheckpointNotFound(
+            f"{spec.name} checkpoint not found at local path {path}. Point the resource's `checkpoint` at an "
+            f"existing file, use an s3:// URI, leave it empty to download {spec.url}, or use 'random' for a "
+            f"smoke run."
+        )
+    digest = sha256_file(path)
+    if expected and digest != expected:
+        raise ChecksumMismatch(_mismatch_message(spec, path, expected, digest, "configured"))
+    return ResolvedCheckpoint(
+        path=path, sha256=digest, source=str(path), status=VERIFIED if expected else UNPINNED
+    )
+
+
+def _resolve_remote(
+    source: str,
+    target: Path,
+    spec: CheckpointSpec,
+    expected: str | None,
+    allow_download: bool,
+    fetch: Callable[[Path], None],
+) -> ResolvedCheckpoint:
+    sidecar = target.with_name(target.name + ".sha256")
+    if target.is_file():
+        digest = sha256_file(target)
+        if expected:
+            if digest != expected:
+                raise ChecksumMismatch(_mismatch_message(spec, target, expected, digest, "expected"))
+            return ResolvedCheckpoint(target, digest, source, VERIFIED)
+        if sidecar.is_file():
+            recorded = sidecar.read_text().split()[0].strip().lower()
+            if digest != recorded:
+                raise ChecksumMismatch(
+                    _mismatch_message(spec, target, recorded, digest, "recorded at first download")
+                )
+            return ResolvedCheckpoint(target, digest, source, RECORDED)
+        sidecar.write_text(f"{digest}  {target.name}\n")
+        return ResolvedCheckpoint(target, digest, source, FIRST_SEEN)
+
+    if not allow_download:
+        raise CheckpointNotFound(
+            _missing_message(spec, source, target, "downloads are disabled (allow_download=False)")
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Fetch into a temp file beside the target, verify, then rename: a reader never sees a partial file.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            fetch(tmp)
+        except Exception as exc:  # network, HTTP status, S3 errors: all mean "not available here"
+            raise CheckpointNotFound(
+                _missing_message(spec, source, target, f"fetching it failed: {exc!r}")
+            ) from exc
+        digest = sha256_file(tmp)
+        if expected and digest != expected:
+            raise ChecksumMismatch(_mismatch_message(spec, Path(source), expected, digest, "expected"))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if expected:
+        return ResolvedCheckpoint(target, digest, source, VERIFIED)
+    sidecar.write_text(f"{digest}  {target.name}\n")
+    return ResolvedCheckpoint(target, digest, source, FIRST_SEEN)
+
+
+def _download_http(url: str, target: Path, timeout_s: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(target, "wb") as out:
+        while chunk := response.read(_CHUNK):
+            out.write(chunk)
+
+
+def _write_bytes(data: bytes, target: Path) -> None:
+    target.write_bytes(data)
+
+
+def _boto3_s3_get(uri: str) -> bytes:
+    import boto3  # deferred: only S3 checkpoints need it
+
+    bucket, key = parse_s3_uri(uri)
+    return S3ObjectStore(boto3.client("s3"), bucket).get_bytes(key)
+
+
+def _missing_message(spec: CheckpointSpec, source: str, target: Path, why: str) -> str:
+    return (
+        f"{spec.name} checkpoint '{target.name}' is not available.\n"
+        f"  looked for: {target} (model cache; set {CACHE_ENV} or the resource's cache_dir to change it)\n"
+        f"  source:     {source} -> {why}\n"
+        f"To provide it: copy the file to {target}; or set the resource's `checkpoint` to a local path or an "
+        f"s3:// URI holding it; or run where {source} is reachable. Use checkpoint='random' only for smoke runs."
+    )
+
+
+def _mismatch_message(spec: CheckpointSpec, path: Path, expected: str, actual: str, kind: str) -> str:
+    return (
+        f"{spec.name} checkpoint {path} has sha256 {actual}, but the {kind} sha256 is {expected}. "
+        f"Refusing to use it (a different checkpoint changes every label). If the new file is intended, "
+        f"set checkpoint_sha256 to its digest; otherwise delete {path} so it is fetched again."
+    )

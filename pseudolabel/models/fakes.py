@@ -1,0 +1,148 @@
+"""Deterministic stand-ins for the detector and segmenter (same interfaces, no torch models).
+
+For downstream tests and offline demos that need plausible, repeatable stage outputs fast. Boxes
+and scores derive from a hash of (image_id, caption), so results do not depend on batching; about
+a quarter of the images get zero candidates. Masks are the ellipses inscribed in the boxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pseudolabel.models.captions import normalize_caption, phrases_of
+from pseudolabel.models.interfaces import ImageDetections, ImageMasks, PreparedImage
+from pseudolabel.models.rle import encode_host_masks
+
+FAKE_WARNING = "fake model: outputs are synthetic (hash-derived), not predictions"
+
+
+def _rng(*parts: str) -> np.random.Generator:
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _prepare(image_id: str, data: bytes) -> PreparedImage:
+    with Image.open(io.BytesIO(data)) as image:  # header only: the fakes never look at pixels
+        width, height = image.size
+    return PreparedImage(image_id, width, height, None)
+
+
+class FakeDetector:
+    def __init__(self, *, batch_size: int = 8, max_boxes_per_caption: int = 3) -> None:
+        self.batch_size = batch_size
+        self.max_boxes_per_caption = max_boxes_per_caption
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": "fake_detector",
+            "variant": "fake",
+            "weights": "fake",
+            "smoke_run": True,
+            "note": FAKE_WARNING,
+            "checkpoint_sha256": None,
+            "device": "cpu",
+            "precision": "fp32",
+            "batch_size": self.batch_size,
+        }
+
+    def prepare(self, image_id: str, data: bytes) -> PreparedImage:
+        return _prepare(image_id, data)
+
+    def detect(
+        self,
+        batch: Sequence[PreparedImage],
+        captions: Sequence[str],
+        *,
+        box_floor: float = 0.05,
+        text_floor: float = 0.05,
+        max_candidates: int = 300,
+    ) -> list[ImageDetections]:
+        return [self._one(item, captions, box_floor, text_floor, max_candidates) for item in batch]
+
+    def _one(
+        self,
+        item: PreparedImage,
+        captions: Sequence[str],
+        box_floor: float,
+        text_floor: float,
+        max_candidates: int,
+    ) -> ImageDetections:
+        boxes, box_scores, text_scores, phrases = [], [], [], []
+        for caption in captions:
+            rng = _rng(item.image_id, normalize_caption(caption))
+            names = phrases_of(normalize_caption(caption))
+            for _ in range(int(rng.integers(0, self.max_boxes_per_caption + 1))):
+                x0, x1 = np.sort(rng.uniform(0, item.width, 2))
+                y0, y1 = np.sort(rng.uniform(0, item.height, 2))
+                box_score = float(rng.uniform(0.0, 1.0))
+                boxes.append([x0, y0, x1, y1])
+                box_scores.append(box_score)
+                text_scores.append(
+                    box_score * float(rng.uniform(0.5, 1.0))
+                )  # text_score <= box_score, as for real
+                phrases.append(names[int(rng.integers(0, len(names)))])
+        box_scores_a = np.asarray(box_scores, np.float32)
+        text_scores_a = np.asarray(text_scores, np.float32)
+        keep = np.flatnonzero((box_scores_a > box_floor) & (text_scores_a > text_floor))
+        order = keep[np.argsort(-box_scores_a[keep], kind="stable")][:max_candidates]
+        return ImageDetections(
+            image_id=item.image_id,
+            width=item.width,
+            height=item.height,
+            boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order],
+            box_scores=box_scores_a[order],
+            text_scores=text_scores_a[order],
+            phrases=[phrases[k] for k in order],
+        )
+
+
+class FakeSegmenter:
+    def __init__(self, *, batch_size: int = 8) -> None:
+        self.batch_size = batch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": "fake_segmenter",
+            "variant": "fake",
+            "weights": "fake",
+            "smoke_run": True,
+            "note": FAKE_WARNING,
+            "checkpoint_sha256": None,
+            "device": "cpu",
+            "precision": "fp32",
+            "batch_size": self.batch_size,
+        }
+
+    def prepare(self, image_id: str, data: bytes) -> PreparedImage:
+        return _prepare(image_id, data)
+
+    def segment(
+        self, batch: Sequence[PreparedImage], boxes: Sequence[np.ndarray], *, multimask: bool = False
+    ) -> list[ImageMasks]:
+        return [
+            self._one(item, np.asarray(b, np.float32).reshape(-1, 4), multimask)
+            for item, b in zip(batch, boxes, strict=True)
+        ]
+
+    def _one(self, item: PreparedImage, boxes: np.ndarray, multimask: bool) -> ImageMasks:
+        ys, xs = np.mgrid[0 : item.height, 0 : item.width].astype(np.float32) + 0.5
+        masks = np.zeros((len(boxes), item.height, item.width), bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
+            masks[i] = ((xs - (x0 + x1) / 2) / rx) ** 2 + ((ys - (y0 + y1) / 2) / ry) ** 2 <= 1.0
+        best = np.array(
+            [float(_rng(item.image_id, str(box.tolist())).uniform(0.5, 1.0)) for box in boxes], np.float32
+        )
+        if multimask:
+            all_scores = np.stack([best - 0.1, best, best - 0.2], axis=1).astype(np.float32)
+            chosen = np.ones(len(boxes), np.int8)
+        else:
+            all_scores = best.reshape(-1, 1)
+            chosen = np.zeros(len(boxes), np.int8)
+        return ImageMasks(item.image_id, encode_host_masks(masks), best, chosen, all_scores)

@@ -1,0 +1,339 @@
+"""Batched Grounding DINO (groundingdino-py): padded image batches against captions encoded once.
+
+``GroundingDINO.forward`` re-tokenises and re-runs BERT on every call and evaluates the box and
+class heads of every decoder layer. :class:`GroundingDinoDetector` calls the same submodules in
+three steps instead:
+
+    encode_caption   tokenizer + BERT + feat_map, once per caption (cached)     -> (1, T, 256)
+    _image_features  Swin backbone + input projections, once per image batch   -> 4 x (B, 256, h_l, w_l)
+    _decode          image-text fusion encoder + decoder, heads of the LAST layer only
+                                                                                 -> logits (B, Q, T), boxes (B, Q, 4)
+
+so a fixed prompt costs BERT once per run, and with one prompt per class the backbone runs once
+per batch, not once per class. ``tests/test_grounding_dino.py`` checks parity with ``forward``.
+
+Scores kept per candidate (query), so any threshold above the floors can be applied later:
+
+    box_score   max sigmoid over the caption's tokens (what Grounding DINO's box_threshold tests)
+    phrase      the caption phrase ("potted plant") holding the query's best phrase token
+    text_score  min sigmoid over that phrase's tokens: the highest text_threshold at which
+                Grounding DINO would still report the whole phrase
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pseudolabel.models.captions import normalize_caption
+from pseudolabel.models.image_io import decode_resized
+from pseudolabel.models.interfaces import ImageDetections, PreparedImage
+from pseudolabel.models.runtime import FP32, inference, pin
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def input_size(width: int, height: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """(w, h) of the model input: short side ``short_side`` unless the long side would exceed ``max_size``
+    (Grounding DINO's RandomResize([800], max_size=1333) rule)."""
+    short, long = min(width, height), max(width, height)
+    if long * short_side > max_size * short:
+        short_side = int(round(max_size * short / long))
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+@dataclass(frozen=True)
+class EncodedCaption:
+    """A caption's text features, computed once. T = number of tokens (<= max_text_len)."""
+
+    caption: str
+    features: torch.Tensor  # (1, T, 256) BERT -> feat_map
+    token_mask: torch.Tensor  # (1, T) bool, True = real token
+    position_ids: torch.Tensor  # (1, T) long, restart at every phrase
+    self_attention: torch.Tensor  # (1, T, T) bool, tokens attend within their phrase
+    phrase_tokens: torch.Tensor  # (C, T) bool, tokens of each of the C phrases
+    phrases: list[str]  # (C,) decoded phrase text
+
+
+class GroundingDinoDetector:
+    """Runs a Grounding DINO model on batches of images for a fixed set of captions.
+
+    Arguments:
+      model: a built ``GroundingDINO`` (see :func:`build_grounding_dino`).
+      device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
+      batch_size: images per forward pass.
+      image_size, max_size: model input short side and long-side cap (800 / 1333 as trained).
+      info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device,
+        precision: str = FP32,
+        batch_size: int = 8,
+        image_size: int = 800,
+        max_size: int = 1333,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.max_size = max_size
+        self._info = dict(info or {})
+        # Normalisation folded into one affine map of the 0..255 uint8 input.
+        self._scale = (1.0 / (255.0 * torch.tensor(_STD, device=device))).view(3, 1, 1)
+        self._shift = (torch.tensor(_MEAN, device=device) / torch.tensor(_STD, device=device)).view(3, 1, 1)
+        self._captions: dict[str, EncodedCaption] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self._info,
+            "device": str(self.device),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "input_size": f"short {self.image_size} / max {self.max_size}",
+        }
+
+    # ---- CPU side (background workers) ---------------------------------------------------------
+
+    def prepare(self, image_id: str, data: bytes) -> PreparedImage:
+        """Decode + resize one JPEG. ``pixels``: (3, h, w) uint8, pinned when running on CUDA."""
+        rgb, width, height = decode_resized(
+            data, lambda w, h: input_size(w, h, self.image_size, self.max_size)
+        )
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        return PreparedImage(image_id, width, height, pin(pixels, self.device))
+
+    # ---- accelerator side --------------------------------------------------------------------------
+
+    def detect(
+        self,
+        batch: Sequence[PreparedImage],
+        captions: Sequence[str],
+        *,
+        box_floor: float = 0.05,
+        text_floor: float = 0.05,
+        max_candidates: int = 300,
+    ) -> list[ImageDetections]:
+        """Candidates with ``box_score > box_floor`` and ``text_score > text_floor`` for every caption,
+        merged per image, sorted by box score, at most ``max_candidates`` per image."""
+        if not batch:
+            return []
+        per_caption = []
+        with inference(self.device, self.precision):
+            samples = self._batch_tensor(batch)
+            features = self._image_features(samples)
+            for caption in captions:
+                encoded = self.encode_caption(caption)
+                logits, boxes = self._decode(features, encoded)
+                per_caption.append(self._select(logits, boxes, encoded, box_floor, text_floor))
+        return [
+            _merge(item, [found[i] for found in per_caption], max_candidates) for i, item in enumerate(batch)
+        ]
+
+    def encode_caption(self, caption: str) -> EncodedCaption:
+        """Tokenise + BERT + feat_map for ``caption``; cached, so a fixed prompt is encoded once."""
+        from groundingdino.models.GroundingDINO.bertwarper import (
+            generate_masks_with_special_tokens_and_transfer_map,
+        )
+
+        caption = normalize_caption(caption)
+        if caption in self._captions:
+            return self._captions[caption]
+        model = self.model
+        tokenized = model.tokenizer([caption], padding="longest", return_tensors="pt").to(self.device)
+        self_attention, position_ids, phrase_masks = generate_masks_with_special_tokens_and_transfer_map(
+            tokenized, model.specical_tokens, model.tokenizer
+        )
+        length = min(tokenized["input_ids"].shape[1], model.max_text_len)
+        input_ids = tokenized["input_ids"][:, :length]
+        self_attention = self_attention[:, :length, :length]
+        position_ids = position_ids[:, :length]
+        bert_inputs = {
+            "input_ids": input_ids,
+            "token_type_ids": tokenized["token_type_ids"][:, :length],
+            # Phrases attend only within themselves when sub_sentence_present (the trained setting).
+            "attention_mask": self_attention
+            if model.sub_sentence_present
+            else tokenized["attention_mask"][:, :length],
+        }
+        if model.sub_sentence_present:
+            bert_inputs["position_ids"] = position_ids
+        # Once per caption, so fp32 regardless of the batch precision.
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
+            features = model.feat_map(model.bert(**bert_inputs)["last_hidden_state"])
+        phrase_tokens = (
+            phrase_masks[0][:, :length] if len(phrase_masks[0]) else torch.zeros(0, length, dtype=torch.bool)
+        )
+        phrase_tokens = phrase_tokens.to(self.device)
+        ids = input_ids[0].tolist()
+        phrases = [
+            model.tokenizer.decode([ids[t] for t in row.nonzero().flatten().tolist()])
+            for row in phrase_tokens.cpu()
+        ]
+        encoded = EncodedCaption(
+            caption=caption,
+            features=features,
+            token_mask=tokenized["attention_mask"][:, :length].bool(),
+            position_ids=position_ids,
+            self_attention=self_attention,
+            phrase_tokens=phrase_tokens,
+            phrases=phrases,
+        )
+        self._captions[caption] = encoded
+        return encoded
+
+    def forward_batch(self, samples: Any, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs for a ``NestedTensor`` batch: logits (B, Q, T), boxes (B, Q, 4) cxcywh in [0, 1]
+        of each image's unpadded extent. Exposed for parity checks against ``GroundingDINO.forward``."""
+        with inference(self.device, self.precision):
+            return self._decode(self._image_features(samples), self.encode_caption(caption))
+
+    def _batch_tensor(self, batch: Sequence[PreparedImage]) -> Any:
+        """Normalise on the device and pad to the largest image: NestedTensor (B, 3, H, W) + mask (B, H, W)
+        that is True on padding (the model ignores it, and predicts boxes relative to the unpadded part)."""
+        from groundingdino.util.misc import NestedTensor
+
+        height = max(item.pixels.shape[1] for item in batch)
+        width = max(item.pixels.shape[2] for item in batch)
+        tensors = torch.zeros(len(batch), 3, height, width, device=self.device)
+        mask = torch.ones(len(batch), height, width, dtype=torch.bool, device=self.device)
+        for i, item in enumerate(batch):
+            pixels = item.pixels.to(self.device, non_blocking=True)
+            _, h, w = pixels.shape
+            tensors[i, :, :h, :w] = pixels.float() * self._scale - self._shift
+            mask[i, :h, :w] = False
+        return NestedTensor(tensors, mask)
+
+    def _image_features(
+        self, samples: Any
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Backbone levels projected to the transformer width, with padding masks and position encodings."""
+        from groundingdino.util.misc import NestedTensor
+
+        model = self.model
+        levels, positions = model.backbone(samples)
+        sources, masks = [], []
+        for level, feature in enumerate(levels):
+            source, mask = feature.decompose()
+            sources.append(model.input_proj[level](source))
+            masks.append(mask)
+        positions = list(positions)
+        # Extra, coarser levels (stride-2 convs on top of the last backbone level).
+        for level in range(len(levels), model.num_feature_levels):
+            source = model.input_proj[level](levels[-1].tensors if level == len(levels) else sources[-1])
+            mask = F.interpolate(samples.mask[None].float(), size=source.shape[-2:]).to(torch.bool)[0]
+            sources.append(source)
+            masks.append(mask)
+            positions.append(model.backbone[1](NestedTensor(source, mask)).to(source.dtype))
+        return sources, masks, positions
+
+    def _decode(
+        self, features: tuple[list, list, list], encoded: EncodedCaption
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from groundingdino.util.misc import inverse_sigmoid
+
+        model = self.model
+        sources, masks, positions = features
+        batch = sources[0].shape[0]
+        text = {
+            "encoded_text": encoded.features.expand(batch, -1, -1),
+            "text_token_mask": encoded.token_mask.expand(batch, -1),
+            "position_ids": encoded.position_ids.expand(batch, -1),
+            "text_self_attention_masks": encoded.self_attention.expand(batch, -1, -1),
+        }
+        hidden, references, _, _, _ = model.transformer(sources, masks, None, positions, None, None, text)
+        # The transformer replaced text["encoded_text"] with the image-fused text features: the class
+        # head must see those. Heads in fp32: bf16 box coordinates would be off by several pixels.
+        with torch.autocast(self.device.type, enabled=False):
+            last = hidden[-1].float()
+            boxes = (model.bbox_embed[-1](last) + inverse_sigmoid(references[-2].float())).sigmoid()
+            text["encoded_text"] = text["encoded_text"].float()
+            logits = model.class_embed[-1](last, text)[..., : encoded.features.shape[1]]
+        return logits, boxes
+
+    def _select(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        encoded: EncodedCaption,
+        box_floor: float,
+        text_floor: float,
+    ) -> list[_Found]:
+        """Score every query on the device; the (B, Q) results cross to the host once for selection."""
+        probs = logits.sigmoid()  # (B, Q, T); padding tokens are -inf -> 0
+        box_scores = probs.max(dim=-1).values
+        phrase_tokens = encoded.phrase_tokens  # (C, T)
+        in_phrase = phrase_tokens.any(dim=0)
+        if not bool(in_phrase.any()):
+            return [_Found.empty() for _ in range(probs.shape[0])]
+        token_phrase = phrase_tokens.float().argmax(dim=0)  # (T,) phrase index of each phrase token
+        best_token = probs.masked_fill(~in_phrase, -1.0).argmax(dim=-1)  # (B, Q)
+        phrase = token_phrase[best_token]
+        text_scores = probs.masked_fill(~phrase_tokens[phrase], 2.0).amin(dim=-1)
+        keep = (box_scores > box_floor) & (text_scores > text_floor)
+        # B x Q scores are a few KB: one transfer, then select on the host.
+        keep, boxes, box_scores, text_scores, phrase = (
+            t.cpu().numpy() for t in (keep, boxes, box_scores, text_scores, phrase)
+        )
+        found = []
+        for i in range(len(keep)):
+            rows = np.flatnonzero(keep[i])
+            found.append(
+                _Found(
+                    boxes=boxes[i, rows],
+                    box_scores=box_scores[i, rows],
+                    text_scores=text_scores[i, rows],
+                    phrases=[encoded.phrases[p] for p in phrase[i, rows]],
+                )
+            )
+        return found
+
+
+@dataclass(frozen=True)
+class _Found:
+    """One caption's surviving queries for one image, in query order. Boxes: cxcywh in [0, 1]."""
+
+    boxes: np.ndarray
+    box_scores: np.ndarray
+    text_scores: np.ndarray
+    phrases: list[str]
+
+    @staticmethod
+    def empty() -> _Found:
+        return _Found(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), [])
+
+
+def _merge(item: PreparedImage, found: list[_Found], max_candidates: int) -> ImageDetections:
+    """Concatenate captions' candidates, map boxes to original pixels (xyxy, clipped), sort, cap."""
+    boxes = np.concatenate([f.boxes for f in found]).astype(np.float32).reshape(-1, 4)
+    box_scores = np.concatenate([f.box_scores for f in found]).astype(np.float32)
+    text_scores = np.concatenate([f.text_scores for f in found]).astype(np.float32)
+    phrases = [p for f in found for p in f.phrases]
+    order = np.argsort(-box_scores, kind="stable")[:max_candidates]  # stable: ties keep query order
+    size = np.array([item.width, item.height, item.width, item.height], np.float32)
+    cx, cy, w, h = boxes[order].T
+    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * size
+    xyxy = np.clip(xyxy, 0, size).astype(np.float32)
+    return ImageDetections(
+        image_id=item.image_id,
+        width=item.width,
+        height=item.height,
+        boxes=xyxy.reshape(-1, 4),
+        box_scores=box_scores[order],
+        text_scores=text_scores[order],
+        phrases=[phrases[k] for k in order],
+    )

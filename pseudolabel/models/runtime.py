@@ -1,0 +1,55 @@
+"""Device and precision choices shared by both models."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+AUTO = "auto"
+BF16 = "bf16"
+FP32 = "fp32"
+
+
+def resolve_device(device: str = AUTO) -> torch.device:
+    """``auto`` -> the first CUDA device when present, else the CPU; anything else as torch reads it."""
+    if device == AUTO:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 autocast on CUDA, fp32 elsewhere (CPU bf16 autocast is slower, not faster)."""
+    if precision == AUTO:
+        return BF16 if device.type == "cuda" else FP32
+    if precision not in (BF16, FP32):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def inference(device: torch.device, precision: str) -> Iterator[None]:
+    """``torch.inference_mode`` plus bf16 autocast when asked (weights stay fp32)."""
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == BF16),
+    ):
+        yield
+
+
+def pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Page-locked host memory makes the later host->GPU copy asynchronous; pointless for CPU runs."""
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Deterministic random init (random-weight smoke runs must be reproducible) without
+    disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

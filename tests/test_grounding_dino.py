@@ -1,0 +1,184 @@
+"""GroundingDinoDetector on the real architecture (tiny config, random weights, local tiny BERT)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pseudolabel.models import tiny
+from pseudolabel.models.captions import captions_for, normalize_caption, split_caption
+from pseudolabel.models.checkpoints import CheckpointNotFound
+from pseudolabel.models.grounding_dino import GroundingDinoDetector, input_size
+from pseudolabel.models.grounding_dino_build import TextEncoderNotFound, build_grounding_dino
+from resources.models import GroundingDinoResource
+
+CAPTION = "potted plant . flower ."
+SHORT, LONG = 128, 224
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny.write_bert_dir(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def detector(bert_dir):
+    model = build_grounding_dino("swint_ogc", None, str(bert_dir), overrides=tiny.TINY_GROUNDING_DINO)
+    return GroundingDinoDetector(
+        model, device=torch.device("cpu"), batch_size=2, image_size=SHORT, max_size=LONG
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(detector):
+    """A landscape and a portrait image: the batch pads the landscape one vertically, the portrait one sideways."""
+    return [
+        detector.prepare(f"img{i}", tiny.random_jpeg(w, h, seed=i))
+        for i, (w, h) in enumerate([(200, 150), (90, 160)])
+    ]
+
+
+def test_captions():
+    assert normalize_caption("  Potted   Plant ") == "potted plant ."
+    assert split_caption("plant . Flower .") == ["plant .", "flower ."]
+    assert captions_for("plant . flower .", False) == ["plant . flower ."]
+    with pytest.raises(ValueError):
+        normalize_caption(" . ")
+
+
+@pytest.mark.parametrize("size", [(200, 150), (90, 160), (1000, 300), (64, 64), (129, 500)])
+def test_input_size_follows_groundingdino_resize(size):
+    import groundingdino.datasets.transforms as T
+
+    resized, _ = T.RandomResize([SHORT], max_size=LONG)(Image.new("RGB", size), None)
+    assert input_size(*size, SHORT, LONG) == resized.size
+
+
+@pytest.mark.model
+def test_prepare_decodes_at_reduced_size_but_reports_original(detector):
+    item = detector.prepare("big", tiny.random_jpeg(1000, 600))
+    assert (item.width, item.height) == (1000, 600)
+    assert (
+        tuple(item.pixels.shape) == (3, *input_size(1000, 600, SHORT, LONG)[::-1])
+        and item.pixels.dtype == torch.uint8
+    )
+
+
+@pytest.mark.model
+def test_batched_split_forward_matches_groundingdino_forward(detector, prepared):
+    samples = detector._batch_tensor(prepared)
+    assert samples.mask[0].any() and samples.mask[1].any()  # both images padded in the shared batch
+    logits, boxes = detector.forward_batch(samples, CAPTION)
+    with torch.no_grad():
+        reference = detector.model(samples, captions=[normalize_caption(CAPTION)] * len(prepared))
+    tokens = logits.shape[-1]
+    torch.testing.assert_close(logits, reference["pred_logits"][..., :tokens], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(boxes, reference["pred_boxes"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.model
+def test_detect_matches_the_seed_predict_in_original_pixels(detector, prepared):
+    """The seeds' path: groundingdino.util.inference.predict on one image, boxes scaled by the source size."""
+    from groundingdino.util.inference import predict
+
+    item = prepared[1]
+    (found,) = detector.detect([item], [CAPTION], box_floor=0.05, text_floor=0.0, max_candidates=1000)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    image = (item.pixels.float() / 255 - mean) / std
+    boxes, scores, _ = predict(
+        detector.model, image, CAPTION, box_threshold=0.05, text_threshold=0.05, device="cpu"
+    )
+    order = torch.argsort(-scores, stable=True)
+    cx, cy, w, h = (boxes[order] * torch.tensor([item.width, item.height, item.width, item.height])).T
+    expected = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).numpy()
+    expected = np.clip(expected, 0, [item.width, item.height, item.width, item.height])
+    assert len(found) == len(scores) > 0
+    np.testing.assert_allclose(found.box_scores, scores[order].numpy(), atol=1e-5)
+    np.testing.assert_allclose(found.boxes, expected, atol=1e-2)
+    assert (found.width, found.height) == (90, 160)
+
+
+@pytest.mark.model
+def test_mixed_batch_results_are_per_image_sorted_and_in_bounds(detector, prepared):
+    results = detector.detect(prepared, [CAPTION], box_floor=0.05, text_floor=0.05, max_candidates=7)
+    assert [r.image_id for r in results] == ["img0", "img1"]
+    for result, item in zip(results, prepared, strict=True):
+        assert (result.width, result.height) == (item.width, item.height)
+        assert (
+            0 < len(result) <= 7
+            and result.boxes.shape == (len(result), 4)
+            and result.boxes.dtype == np.float32
+        )
+        assert np.all(np.diff(result.box_scores) <= 0)
+        assert np.all(result.text_scores <= result.box_scores + 1e-6)
+        assert np.all(result.boxes[:, [0, 1]] <= result.boxes[:, [2, 3]])
+        assert np.all(result.boxes >= 0) and np.all(result.boxes[:, [0, 2]] <= item.width)
+        assert np.all(result.boxes[:, [1, 3]] <= item.height)
+        assert set(result.phrases) <= {"potted plant", "flower"}
+
+
+@pytest.mark.model
+def test_floors_empty_results_and_per_class_merge(detector, prepared):
+    (empty,) = detector.detect(prepared[:1], [CAPTION], box_floor=1.0, text_floor=0.0, max_candidates=10)
+    assert len(empty) == 0 and empty.boxes.shape == (0, 4) and empty.phrases == []
+
+    merged = detector.detect(
+        prepared, split_caption(CAPTION), box_floor=0.05, text_floor=0.05, max_candidates=1000
+    )
+    single = {
+        c: detector.detect(prepared, [c], box_floor=0.05, text_floor=0.05, max_candidates=1000)
+        for c in split_caption(CAPTION)
+    }
+    for i, result in enumerate(merged):
+        assert len(result) == sum(len(single[c][i]) for c in single)  # union of the per-class runs
+        assert set(result.phrases) == {"potted plant", "flower"}
+        assert np.all(np.diff(result.box_scores) <= 0)
+
+
+@pytest.mark.model
+def test_each_caption_is_encoded_once(detector, prepared, monkeypatch):
+    calls = []
+    original = detector.model.bert.forward
+    monkeypatch.setattr(detector.model.bert, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    detector._captions.clear()
+    for _ in range(3):
+        detector.detect(prepared, ["weed .", "tree ."], box_floor=0.05, text_floor=0.05, max_candidates=5)
+    assert len(calls) == 2
+
+
+def test_text_encoder_errors_say_how_to_fix(tmp_path):
+    with pytest.raises(TextEncoderNotFound, match="local directory") as info:
+        build_grounding_dino("swint_ogc", None, str(tmp_path / "no-bert"))
+    assert str(tmp_path / "no-bert") in str(info.value)
+    with pytest.raises(TextEncoderNotFound, match="bert-base-uncased"):
+        build_grounding_dino("swint_ogc", None, "roberta-large")
+    with pytest.raises(ValueError, match="swint_ogc"):
+        build_grounding_dino("swin_giant", None, str(tmp_path))
+
+
+def test_resource_refuses_bad_combinations_without_building(tmp_path):
+    with pytest.raises(ValueError, match="random"):
+        GroundingDinoResource(tiny=True, checkpoint="", cache_dir=str(tmp_path)).describe()
+    offline = GroundingDinoResource(cache_dir=str(tmp_path), allow_download=False)
+    with pytest.raises(CheckpointNotFound, match="groundingdino_swint_ogc.pth"):
+        offline.detector()
+
+
+def test_resource_describes_a_smoke_run(tmp_path):
+    identity = GroundingDinoResource(checkpoint="random", tiny=True, cache_dir=str(tmp_path)).describe()
+    assert identity["smoke_run"] is True and identity["weights"] == "random"
+    assert identity["device"] == "cpu" and identity["precision"] == "fp32"
+    assert identity["input_size"] == f"short {SHORT} / max {LONG}"
+
+
+@pytest.mark.model
+def test_prepare_handles_grayscale_jpeg(detector):
+    buffer = io.BytesIO()
+    Image.new("L", (50, 40), 128).save(buffer, format="JPEG")
+    item = detector.prepare("gray", buffer.getvalue())
+    assert item.pixels.shape[0] == 3 and (item.width, item.height) == (50, 40)

@@ -1,0 +1,164 @@
+"""Sam2Segmenter on the real SAM2.1 architecture (tiny config, random weights, 128 px inputs)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from pseudolabel import schemas
+from pseudolabel.models import tiny
+from pseudolabel.models.fakes import FakeSegmenter
+from pseudolabel.models.rle import decode_rle
+from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model
+from pseudolabel.models.segment_stage import (
+    ImageBoxes,
+    SegmentationSettings,
+    boxes_per_image,
+    run_segmentation,
+)
+from resources.models import Sam2Resource
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_sam2_model("tiny", None, overrides=tiny.tiny_sam2_overrides(SIZE))
+
+
+@pytest.fixture(scope="module")
+def segmenter(model):
+    return Sam2Segmenter(model, device=torch.device("cpu"), batch_size=4)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _mask(result, j) -> np.ndarray:
+    return decode_rle(result.masks.counts[j], result.masks.height, result.masks.width)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("multimask", [False, True])
+def test_matches_the_stock_predictor(model, segmenter, multimask):
+    """Same masks and scores as SAM2ImagePredictor.set_image + predict (the seeds' per-image loop)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    data = [tiny.random_jpeg(200, 150, seed=1), tiny.random_jpeg(90, 160, seed=2)]
+    boxes = [
+        np.array([[10, 10, 120, 100], [50, 20, 190, 140]], np.float32),
+        np.array([[5, 30, 80, 150]], np.float32),
+    ]
+    ours = segmenter.segment(
+        [segmenter.prepare(f"i{k}", d) for k, d in enumerate(data)], boxes, multimask=multimask
+    )
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [
+        (SIZE // 4,) * 2,
+        (SIZE // 8,) * 2,
+        (SIZE // 16,) * 2,
+    ]  # stock assumes 1024 px
+    for d, b, result in zip(data, boxes, ours, strict=True):
+        predictor.set_image(np.array(Image.open(io.BytesIO(d)).convert("RGB")))
+        masks, scores, _ = predictor.predict(box=b, multimask_output=multimask)
+        masks, scores = masks.reshape(len(b), -1, *masks.shape[-2:]), scores.reshape(len(b), -1)
+        assert result.all_scores.shape == scores.shape == (len(b), 3 if multimask else 1)
+        np.testing.assert_allclose(
+            result.all_scores, scores, atol=2e-3
+        )  # inputs differ only by uint8 resize rounding
+        for j in range(len(b)):
+            chosen = int(scores[j].argmax())
+            assert result.chosen[j] == chosen and result.scores[j] == pytest.approx(
+                scores[j, chosen], abs=2e-3
+            )
+            reference = masks[j, chosen] > 0
+            assert _mask(result, j).shape == reference.shape == (result.masks.height, result.masks.width)
+            assert _iou(_mask(result, j), reference) > 0.98
+
+
+@pytest.mark.model
+def test_boxes_are_read_in_original_pixels(segmenter):
+    """One scene at 1x and at 2x (exact pixel doubling: both become the SAME 128 px model input), in one
+    batch. 2x boxes on the 2x image must be the same prompt as 1x boxes on the 1x image."""
+    small = Image.open(io.BytesIO(tiny.random_jpeg(256, 192, seed=3)))
+    large = small.resize((512, 384), Image.Resampling.NEAREST)
+    png = []
+    for image in (small, large):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        png.append(buffer.getvalue())
+    items = [segmenter.prepare("small", png[0]), segmenter.prepare("large", png[1])]
+    assert torch.equal(items[0].pixels, items[1].pixels)
+    box = np.array([[40, 20, 140, 100]], np.float32)
+    one, two, unscaled = segmenter.segment([*items, items[1]], [box, box * 2, box])
+    assert (one.masks.height, one.masks.width, two.masks.height, two.masks.width) == (192, 256, 384, 512)
+    np.testing.assert_allclose(
+        two.all_scores, one.all_scores, atol=1e-6
+    )  # identical prompt -> identical outputs
+    assert not np.allclose(unscaled.all_scores, one.all_scores, atol=1e-6)
+    doubled = _mask(one, 0).repeat(2, axis=0).repeat(2, axis=1)
+    assert _iou(doubled, _mask(two, 0)) > 0.9 > _iou(doubled, _mask(unscaled, 0))
+
+
+@pytest.mark.model
+def test_empty_boxes_and_chunking_do_not_change_results(model, segmenter):
+    items = [segmenter.prepare(f"i{k}", tiny.random_jpeg(160, 120, seed=k)) for k in range(2)]
+    boxes = [np.array([[0, 0, 80, 60], [40, 30, 160, 120], [10, 50, 150, 110]], np.float32), np.zeros((0, 4))]
+    reference = segmenter.segment(items, boxes, multimask=True)
+    assert len(reference[1].masks) == 0 and reference[1].all_scores.shape == (0, 3)
+    assert (reference[1].masks.height, reference[1].masks.width) == (120, 160)
+
+    chunked = Sam2Segmenter(model, device=torch.device("cpu"), max_boxes_per_call=2, chunk_pixels=160 * 120)
+    again = chunked.segment(items, boxes, multimask=True)
+    np.testing.assert_allclose(again[0].all_scores, reference[0].all_scores, atol=1e-5)
+    for j in range(3):
+        assert _iou(_mask(again[0], j), _mask(reference[0], j)) > 0.999
+    assert len(again[1].masks) == 0
+
+
+def test_run_segmentation_refuses_a_different_image_frame():
+    data = tiny.random_jpeg(40, 30)
+    boxes = [ImageBoxes("a", 80, 60, np.array([[0, 0, 10, 10]], np.float32))]
+    with pytest.raises(RuntimeError, match="re-run detections"):
+        run_segmentation(boxes, lambda _: data, FakeSegmenter(), SegmentationSettings(), workers=1)
+
+
+def test_boxes_per_image_joins_in_candidate_order():
+    detections = pa.table(
+        {
+            "image_id": ["b", "a", "a"],
+            "candidate_id": [0, 1, 0],
+            "x0": [1.0, 2, 3],
+            "y0": [0.0, 0, 0],
+            "x1": [5.0, 6, 7],
+            "y1": [5.0, 5, 5],
+            "box_score": [0.9, 0.2, 0.8],
+            "text_score": [0.9, 0.2, 0.8],
+            "phrase": ["p"] * 3,
+        },
+        schema=schemas.DETECTIONS,
+    )
+    images = pa.table(
+        {"image_id": ["c", "b", "a"], "width": [9, 9, 9], "height": [9, 9, 9], "num_candidates": [0, 1, 2]},
+        schema=schemas.DETECTION_IMAGES,
+    )
+    joined = boxes_per_image(detections, images)
+    assert [ref.image_id for ref in joined] == ["a", "b", "c"]
+    assert joined[0].boxes[:, 0].tolist() == [3.0, 2.0] and joined[2].boxes.shape == (0, 4)
+
+
+def test_resource_identity_and_tiny_guard(tmp_path):
+    identity = Sam2Resource(
+        checkpoint="random", tiny=True, variant="tiny", cache_dir=str(tmp_path)
+    ).describe()
+    assert identity["smoke_run"] is True and identity["input_size"] == f"{SIZE}x{SIZE}"
+    assert Sam2Resource(checkpoint="random").describe()["variant"] == "large"
+    with pytest.raises(ValueError, match="random"):
+        Sam2Resource(tiny=True, cache_dir=str(tmp_path)).describe()
