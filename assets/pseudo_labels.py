@@ -14,6 +14,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    BackfillPolicy,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -30,6 +31,7 @@ from pseudolabel.labels.relabel import (
     MASK_INPUT_COLUMNS,
     REJECT_REASONS,
     RelabelResult,
+    combine_results,
     pseudo_labels_table,
     relabel_shard,
 )
@@ -62,6 +64,8 @@ class PseudoLabelsConfig(Config):
 
 @asset(
     partitions_def=shard_partitions,
+    # Cheap and CPU-only: a backfill re-labels a whole range of shards in one run.
+    backfill_policy=BackfillPolicy.single_run(),
     deps=["masks", "detections"],
     code_version=CODE_VERSION,
     group_name="labels",
@@ -98,18 +102,33 @@ class PseudoLabelsConfig(Config):
 def pseudo_labels(
     context: AssetExecutionContext, config: PseudoLabelsConfig, storage: StorageResource
 ) -> MaterializeResult:
+    """Re-threshold every shard of the run (one shard, or a whole range in a single-run backfill)."""
     store = storage.store()
-    shard = context.partition_key
-    detections, masks, images = _read_candidates(store, shard)
-
+    shards = context.partition_keys
     started = time.perf_counter()
-    result = relabel_shard(detections, masks, THRESHOLDS, images)
+    results, coco_files, dropped_polygons = [], [], None
+    for shard in shards:
+        result, coco_bytes, dropped = _label_shard(store, shard, config)
+        results.append(result)
+        coco_files.append(coco_bytes)
+        if dropped is not None:
+            dropped_polygons = (dropped_polygons or 0) + dropped
+        context.log.info(
+            f"{shard}: kept {result.num_kept} of {len(result.candidates)} candidates, "
+            f"{result.num_images_labelled}/{result.num_images} images labelled ({result.fingerprint})"
+        )
     relabel_s = time.perf_counter() - started
-    context.log.info(
-        f"{shard}: kept {result.num_kept} of {len(result.candidates)} candidates in {relabel_s:.2f}s, "
-        f"{result.num_images_labelled}/{result.num_images} images labelled ({result.fingerprint})"
+    combined = combine_results(results)
+    checks, mean_fraction = _checks(config, combined, coco_files)
+    return MaterializeResult(
+        metadata=_metadata(config, store, shards, combined, relabel_s, mean_fraction, dropped_polygons),
+        check_results=checks,
     )
 
+
+def _label_shard(store: ObjectStore, shard: str, config: PseudoLabelsConfig) -> tuple[RelabelResult, bytes, int | None]:
+    detections, masks, images = _read_candidates(store, shard)
+    result = relabel_shard(detections, masks, THRESHOLDS, images)
     images = images.sort_values("image_id").assign(
         file_name=lambda f: [layout.image(shard, i) for i in f["image_id"]]
     )
@@ -123,12 +142,7 @@ def pseudo_labels(
         dropped_polygons = _write_polygons(store, shard, coco)
     else:  # a polygon export made with older thresholds must not outlive them
         store.delete(layout.pseudo_labels_polygons(shard))
-
-    checks, mean_fraction = _checks(config, result, coco_bytes)
-    return MaterializeResult(
-        metadata=_metadata(config, store, shard, result, relabel_s, mean_fraction, dropped_polygons),
-        check_results=checks,
-    )
+    return result, coco_bytes, dropped_polygons
 
 
 def _read_candidates(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -146,14 +160,18 @@ def _write_polygons(store: ObjectStore, shard: str, coco: dict) -> int:
     return dropped
 
 
+def _coco_errors(coco_bytes: bytes) -> list[str]:
+    try:
+        return coco_problems(load_coco(coco_bytes))
+    except Exception as exc:  # any load failure is exactly what the check reports
+        return [f"pycocotools failed to load the file: {exc!r}"]
+
+
 def _checks(
-    config: PseudoLabelsConfig, result: RelabelResult, coco_bytes: bytes
+    config: PseudoLabelsConfig, result: RelabelResult, coco_files: list[bytes]
 ) -> tuple[list[AssetCheckResult], float | None]:
     rle = check_rles(result.kept)
-    try:
-        coco_errors = coco_problems(load_coco(coco_bytes))
-    except Exception as exc:  # any load failure is exactly what the check reports
-        coco_errors = [f"pycocotools failed to load the file: {exc!r}"]
+    coco_errors = [error for coco_bytes in coco_files for error in _coco_errors(coco_bytes)]
     fractions = image_mask_fractions(result.kept)
     mean_fraction = float(fractions.mean()) if len(fractions) else None
     empty_ok = within(result.empty_image_rate, config.min_empty_image_rate, config.max_empty_image_rate)
@@ -202,7 +220,7 @@ def _checks(
 def _metadata(
     config: PseudoLabelsConfig,
     store: ObjectStore,
-    shard: str,
+    shards: list[str],
     result: RelabelResult,
     relabel_s: float,
     mean_fraction: float | None,
@@ -228,10 +246,13 @@ def _metadata(
         ),
         "score_histograms": MetadataValue.md(markdown_table(score_histograms(result, config.histogram_bins))),
         "relabel_s": MetadataValue.float(round(relabel_s, 3)),
-        "parquet": MetadataValue.path(store.uri(layout.pseudo_labels(shard))),
-        "coco": MetadataValue.path(store.uri(layout.pseudo_labels_coco(shard))),
+        "shards": MetadataValue.int(len(shards)),
+        "parquet": MetadataValue.path(store.uri(layout.pseudo_labels(shards[0]))),
+        "coco": MetadataValue.path(store.uri(layout.pseudo_labels_coco(shards[0]))),
     }
+    if len(shards) > 1:  # a single-run backfill: the paths above are the first shard's
+        metadata["shard_range"] = MetadataValue.text(f"{shards[0]} .. {shards[-1]}")
     if dropped_polygons is not None:
-        metadata["polygons"] = MetadataValue.path(store.uri(layout.pseudo_labels_polygons(shard)))
+        metadata["polygons"] = MetadataValue.path(store.uri(layout.pseudo_labels_polygons(shards[0])))
         metadata["polygons_dropped_tiny"] = MetadataValue.int(dropped_polygons)
     return metadata

@@ -27,8 +27,8 @@ def model_resources(choice: str) -> tuple[DetectorResource, SegmenterResource]:
         return GroundingDinoResource(), Sam2Resource()
     if choice == "random":
         return (
-            GroundingDinoResource(checkpoint="random", tiny=True),
-            Sam2Resource(checkpoint="random", tiny=True),
+            GroundingDinoResource(checkpoint="random", tiny=True, text_encoder="tiny-random"),
+            Sam2Resource(checkpoint="random", tiny=True, variant="tiny"),
         )
     if choice == "fake":
         return FakeDetectorResource(), FakeSegmenterResource()

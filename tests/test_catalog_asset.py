@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pyarrow as pa
-import pytest
 from dagster import DagsterInstance, RunConfig, materialize
 
 from assets.catalog_snapshot import CatalogSnapshotConfig, catalog_snapshot
@@ -15,15 +14,6 @@ from resources.catalog import CatalogResource, catalog_from_env
 SYNTHETIC = SyntheticCatalog(total=1_000, num_labels=5, duplicate_every=10)
 BAD_ITEMS = [{"image_url": "ftp://x/1.jpg", "label": "oak"}, {"image_url": "https://x/2.jpg"}, "junk"]
 TOKEN = "tok-3f9a-very-secret"
-
-
-@pytest.fixture
-def s3_resource_known_broken(request, backend):
-    # resources/storage.py has `from __future__ import annotations`, so Dagster never sees
-    # `s3: S3Resource` as a nested resource and reading self.s3 recurses forever. Deleting that
-    # import fixes it (these tests then pass: strict xfail fails loudly); then delete this fixture.
-    if backend == "s3":
-        request.applymarker(pytest.mark.xfail(raises=RecursionError, strict=True, reason="S3StorageResource bug"))
 
 
 def run(storage_resource, catalog, **config):
@@ -41,25 +31,24 @@ def materialization_metadata(result) -> dict:
     return {key: value.value for key, value in materialization.metadata.items()}
 
 
-def raise_run_error(result):
-    """Re-raise the step's own exception (materialize only wraps it) so tests see the real failure."""
+def assert_run_succeeded(result):
+    """Fail with the step's own error (materialize only wraps it), so a failure says what broke."""
     for event in result.all_events:
         if event.is_step_failure:
             cause = event.step_failure_data.error
             while cause.cause is not None:
                 cause = cause.cause
-            if cause.cls_name == "RecursionError":
-                raise RecursionError(cause.message)
             raise AssertionError(cause.to_string())
+    assert result.success
 
 
-def test_materializes_rows_and_metadata(storage_resource, store, dev_server, s3_resource_known_broken):
+def test_materializes_rows_and_metadata(storage_resource, store, dev_server):
     server = dev_server(SYNTHETIC(0, SYNTHETIC.total) + BAD_ITEMS, required_token=TOKEN)
     server.inject("/api/trees?offset=500&", [Fault(status=503)])
     catalog = CatalogResource(source=server.catalog_url, token=TOKEN, page_size=100, backoff_s=0.01)
 
     result = run(storage_resource, catalog, chunk_rows=300)
-    raise_run_error(result)
+    assert_run_succeeded(result)
 
     pointer = read_current(store)
     rows = pa.concat_tables(iter_current_parts(store))
@@ -83,15 +72,15 @@ def test_materializes_rows_and_metadata(storage_resource, store, dev_server, s3_
     assert TOKEN not in str(metadata) and TOKEN not in store.get_text(layout.CATALOG_CURRENT)
 
 
-def test_rematerializing_moves_the_pointer_and_prunes(storage_resource, store, tmp_path, s3_resource_known_broken):
+def test_rematerializing_moves_the_pointer_and_prunes(storage_resource, store, tmp_path):
     first = tmp_path / "first.csv"
     first.write_text("image_url,label\nhttps://x/1.jpg,oak\nhttps://x/2.jpg,pine\n")
-    raise_run_error(run(storage_resource, CatalogResource(source=str(first))))
+    assert_run_succeeded(run(storage_resource, CatalogResource(source=str(first))))
     old_id = read_current(store)["snapshot_id"]
 
     second = tmp_path / "second.jsonl"
     second.write_text('{"image_url": "https://x/3.jpg", "label": "elm", "id": 9}\n')
-    raise_run_error(run(storage_resource, CatalogResource(source=str(second)), keep_previous=0))
+    assert_run_succeeded(run(storage_resource, CatalogResource(source=str(second)), keep_previous=0))
     pointer = read_current(store)
     assert pointer["snapshot_id"] != old_id
     assert snapshot_ids(store) == [pointer["snapshot_id"]]
@@ -100,10 +89,10 @@ def test_rematerializing_moves_the_pointer_and_prunes(storage_resource, store, t
     ]
 
 
-def test_a_failing_catalog_keeps_the_previous_snapshot(storage_resource, store, tmp_path, dev_server, s3_resource_known_broken):
+def test_a_failing_catalog_keeps_the_previous_snapshot(storage_resource, store, tmp_path, dev_server):
     good = tmp_path / "good.csv"
     good.write_text("image_url,label\nhttps://x/1.jpg,oak\n")
-    raise_run_error(run(storage_resource, CatalogResource(source=str(good))))
+    assert_run_succeeded(run(storage_resource, CatalogResource(source=str(good))))
     before = read_current(store)
 
     server = dev_server(SYNTHETIC(0, 500))

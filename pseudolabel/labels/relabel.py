@@ -259,3 +259,20 @@ def pseudo_labels_table(kept: pd.DataFrame, fingerprint: str | None = None) -> p
 def table_fingerprint(table: pa.Table) -> str | None:
     value = (table.schema.metadata or {}).get(FINGERPRINT_METADATA_KEY)
     return value.decode() if value is not None else None
+
+
+def combine_results(results: list[RelabelResult]) -> RelabelResult:
+    """One summary over several shards (image ids are unique across shards), for multi-shard runs."""
+    if len(results) == 1:
+        return results[0]
+    rejected: dict[str, int] = {}
+    for result in results:
+        for reason, count in result.rejected.items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    return RelabelResult(
+        candidates=pd.concat([r.candidates for r in results], ignore_index=True),
+        kept=pd.concat([r.kept for r in results], ignore_index=True),
+        rejected=rejected,
+        num_images=sum(r.num_images for r in results),
+        fingerprint=results[0].fingerprint,
+    )
