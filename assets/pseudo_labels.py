@@ -27,12 +27,12 @@ from pseudolabel.labels.checks import check_rles, image_mask_fractions, within
 from pseudolabel.labels.coco import build_coco, category_names, coco_problems, coco_to_bytes, load_coco
 from pseudolabel.labels.polygons import coco_with_polygons
 from pseudolabel.labels.relabel import (
-    DETECTION_INPUT_COLUMNS,
     MASK_INPUT_COLUMNS,
     REJECT_REASONS,
     RelabelResult,
     combine_results,
     pseudo_labels_table,
+    read_detections,
     relabel_shard,
 )
 from pseudolabel.labels.stats import decision_table, markdown_table, score_histograms
@@ -146,7 +146,7 @@ def _label_shard(store: ObjectStore, shard: str, config: PseudoLabelsConfig) -> 
 
 
 def _read_candidates(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    detections = read_parquet(store, layout.detections(shard), columns=DETECTION_INPUT_COLUMNS).to_pandas()
+    detections = read_detections(store.get_bytes(layout.detections(shard)))
     masks = read_parquet(store, layout.masks(shard), columns=MASK_INPUT_COLUMNS).to_pandas()
     images = read_parquet(
         store, layout.detection_images(shard), columns=["image_id", "width", "height"]

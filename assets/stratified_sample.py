@@ -14,6 +14,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from dagster_project.cursor import CURSOR_METADATA_KEY, catalog_cursor
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout
 from pseudolabel.sampling import SamplingRules, extend_sample, stratum_report
@@ -101,7 +102,7 @@ def stratified_sample(
             "strata": len(populations),
             "shards": len(shards),
             "new_shards_registered": len(new_shards),
-            "catalog_offset": offset,
+            CURSOR_METADATA_KEY: offset,
             "seed": config.seed,
             "snapshot_id": snapshot.get("snapshot_id", ""),
             "per_stratum": MetadataValue.md(_stratum_markdown(report)),
@@ -116,15 +117,20 @@ def _extend(context, config, store, catalog, snapshot, rules):
     if config.start_offset is None:
         raise ValueError("mode='incremental' needs start_offset (the schedule passes the Dagster cursor).")
     existing = read_parquet(store, layout.SAMPLE).to_pandas()
-    frames, offset = [], config.start_offset
+    # Items before the recorded cursor were already considered (sampled or not): re-reading them would
+    # let a repeated request draw more of them, so a stale start_offset moves up to the cursor.
+    start = max(config.start_offset, catalog_cursor(context.instance) or 0)
+    if start > config.start_offset:
+        context.log.info(f"start_offset {config.start_offset:,} is behind the cursor; reading from {start:,}")
+    frames, offset = [], start
     # New items since the last tick are few compared with the catalog; they are held in memory.
-    for batch in catalog.iter_batches(start_offset=config.start_offset):
+    for batch in catalog.iter_batches(start_offset=start):
         frames.append(batch.table.to_pandas())
         offset = max(offset, batch.end_offset)
     new_items = pd.concat(frames, ignore_index=True) if frames else existing.iloc[:0][["url", "label", "source_id"]]
     rate = len(existing) / max(1, sum(int(v) for v in snapshot["label_histogram"].values()))
     added = extend_sample(existing, new_items, rate, rules, config.shard_size)
-    context.log.info(f"read {len(new_items):,} catalog items from offset {config.start_offset:,} to {offset:,}")
+    context.log.info(f"read {len(new_items):,} catalog items from offset {start:,} to {offset:,}")
     return pd.concat([existing, added], ignore_index=True), added, offset
 
 

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pseudolabel.labels.coco import build_coco, category_names, coco_to_bytes  # noqa: E402
 from pseudolabel.labels.reference import naive_relabel  # noqa: E402
 from pseudolabel.labels.relabel import (  # noqa: E402
-    DETECTION_INPUT_COLUMNS,
     MASK_INPUT_COLUMNS,
     pseudo_labels_table,
+    read_detections,
     relabel_shard,
 )
 from pseudolabel.labels.synthetic import synthetic_candidates  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
     kept = 0
     for detections_bytes, masks_bytes, images_bytes in stored:
         started = time.perf_counter()
-        detections = read(detections_bytes, DETECTION_INPUT_COLUMNS)
+        detections = read_detections(detections_bytes)
         masks = read(masks_bytes, MASK_INPUT_COLUMNS)
         images = read(images_bytes, ["image_id", "width", "height"])
         t0 = time.perf_counter()

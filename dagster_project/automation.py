@@ -22,24 +22,15 @@ from dagster import (
     sensor,
 )
 
+from dagster_project.cursor import catalog_cursor
 from dagster_project.jobs import sample_increment_job, shard_chain_job
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from resources.catalog import CatalogResource
 
 REFRESH_CRON_ENV = "PSEUDOLABEL_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00
-SAMPLE_KEY = AssetKey("stratified_sample")
 FIRST_SHARD_ASSET = AssetKey("normalized_images")
 MAX_SHARD_RUNS_PER_TICK = 100
-
-
-def catalog_cursor(instance) -> int | None:
-    """Catalog offset the sample has consumed, from the latest materialization (None: never sampled)."""
-    event = instance.get_latest_materialization_event(SAMPLE_KEY)
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get("catalog_offset")
-    return None if value is None else int(value.value)
 
 
 def increment_request(offset: int, run_key: str) -> RunRequest:

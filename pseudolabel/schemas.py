@@ -46,6 +46,12 @@ DETECTIONS = pa.schema(
         ("box_score", pa.float32()),  # max token logit (sigmoid) over the caption
         ("text_score", pa.float32()),  # score of the phrase's tokens
         ("phrase", pa.string()),
+        # The detector's output order, which the both_scores_agree pick policy scans in: the Grounding
+        # DINO decoder query the box came from (0..num_queries-1). With one prompt per class the
+        # captions' candidates are merged, so it is caption_index * num_queries + query, i.e. caption
+        # order, then query order within a caption. Unique within an image; not related to score. Shards
+        # written before it existed lack it: readers treat it as optional (see labels/relabel.py).
+        ("query_index", pa.int32()),
     ]
 )
 

@@ -92,3 +92,11 @@ def dev_server() -> Iterator[Callable[..., DevServer]]:
     yield start
     for server in started:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    """`pseudolabel demo --random-weights` once per session: a persistent instance + data for UI tests."""
+    from dagster_project.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo"), images=24, shard_size=8, random_weights=True)

@@ -38,15 +38,13 @@ def test_list_is_recursive_sorted_and_prefix_filtered(store):
     assert [info.key for info in store.list()] == ["catalog/CURRENT.json", "catalog/s2/part-1", "other/y", "z"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="storage bug: clean_key() drops the trailing '/', so list('catalog/') and delete_prefix('images/"
-    "shard-00001/') also match 'catalogue/...' / 'images/shard-00001.parquet' (fix in pseudolabel/storage)",
-)
 def test_a_trailing_slash_limits_the_prefix_to_a_directory(store):
     store.put_bytes("images/shard-00001/a.jpg", b"x")
     store.put_bytes("images/shard-00001.parquet", b"y")
     assert [info.key for info in store.list("images/shard-00001/")] == ["images/shard-00001/a.jpg"]
+    assert len(list(store.list("images/shard-00001"))) == 2  # without the slash it is a plain prefix
+    assert store.delete_prefix("images/shard-00001/") == 1
+    assert store.exists("images/shard-00001.parquet")
 
 
 def test_json_and_parquet_round_trip(store):

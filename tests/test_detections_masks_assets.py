@@ -120,6 +120,7 @@ def _check_tables(store):
     for _, group in det.groupby("image_id"):
         assert group["candidate_id"].tolist() == list(range(len(group)))
         assert np.all(np.diff(group["box_score"].to_numpy()) <= 0)  # sorted by score
+        assert group["query_index"].is_unique  # the detector's output order, one query per box
     # One mask per candidate, same keys, RLE at the original size.
     masks_df = mask_table.to_pandas()
     assert (
@@ -144,6 +145,8 @@ def test_fake_chain_writes_contracts_and_metadata(shard_store):
     assert result.success
     det, images, masks_df = _check_tables(shard_store)
     assert len(det) > 0 and (images["num_candidates"] == 0).any()  # both kinds of images present
+    # The stored query (detector output) order is not the score order on some image.
+    assert any(not g["query_index"].is_monotonic_increasing for _, g in det.groupby("image_id"))
 
     meta = _metadata(result, "detections")
     assert meta["images"] == len(SIZES)
@@ -200,6 +203,10 @@ def test_one_prompt_per_class_and_multimask(shard_store):
     assert result.success
     det, _, masks_df = _check_tables(shard_store)
     assert set(det["phrase"]) <= {"plant", "flower"} and len(set(det["phrase"])) == 2
+    # Merged captions: caption_index * num_queries + query, so each caption's boxes have their own range.
+    caption = det["query_index"] // 900
+    assert set(caption) == {0, 1}
+    assert (det["phrase"] == np.where(caption == 0, "plant", "flower")).all()
     assert all(len(s) == 3 for s in masks_df["multimask_scores"])
     for row in masks_df.itertuples():
         assert row.mask_score == pytest.approx(max(row.multimask_scores))

@@ -94,13 +94,19 @@ def test_detect_matches_the_seed_predict_in_original_pixels(detector, prepared):
         detector.model, image, CAPTION, box_threshold=0.05, text_threshold=0.05, device="cpu"
     )
     order = torch.argsort(-scores, stable=True)
-    cx, cy, w, h = (boxes[order] * torch.tensor([item.width, item.height, item.width, item.height])).T
-    expected = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).numpy()
-    expected = np.clip(expected, 0, [item.width, item.height, item.width, item.height])
+    cx, cy, w, h = (boxes * torch.tensor([item.width, item.height, item.width, item.height])).T
+    in_query_order = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).numpy()
+    in_query_order = np.clip(in_query_order, 0, [item.width, item.height, item.width, item.height])
     assert len(found) == len(scores) > 0
     np.testing.assert_allclose(found.box_scores, scores[order].numpy(), atol=1e-5)
-    np.testing.assert_allclose(found.boxes, expected, atol=1e-2)
+    np.testing.assert_allclose(found.boxes, in_query_order[order.numpy()], atol=1e-2)
     assert (found.width, found.height) == (90, 160)
+    # predict emits the queries above the threshold in query order: query_indices recover that order.
+    assert found.query_indices.dtype == np.int32 and len(set(found.query_indices)) == len(found)
+    assert found.query_indices.min() >= 0 and found.query_indices.max() < detector.model.num_queries
+    by_query = np.argsort(found.query_indices)
+    np.testing.assert_allclose(found.box_scores[by_query], scores.numpy(), atol=1e-5)
+    np.testing.assert_allclose(found.boxes[by_query], in_query_order, atol=1e-2)
 
 
 @pytest.mark.model
@@ -134,10 +140,14 @@ def test_floors_empty_results_and_per_class_merge(detector, prepared):
         c: detector.detect(prepared, [c], box_floor=0.05, text_floor=0.05, max_candidates=1000)
         for c in split_caption(CAPTION)
     }
+    queries = detector.model.num_queries
     for i, result in enumerate(merged):
         assert len(result) == sum(len(single[c][i]) for c in single)  # union of the per-class runs
         assert set(result.phrases) == {"potted plant", "flower"}
         assert np.all(np.diff(result.box_scores) <= 0)
+        # Query indices: caption_index * num_queries + the query index of the single-caption run.
+        expected = [k * queries + q for k, c in enumerate(single) for q in single[c][i].query_indices]
+        assert sorted(result.query_indices.tolist()) == sorted(expected)
 
 
 @pytest.mark.model

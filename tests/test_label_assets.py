@@ -21,7 +21,12 @@ from pseudolabel.dataset.publish import current_root, split_key
 from pseudolabel.labels.coco import load_coco
 from pseudolabel.labels.relabel import REJECT_REASONS, pseudo_labels_table
 from pseudolabel.labels.synthetic import encode_mask, synthetic_candidates
-from pseudolabel.labels.thresholds import THRESHOLDS_ENV, load_thresholds, thresholds_code_version
+from pseudolabel.labels.thresholds import (
+    THRESHOLDS_ENV,
+    PickPolicy,
+    load_thresholds,
+    thresholds_code_version,
+)
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
 from resources.storage import LocalStorageResource
 
@@ -152,6 +157,29 @@ def test_pseudo_labels_then_manifest_end_to_end(tmp_path):
     assert sample.shape == (512, 512, 3)
     line = json.loads(store.get_text(f"{root}/manifest.jsonl").splitlines()[0])
     assert line["thresholds_fingerprint"] == metadata_fp and line["url"].startswith("https://example.com/")
+
+
+def test_shards_stored_without_query_index_still_label(tmp_path):
+    # Detections written before query_index existed: the asset reads them (the optional column only
+    # when stored) and both_scores_agree falls back to the stored detector-score order.
+    store = LocalObjectStore(tmp_path / "store")
+    seed_shard(store, SHARDS[0], images=30, seed=0)
+    seed_shard(store, SHARDS[1], images=30, seed=0)
+    old = read_parquet(store, layout.detections(SHARDS[1])).to_pandas().drop(columns="query_index")
+    write_parquet(store, layout.detections(SHARDS[1]), old)
+    new_detections, _, _ = pseudo_labels_module._read_candidates(store, SHARDS[0])
+    old_detections, _, _ = pseudo_labels_module._read_candidates(store, SHARDS[1])
+    assert "query_index" in new_detections and "query_index" not in old_detections
+    instance = instance_with_shards()
+    resource = LocalStorageResource(root=str(tmp_path / "store"))
+    labels = []
+    for shard in SHARDS:
+        assert materialize_shard(instance, resource, shard).success
+        labels.append(read_parquet(store, layout.pseudo_labels(shard)).to_pandas())
+    if pseudo_labels_module.THRESHOLDS.pick_policy is PickPolicy.BOTH_SCORES_AGREE:
+        # Same candidates, scanned in query order vs score order: the top detector box is not always kept.
+        assert len(labels[0]) == len(labels[1])
+        assert (labels[0]["candidate_id"].to_numpy() != labels[1]["candidate_id"].to_numpy()).any()
 
 
 def test_editing_the_thresholds_file_changes_the_code_version(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pseudolabel.labels.relabel import relabel_shard
 from pseudolabel.labels.synthetic import encode_mask
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
 from pseudolabel.quality.adapters import StageModelCandidates
@@ -382,3 +383,30 @@ def test_stage_model_adapter_feeds_the_same_sweep():
         for c in (via_adapter, direct)
     ]
     pd.testing.assert_frame_equal(sweeps[0], sweeps[1])
+
+
+class QueryOrderStageDetector(StageDetector):
+    """The stage detector reporting its output order, as Grounding DINO's ``query_indices``."""
+
+    QUERIES = {"img0": [30, 12, 4], "img1": [7, 8], "none": []}  # img0 scans FAKE rows 2, 1, 0
+
+    def detect(self, batch, captions, **floors):
+        results = super().detect(batch, captions, **floors)
+        return [
+            SimpleNamespace(**vars(r), query_indices=np.array(self.QUERIES[p.image_id], np.int32))
+            for r, p in zip(results, batch, strict=True)
+        ]
+
+
+def test_stage_model_adapter_passes_the_query_order_to_both_scores_agree():
+    adapter = StageModelCandidates(QueryOrderStageDetector, StageSegmenter, captions=["thing ."])
+    candidates = run_candidates(eval_images(), adapter, adapter)
+    assert candidates.detections["query_index"].tolist() == [30, 12, 4, 7, 8]
+    thresholds = BASE.with_overrides(pick_policy=PickPolicy.BOTH_SCORES_AGREE)
+    kept = relabel_shard(candidates.detections, candidates.masks, thresholds, candidates.images).kept
+    # img0 in query order: (.30, .80) seeds, (.50, .95) beats it on both, (.90, .60) does not -> row 1
+    # (the score-order scan would keep row 0); img1: (.45, .70) then (.80, .90) -> row 1.
+    assert kept[["image_id", "candidate_id"]].values.tolist() == [["img0", 1], ["img1", 1]]
+    direct = run_candidates(eval_images(), FakeDetector(), FakeSegmenter())  # no query order reported
+    kept = relabel_shard(direct.detections, direct.masks, thresholds, direct.images).kept
+    assert kept[["image_id", "candidate_id"]].values.tolist() == [["img0", 0], ["img1", 1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
@@ -10,9 +11,21 @@ import pytest
 
 from pseudolabel.labels.filters import box_coverage
 from pseudolabel.labels.nms import grouped_nms, pairwise_iou
-from pseudolabel.labels.policies import cap_per_image, pick_best_mask_score, pick_both_scores_agree
+from pseudolabel.labels.policies import (
+    apply_policy,
+    cap_per_image,
+    pick_best_mask_score,
+    pick_both_scores_agree,
+    scan_order_by_query,
+)
 from pseudolabel.labels.reference import naive_relabel
-from pseudolabel.labels.relabel import DECISIONS, PSEUDO_LABELS, REJECT_REASONS, relabel_shard
+from pseudolabel.labels.relabel import (
+    DECISIONS,
+    PSEUDO_LABELS,
+    REJECT_REASONS,
+    read_detections,
+    relabel_shard,
+)
 from pseudolabel.labels.synthetic import encode_mask, synthetic_candidates
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds, thresholds_fingerprint
 
@@ -31,8 +44,11 @@ LOOSE = Thresholds(
 )
 
 
-def candidate(image_id, cid, box, box_score=0.9, text_score=0.9, mask_score=0.9, area=500, phrase="dog"):
+def candidate(
+    image_id, cid, box, box_score=0.9, text_score=0.9, mask_score=0.9, area=500, phrase="dog", query=None
+):
     return {
+        "query_index": query,
         "image_id": image_id,
         "candidate_id": cid,
         "x0": box[0],
@@ -54,9 +70,10 @@ def tables(
     rows: list[dict], without_mask: set[tuple[str, int]] = frozenset()
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     frame = pd.DataFrame(rows)
-    detections = frame[
-        ["image_id", "candidate_id", "x0", "y0", "x1", "y1", "box_score", "text_score", "phrase"]
-    ]
+    columns = ["image_id", "candidate_id", "x0", "y0", "x1", "y1", "box_score", "text_score", "phrase"]
+    if frame["query_index"].notna().any():  # rows given a query index: stored with the column
+        columns.append("query_index")
+    detections = frame[columns]
     masks = frame[["image_id", "candidate_id", "mask_score", "mask_area"]].assign(
         rle_counts=RLE, height=H, width=W, mask_x=0.0, mask_y=0.0, mask_w=1.0, mask_h=1.0
     )
@@ -239,6 +256,48 @@ def test_both_scores_agree_in_detector_order_keeps_the_top_detector_candidate():
     assert list(zip(image[keep], cid[keep], strict=True)) == [(0, 0), (1, 0)]
 
 
+# One image whose candidates' query (detector output) order is not their score order. candidate_id is
+# the score rank; rows are (image, detector score, SAM2 score, candidate_id, query_index).
+QUERY_ORDER_IMAGE = [
+    (0, 0.80, 0.70, 0, 42),  # Z: top detector score
+    (0, 0.50, 0.85, 1, 100),  # W
+    (0, 0.45, 0.90, 2, 17),  # Y
+    (0, 0.35, 0.95, 3, 250),  # V: top SAM2 score
+    (0, 0.30, 0.60, 4, 3),  # X: first in query order
+]
+
+
+def test_both_scores_agree_scans_in_query_order():
+    # Query order X, Y, Z, W, V: X seeds; Y beats X on both scores -> Y; Z (SAM2 .70 < .90), W (SAM2 .85
+    # < .90) and V (detector .35 < .45) each beat Y on one score only -> Y (cid 2) is kept.
+    # Score order Z, W, Y, V, X keeps Z (cid 0): nothing has a higher detector score than the seed.
+    # best_mask_score would keep V (cid 3): three different answers.
+    image, mask, box, cid = arrays([row[:4] for row in QUERY_ORDER_IMAGE])
+    query = np.array([row[4] for row in QUERY_ORDER_IMAGE])
+    order = scan_order_by_query(query, cid)
+    assert cid[order].tolist() == [4, 2, 0, 1, 3]
+    assert cid[pick_both_scores_agree(image, mask, box, cid, scan_order=order)].tolist() == [2]
+    assert cid[pick_both_scores_agree(image, mask, box, cid)].tolist() == [0]
+    assert cid[pick_best_mask_score(image, mask, box, cid)].tolist() == [3]
+    policy = PickPolicy.BOTH_SCORES_AGREE
+    assert cid[apply_policy(policy, image, mask, box, cid, query_index=query)].tolist() == [2]
+    assert cid[apply_policy(policy, image, mask, box, cid)].tolist() == [0]
+
+
+def test_both_scores_agree_query_order_is_per_image():
+    # Rows shuffled across two images; query indices overlap between images (they are per image).
+    rows = [
+        (1, 0.9, 0.5, 0, 7),  # image 1, query order: cid 1 (q 2) seeds, cid 0 (q 7) beats it on both
+        (0, 0.3, 0.6, 4, 3),
+        (1, 0.4, 0.4, 1, 2),
+        *[row for row in QUERY_ORDER_IMAGE if row[3] != 4],
+    ]
+    image, mask, box, cid = arrays([row[:4] for row in rows])
+    query = np.array([row[4] for row in rows])
+    keep = apply_policy(PickPolicy.BOTH_SCORES_AGREE, image, mask, box, cid, query_index=query)
+    assert sorted(zip(image[keep].tolist(), cid[keep].tolist(), strict=True)) == [(0, 2), (1, 0)]
+
+
 def test_cap_keeps_the_highest_detector_scores():
     image, _mask, box, cid = arrays([(0, 0.1, 0.3, 0), (0, 0.9, 0.1, 1), (0, 0.5, 0.2, 2), (1, 0.5, 0.5, 0)])
     keep = cap_per_image(image, box, cid, limit=2)
@@ -264,6 +323,75 @@ def test_policies_and_cap_in_relabel_shard():
     assert capped.kept["candidate_id"].tolist() == [0, 1]
     assert capped.kept["rank"].tolist() == [0, 1]
     assert capped.rejected["max_instances"] == 1
+
+
+def query_order_rows():
+    """QUERY_ORDER_IMAGE as stored candidates, apart so that NMS keeps them all."""
+    return [
+        candidate("a", cid, (20 * cid, 0, 20 * cid + 10, 10), box_score=box, mask_score=mask, query=query)
+        for _image, box, mask, cid, query in QUERY_ORDER_IMAGE
+    ]
+
+
+def test_relabel_scans_in_query_index_and_falls_back_without_it():
+    thresholds = LOOSE.with_overrides(pick_policy=PickPolicy.BOTH_SCORES_AGREE, box_score=0.0)
+    detections, masks = tables(query_order_rows())
+    assert "query_index" in detections
+    result = relabel_shard(detections, masks, thresholds)
+    assert result.kept["candidate_id"].tolist() == [2]  # Y: the scan runs in query order
+    assert result.rejected["policy"] == 4
+    naive_kept, _ = naive_relabel(detections, masks, thresholds)
+    assert naive_kept["candidate_id"].tolist() == [2]
+    # Older shards have no query_index: scan in the stored (detector score) order.
+    old = detections.drop(columns="query_index")
+    assert relabel_shard(old, masks, thresholds).kept["candidate_id"].tolist() == [0]
+    assert naive_relabel(old, masks, thresholds)[0]["candidate_id"].tolist() == [0]
+    # Other policies do not depend on the scan order.
+    for policy in (PickPolicy.ALL, PickPolicy.BEST_MASK_SCORE):
+        t = thresholds.with_overrides(pick_policy=policy)
+        pd.testing.assert_frame_equal(
+            relabel_shard(detections, masks, t).kept, relabel_shard(old, masks, t).kept
+        )
+
+
+def test_relabel_refuses_a_partly_missing_query_index():
+    rows = query_order_rows()
+    rows[1]["query_index"] = None
+    with pytest.raises(ValueError, match="query_index is missing for 1 of 5"):
+        relabel_shard(*tables(rows), LOOSE.with_overrides(pick_policy=PickPolicy.BOTH_SCORES_AGREE))
+
+
+def test_read_detections_reads_query_index_only_when_stored():
+    data = synthetic_candidates(20, seed=3)
+    assert data.detections["query_index"].dtype == np.int32
+
+    def stored(frame):
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        return buffer.getvalue()
+
+    new = read_detections(stored(data.detections.assign(extra=1.0)))
+    assert "query_index" in new and "extra" not in new
+    old = read_detections(stored(data.detections.drop(columns="query_index")))
+    assert "query_index" not in old
+    thresholds = LOOSE.with_overrides(pick_policy=PickPolicy.BOTH_SCORES_AGREE)
+    assert relabel_shard(old, data.masks, thresholds, data.images).num_kept > 0
+
+
+def test_synthetic_query_order_changes_both_scores_agree():
+    # The synthetic candidates (benchmark, reference test) record a query order unrelated to the score,
+    # so the both_scores_agree scan really differs from the score-order fallback on some images.
+    data = synthetic_candidates(300, seed=7)
+    for _, group in data.detections.groupby("image_id"):
+        assert group["query_index"].is_unique
+    thresholds = LOOSE.with_overrides(pick_policy=PickPolicy.BOTH_SCORES_AGREE)
+    by_query = relabel_shard(data.detections, data.masks, thresholds, data.images).kept
+    by_score = relabel_shard(
+        data.detections.drop(columns="query_index"), data.masks, thresholds, data.images
+    ).kept
+    assert len(by_query) == len(by_score)  # one per image that has a survivor, either way
+    differ = (by_query["candidate_id"].to_numpy() != by_score["candidate_id"].to_numpy()).sum()
+    assert 0 < differ < len(by_query)
 
 
 @pytest.mark.parametrize("policy, nms_iou", list(itertools.product(PickPolicy, [0.1, 0.5])))

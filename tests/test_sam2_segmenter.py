@@ -142,6 +142,7 @@ def test_boxes_per_image_joins_in_candidate_order():
             "box_score": [0.9, 0.2, 0.8],
             "text_score": [0.9, 0.2, 0.8],
             "phrase": ["p"] * 3,
+            "query_index": [5, 9, 2],
         },
         schema=schemas.DETECTIONS,
     )

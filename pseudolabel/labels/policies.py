@@ -31,14 +31,18 @@ def pick_both_scores_agree(
 ) -> np.ndarray:
     """One instance per image, the seed pipeline's rule.
 
-    Candidates are scanned in ``scan_order`` (default: detector score descending, then candidate_id);
-    the first seeds the best, and a later one replaces it only when BOTH its SAM2 score and its
-    detector score are strictly higher than the current best's.
+    Candidates of an image are scanned in the detector's output order; the first seeds the best, and a
+    later one replaces it only when BOTH its SAM2 score and its detector score are strictly higher than
+    the current best's. The answer depends on the scan order: the seed scanned what Grounding DINO's
+    ``predict`` returned, i.e. decoder query order (the ``query_index`` column of DETECTIONS), not
+    sorted by score.
 
-    Note: in the default descending detector-score scan no later candidate can have a strictly
-    higher detector score, so this returns each image's top-detector-score survivor; the general
-    scan is kept so the rule stays faithful if the scan order changes. Implemented as a loop over
-    scan positions, vectorised across images.
+    ``scan_order`` is a permutation of the rows giving that order (only the order within each image
+    matters; see :func:`scan_order_by_query`). Without it the scan runs in detector score descending,
+    then candidate_id -- the order candidates are stored in, the fallback for stored candidates that
+    have no ``query_index`` -- and then no later candidate can have a strictly higher detector score,
+    so each image keeps its top-detector-score survivor. Implemented as a loop over scan positions,
+    vectorised across images.
     """
     n = len(image)
     keep = np.zeros(n, dtype=bool)
@@ -62,6 +66,12 @@ def pick_both_scores_agree(
     return keep
 
 
+def scan_order_by_query(query_index: np.ndarray, candidate_id: np.ndarray) -> np.ndarray:
+    """Rows in detector output order: ascending ``query_index`` (ties, which a detector does not
+    produce within an image, by candidate_id). A ``scan_order`` for :func:`pick_both_scores_agree`."""
+    return np.lexsort((candidate_id, query_index))
+
+
 def cap_per_image(
     image: np.ndarray, box_score: np.ndarray, candidate_id: np.ndarray, limit: int
 ) -> np.ndarray:
@@ -78,11 +88,15 @@ def apply_policy(
     mask_score: np.ndarray,
     box_score: np.ndarray,
     candidate_id: np.ndarray,
+    query_index: np.ndarray | None = None,
 ) -> np.ndarray:
+    """Keep-mask of ``policy``. ``query_index`` (the detector's output order, when stored) is the
+    scan order of ``both_scores_agree``; without it that policy scans in detector score order."""
     if policy is PickPolicy.ALL:
         return np.ones(len(image), dtype=bool)
     if policy is PickPolicy.BEST_MASK_SCORE:
         return pick_best_mask_score(image, mask_score, box_score, candidate_id)
     if policy is PickPolicy.BOTH_SCORES_AGREE:
-        return pick_both_scores_agree(image, mask_score, box_score, candidate_id)
+        scan_order = None if query_index is None else scan_order_by_query(query_index, candidate_id)
+        return pick_both_scores_agree(image, mask_score, box_score, candidate_id, scan_order)
     raise ValueError(f"unknown pick policy {policy!r}")

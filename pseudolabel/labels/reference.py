@@ -64,8 +64,12 @@ def _label_image(candidates: list[dict], t: Thresholds, rejected: dict[str, int]
         rejected["policy"] += len(kept) - 1
         kept = [best]
     elif kept and t.pick_policy is PickPolicy.BOTH_SCORES_AGREE:
-        best = kept[0]  # kept is in detector-score order
-        for c in kept[1:]:
+        # Scan in the detector's output order (query_index) when stored, else in detector-score order.
+        scan = kept
+        if "query_index" in kept[0]:
+            scan = sorted(kept, key=lambda c: (c["query_index"], c["candidate_id"]))
+        best = scan[0]
+        for c in scan[1:]:
             if c["mask_score"] > best["mask_score"] and c["box_score"] > best["box_score"]:
                 best = c
         rejected["policy"] += len(kept) - 1

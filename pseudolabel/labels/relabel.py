@@ -7,7 +7,9 @@ passes (see ``bench/relabel.py``). Steps, in order:
 1. join candidates with their masks (a candidate without a mask row is rejected as ``no_mask``);
 2. per-candidate filters (:mod:`pseudolabel.labels.filters`), first failure wins;
 3. class-aware NMS on detector boxes among survivors of the same image and phrase;
-4. the pick policy (:mod:`pseudolabel.labels.policies`);
+4. the pick policy (:mod:`pseudolabel.labels.policies`); ``both_scores_agree`` scans each image's
+   candidates in the detector's output order, the stored ``query_index`` (see :func:`relabel_shard`
+   for candidates stored without it);
 5. the per-image instance cap, by detector score.
 
 Each rejected candidate is counted under exactly one reason, so ``kept + sum(rejected)`` equals the
@@ -16,12 +18,14 @@ number of candidates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pseudolabel.labels.filters import (
     FILTER_ORDER,
@@ -50,6 +54,9 @@ DETECTION_INPUT_COLUMNS = [
     "text_score",
     "phrase",
 ]
+# Read when the stored detections have them: shards written before a column existed lack it.
+# query_index: the detector's output order, the scan order of the both_scores_agree policy.
+OPTIONAL_DETECTION_INPUT_COLUMNS = ["query_index"]
 MASK_INPUT_COLUMNS = [
     "image_id",
     "candidate_id",
@@ -129,8 +136,23 @@ class RelabelResult:
         return 1.0 - self.num_images_labelled / self.num_images if self.num_images else 0.0
 
 
+def detection_input_columns(available: Iterable[str]) -> list[str]:
+    """The detection columns to read from a stored table whose columns are ``available``: all of
+    :data:`DETECTION_INPUT_COLUMNS` plus the optional ones it has (e.g. ``query_index``)."""
+    present = set(available)
+    return DETECTION_INPUT_COLUMNS + [c for c in OPTIONAL_DETECTION_INPUT_COLUMNS if c in present]
+
+
+def read_detections(data: bytes) -> pd.DataFrame:
+    """The detection columns the label decision reads, from stored DETECTIONS Parquet bytes. Optional
+    columns (``query_index``) are read only when the file has them, so shards stored before they
+    existed still load (and :func:`relabel_shard` falls back for them)."""
+    columns = detection_input_columns(pq.read_schema(io.BytesIO(data)).names)
+    return pq.read_table(io.BytesIO(data), columns=columns).to_pandas()
+
+
 def _join_masks(detections: pd.DataFrame, masks: pd.DataFrame) -> pd.DataFrame:
-    joined = detections[DETECTION_INPUT_COLUMNS].merge(
+    joined = detections[detection_input_columns(detections.columns)].merge(
         masks[MASK_INPUT_COLUMNS],
         on=["image_id", "candidate_id"],
         how="left",
@@ -151,6 +173,12 @@ def relabel_shard(
 
     ``images`` (DETECTION_IMAGES rows) only provides the image count, so zero-candidate images
     count as empty; without it, the images are those that have candidates.
+
+    The ``both_scores_agree`` policy scans each image's candidates in ascending ``query_index`` (the
+    detector's output order, as the seed did). When ``detections`` has no ``query_index`` column
+    (shards stored before it existed, or evaluation detectors that do not report it) it falls back to
+    the stored order, detector score descending, which keeps each image's top-detector-score
+    survivor. A ``query_index`` column with missing values is an error.
     """
     frame = _join_masks(detections, masks)
     frame["phrase"] = frame["phrase"].fillna("")
@@ -163,6 +191,7 @@ def relabel_shard(
     box_score = frame["box_score"].to_numpy(dtype=np.float64, na_value=np.nan)
     mask_score = frame["mask_score"].to_numpy(dtype=np.float64, na_value=np.nan)
     candidate_id = frame["candidate_id"].to_numpy(dtype=np.int64)
+    query_index = _query_index(frame)
     coverage = box_coverage(x0, y0, x1, y1, width, height)
     area_fraction = mask_area_fraction(
         frame["mask_area"].to_numpy(dtype=np.float64, na_value=np.nan), width, height
@@ -201,7 +230,12 @@ def relabel_shard(
     stage(
         "policy",
         lambda rows: apply_policy(
-            thresholds.pick_policy, image_code[rows], mask_score[rows], box_score[rows], candidate_id[rows]
+            thresholds.pick_policy,
+            image_code[rows],
+            mask_score[rows],
+            box_score[rows],
+            candidate_id[rows],
+            query_index=None if query_index is None else query_index[rows],
         ),
     )
     stage(
@@ -231,6 +265,19 @@ def relabel_shard(
         num_images=num_images,
         fingerprint=fingerprint,
     )
+
+
+def _query_index(frame: pd.DataFrame) -> np.ndarray | None:
+    """The detector output order per candidate, or None when the candidates do not record it."""
+    if "query_index" not in frame.columns:
+        return None
+    column = frame["query_index"]
+    if column.isna().any():
+        raise ValueError(
+            f"query_index is missing for {int(column.isna().sum())} of {len(column)} candidates; "
+            "a shard's candidates must all record it or none"
+        )
+    return column.to_numpy(dtype=np.int64)
 
 
 def _kept_table(frame: pd.DataFrame, kept: np.ndarray, fingerprint: str) -> pd.DataFrame:

@@ -42,6 +42,22 @@ def template_masks(height: int, width: int, count: int = 8, seed: int = 0) -> li
     return masks
 
 
+def _query_indices(image_of: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Distinct, increasing-with-gaps decoder query indices per image, in a random order that is
+    unrelated to the score order (as Grounding DINO's query order is)."""
+    n = len(image_of)
+    if n == 0:
+        return np.zeros(0, np.int32)
+    order = np.lexsort((rng.random(n), image_of))  # random order within each image
+    steps = rng.integers(1, 40, size=n)
+    totals = np.cumsum(steps)
+    first = np.r_[True, image_of[order][1:] != image_of[order][:-1]]
+    starts = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    query_index = np.empty(n, np.int32)
+    query_index[order] = totals - totals[starts] + steps[starts] - 1  # each image starts at steps-1
+    return query_index
+
+
 def synthetic_candidates(
     num_images: int,
     candidates_per_image: float = 10.0,
@@ -71,7 +87,8 @@ def synthetic_candidates(
     n = int(per_image.sum())
     image_of = np.repeat(np.arange(num_images), per_image)
     box_score = rng.beta(2.0, 3.0, size=n).astype(np.float32)
-    # Stored order is (image_id, box_score desc) with candidate_id = rank, as the detector writes it.
+    # Stored order is (image_id, box_score desc) with candidate_id = rank, as the detector writes it;
+    # query_index is the detector's own output order, independent of the score.
     order = np.lexsort((-box_score, image_of))
     box_score = box_score[order]
     candidate_id = (np.arange(n) - np.repeat(np.cumsum(per_image) - per_image, per_image)).astype(np.int32)
@@ -82,6 +99,7 @@ def synthetic_candidates(
     y0 = np.clip(y + jitter[:, 1], 0, height)
     x1 = np.clip(x + w + jitter[:, 2], 0, width)
     y1 = np.clip(y + h + jitter[:, 3], 0, height)
+    query_index = _query_indices(image_of, np.random.default_rng([seed, 1]))
 
     detections = pd.DataFrame(
         {
@@ -94,6 +112,7 @@ def synthetic_candidates(
             "box_score": box_score,
             "text_score": np.clip(box_score - rng.uniform(0, 0.1, size=n), 0, 1).astype(np.float32),
             "phrase": np.array(phrases, dtype=object)[rng.integers(0, len(phrases), size=n)],
+            "query_index": query_index,
         }
     )
     mask_score = rng.beta(5.0, 1.5, size=n).astype(np.float32)

@@ -19,7 +19,7 @@ from pseudolabel.models.fingerprint import fingerprint, model_identity, with_fin
 from pseudolabel.models.interfaces import Detector, ImageDetections
 from pseudolabel.models.prefetch import prefetched_batches
 
-STAGE_VERSION = "detections/1"  # bump when the stored content's meaning changes
+STAGE_VERSION = "detections/2"  # bump when the stored content's meaning changes (2: + query_index)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ class DetectionResult:
         return sum(1 for found in self.images if len(found) >= self.max_candidates)
 
     def detections_table(self, fingerprint_value: str) -> pa.Table:
-        """DETECTIONS: one row per candidate, by (image_id, box_score desc); candidate_id = rank in image."""
+        """DETECTIONS: one row per candidate, by (image_id, box_score desc); candidate_id = rank in image,
+        query_index = the detector's output order (see ``schemas.DETECTIONS``)."""
         found = self.images
         counts = [len(f) for f in found]
         boxes = (
@@ -100,6 +101,7 @@ class DetectionResult:
             "box_score": np.concatenate([f.box_scores for f in found]) if found else [],
             "text_score": np.concatenate([f.text_scores for f in found]) if found else [],
             "phrase": [p for f in found for p in f.phrases],
+            "query_index": np.concatenate([f.query_indices for f in found]).astype(np.int32) if found else [],
         }
         return with_fingerprint(pa.table(columns, schema=schemas.DETECTIONS), fingerprint_value)
 

@@ -3,6 +3,11 @@
 For downstream tests and offline demos that need plausible, repeatable stage outputs fast. Boxes
 and scores derive from a hash of (image_id, caption), so results do not depend on batching; about
 a quarter of the images get zero candidates. Masks are the ellipses inscribed in the boxes.
+
+Like Grounding DINO, each box records the decoder "query" it came from (``query_indices``): distinct
+hash-derived indices in 0..num_queries-1, offset by caption_index * num_queries, so the detector's
+output order is deterministic but unrelated to the score order (the both_scores_agree policy scans
+in it).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def _prepare(image_id: str, data: bytes) -> PreparedImage:
 
 
 class FakeDetector:
+    num_queries = 900  # as Grounding DINO: query indices per caption are 0..899
+
     def __init__(self, *, batch_size: int = 8, max_boxes_per_caption: int = 3) -> None:
         self.batch_size = batch_size
         self.max_boxes_per_caption = max_boxes_per_caption
@@ -73,11 +80,17 @@ class FakeDetector:
         text_floor: float,
         max_candidates: int,
     ) -> ImageDetections:
-        boxes, box_scores, text_scores, phrases = [], [], [], []
-        for caption in captions:
+        boxes, box_scores, text_scores, phrases, query_indices = [], [], [], [], []
+        for caption_index, caption in enumerate(captions):
             rng = _rng(item.image_id, normalize_caption(caption))
             names = phrases_of(normalize_caption(caption))
-            for _ in range(int(rng.integers(0, self.max_boxes_per_caption + 1))):
+            count = int(rng.integers(0, self.max_boxes_per_caption + 1))
+            # A separate stream, so boxes and scores are what they were before query indices existed.
+            queries = _rng(item.image_id, normalize_caption(caption), "queries").choice(
+                self.num_queries, size=count, replace=False
+            )
+            query_indices.extend(caption_index * self.num_queries + queries)
+            for _ in range(count):
                 x0, x1 = np.sort(rng.uniform(0, item.width, 2))
                 y0, y1 = np.sort(rng.uniform(0, item.height, 2))
                 box_score = float(rng.uniform(0.0, 1.0))
@@ -99,6 +112,7 @@ class FakeDetector:
             box_scores=box_scores_a[order],
             text_scores=text_scores_a[order],
             phrases=[phrases[k] for k in order],
+            query_indices=np.asarray(query_indices, np.int32)[order],
         )
 
 

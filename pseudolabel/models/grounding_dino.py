@@ -18,6 +18,10 @@ Scores kept per candidate (query), so any threshold above the floors can be appl
     phrase      the caption phrase ("potted plant") holding the query's best phrase token
     text_score  min sigmoid over that phrase's tokens: the highest text_threshold at which
                 Grounding DINO would still report the whole phrase
+    query_index the decoder query the box came from: Grounding DINO's own output order (``predict``
+                returns the queries above box_threshold in query index order, unsorted). With several
+                captions (one prompt per class) it is caption_index * num_queries + query, so the
+                merged order is caption by caption, each in query order.
 """
 
 from __future__ import annotations
@@ -129,17 +133,20 @@ class GroundingDinoDetector:
         max_candidates: int = 300,
     ) -> list[ImageDetections]:
         """Candidates with ``box_score > box_floor`` and ``text_score > text_floor`` for every caption,
-        merged per image, sorted by box score, at most ``max_candidates`` per image."""
+        merged per image, sorted by box score, at most ``max_candidates`` per image. ``query_indices``
+        keeps the model's output order (caption_index * num_queries + decoder query)."""
         if not batch:
             return []
         per_caption = []
         with inference(self.device, self.precision):
             samples = self._batch_tensor(batch)
             features = self._image_features(samples)
-            for caption in captions:
+            for caption_index, caption in enumerate(captions):
                 encoded = self.encode_caption(caption)
                 logits, boxes = self._decode(features, encoded)
-                per_caption.append(self._select(logits, boxes, encoded, box_floor, text_floor))
+                # Offset by the caption so merged query indices stay unique and in caption order.
+                offset = caption_index * logits.shape[1]
+                per_caption.append(self._select(logits, boxes, encoded, box_floor, text_floor, offset))
         return [
             _merge(item, [found[i] for found in per_caption], max_candidates) for i, item in enumerate(batch)
         ]
@@ -272,8 +279,10 @@ class GroundingDinoDetector:
         encoded: EncodedCaption,
         box_floor: float,
         text_floor: float,
+        query_offset: int = 0,
     ) -> list[_Found]:
-        """Score every query on the device; the (B, Q) results cross to the host once for selection."""
+        """Score every query on the device; the (B, Q) results cross to the host once for selection.
+        Survivors stay in query order; ``query_indices`` = ``query_offset`` + decoder query index."""
         probs = logits.sigmoid()  # (B, Q, T); padding tokens are -inf -> 0
         box_scores = probs.max(dim=-1).values
         phrase_tokens = encoded.phrase_tokens  # (C, T)
@@ -298,6 +307,7 @@ class GroundingDinoDetector:
                     box_scores=box_scores[i, rows],
                     text_scores=text_scores[i, rows],
                     phrases=[encoded.phrases[p] for p in phrase[i, rows]],
+                    query_indices=(rows + query_offset).astype(np.int32),
                 )
             )
         return found
@@ -311,10 +321,17 @@ class _Found:
     box_scores: np.ndarray
     text_scores: np.ndarray
     phrases: list[str]
+    query_indices: np.ndarray  # (N,) int32: caption offset + decoder query index
 
     @staticmethod
     def empty() -> _Found:
-        return _Found(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32), [])
+        return _Found(
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.float32),
+            [],
+            np.zeros(0, np.int32),
+        )
 
 
 def _merge(item: PreparedImage, found: list[_Found], max_candidates: int) -> ImageDetections:
@@ -323,6 +340,7 @@ def _merge(item: PreparedImage, found: list[_Found], max_candidates: int) -> Ima
     box_scores = np.concatenate([f.box_scores for f in found]).astype(np.float32)
     text_scores = np.concatenate([f.text_scores for f in found]).astype(np.float32)
     phrases = [p for f in found for p in f.phrases]
+    query_indices = np.concatenate([f.query_indices for f in found]).astype(np.int32)
     order = np.argsort(-box_scores, kind="stable")[:max_candidates]  # stable: ties keep query order
     size = np.array([item.width, item.height, item.width, item.height], np.float32)
     cx, cy, w, h = boxes[order].T
@@ -336,4 +354,5 @@ def _merge(item: PreparedImage, found: list[_Found], max_candidates: int) -> Ima
         box_scores=box_scores[order],
         text_scores=text_scores[order],
         phrases=[phrases[k] for k in order],
+        query_indices=query_indices[order],
     )

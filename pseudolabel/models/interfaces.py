@@ -27,7 +27,12 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class ImageDetections:
-    """All candidates of one image, sorted by ``box_scores`` descending."""
+    """All candidates of one image, sorted by ``box_scores`` descending.
+
+    ``query_indices`` records the order the detector emitted them in (what Grounding DINO's
+    ``predict`` returns: decoder query order, see ``schemas.DETECTIONS.query_index``), which the
+    ``both_scores_agree`` pick policy scans in.
+    """
 
     image_id: str
     width: int
@@ -36,6 +41,7 @@ class ImageDetections:
     box_scores: np.ndarray  # (N,) float32
     text_scores: np.ndarray  # (N,) float32
     phrases: list[str]
+    query_indices: np.ndarray  # (N,) int32, unique within the image
 
     def __len__(self) -> int:
         return len(self.phrases)

@@ -64,20 +64,23 @@ class StageModelCandidates:
         frames = []
         for result in found:
             boxes = np.asarray(result.boxes, dtype=np.float32).reshape(-1, 4)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "candidate_id": np.arange(len(boxes), dtype=np.int32),
-                        "x0": boxes[:, 0],
-                        "y0": boxes[:, 1],
-                        "x1": boxes[:, 2],
-                        "y1": boxes[:, 3],
-                        "box_score": np.asarray(result.box_scores, dtype=np.float32),
-                        "text_score": np.asarray(result.text_scores, dtype=np.float32),
-                        "phrase": list(result.phrases),
-                    }
-                )
+            frame = pd.DataFrame(
+                {
+                    "candidate_id": np.arange(len(boxes), dtype=np.int32),
+                    "x0": boxes[:, 0],
+                    "y0": boxes[:, 1],
+                    "x1": boxes[:, 2],
+                    "y1": boxes[:, 3],
+                    "box_score": np.asarray(result.box_scores, dtype=np.float32),
+                    "text_score": np.asarray(result.text_scores, dtype=np.float32),
+                    "phrase": list(result.phrases),
+                }
             )
+            # The detector's output order: both_scores_agree scans in it, as in the pipeline.
+            query_indices = getattr(result, "query_indices", None)
+            if query_indices is not None:
+                frame["query_index"] = np.asarray(query_indices, dtype=np.int32)
+            frames.append(frame)
         return frames
 
     def segment(self, image: EvalImage, boxes: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,10 @@ class EvalImage:
 
 class CandidateDetector(Protocol):
     def detect(self, images: Sequence[EvalImage]) -> Sequence[pd.DataFrame]:
-        """One DataFrame of DETECTIONS rows per image (boxes xyxy in original pixels), in order."""
+        """One DataFrame of DETECTIONS rows per image (boxes xyxy in original pixels), in order.
+
+        ``candidate_id`` and ``query_index`` are optional; with ``query_index`` (the detector's output
+        order) the both_scores_agree policy scans in it, as in the pipeline (see ``relabel_shard``)."""
         ...
 
 

@@ -75,3 +75,9 @@ def clean_key(key: str) -> str:
     if any(p == ".." for p in parts):
         raise ValueError(f"storage key must not contain '..': {key!r}")
     return "/".join(parts)
+
+
+def clean_prefix(prefix: str) -> str:
+    """Like :func:`clean_key`, but a trailing '/' survives: ``"images/a/"`` must not match ``images/a.parquet``."""
+    cleaned = clean_key(prefix) if prefix else ""
+    return f"{cleaned}/" if cleaned and prefix.endswith("/") else cleaned

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, clean_key
+from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, clean_key, clean_prefix
 
 # Temp files live next to their target so os.replace stays a same-filesystem rename.
 _TMP_PREFIX = ".tmp-"
@@ -42,7 +42,7 @@ class LocalObjectStore(ObjectStore):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        prefix = clean_key(prefix) if prefix else ""
+        prefix = clean_prefix(prefix)
         # Walk from the deepest directory the prefix names, then filter by the full prefix.
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():

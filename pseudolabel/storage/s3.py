@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
-from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, clean_key
+from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, clean_key, clean_prefix
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -52,7 +52,8 @@ class S3ObjectStore(ObjectStore):
         return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        full_prefix = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        relative = clean_prefix(prefix)
+        full_prefix = f"{self.prefix}/{relative}" if self.prefix else relative
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
             for obj in page.get("Contents", []):
