@@ -3,6 +3,7 @@
 # No ``from __future__ import annotations``: Dagster reads the config/resource annotations at runtime.
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
+from dagster_project.policies import NETWORK_RETRY
 from pseudolabel import layout
 from pseudolabel.catalog import SnapshotSummary, take_snapshot
 from pseudolabel.catalog.report import label_histogram_markdown, reasons_markdown
@@ -19,6 +20,7 @@ class CatalogSnapshotConfig(Config):
 
 @asset(
     group_name="catalog",
+    retry_policy=NETWORK_RETRY,
     description=(
         "Every valid catalog row (url, label, source_id), URL-deduplicated, as Parquet parts under "
         f"catalog/<snapshot_id>/; {layout.CATALOG_CURRENT} names the latest complete snapshot."

@@ -8,6 +8,7 @@ from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, M
 from pydantic import Field
 
 from dagster_project.partitions import shard_partitions
+from dagster_project.policies import NETWORK_RETRY, ONE_SHARD_PER_RUN
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.normalize import NormalizeOptions
@@ -55,6 +56,8 @@ class NormalizedImagesConfig(Config):
 
 @asset(
     partitions_def=shard_partitions,
+    retry_policy=NETWORK_RETRY,
+    backfill_policy=ONE_SHARD_PER_RUN,
     deps=["stratified_sample"],
     group_name="images",
     description=(

@@ -1,0 +1,16 @@
+"""Retry and backfill policies shared by the assets, so they are tuned in one place."""
+
+from dagster import BackfillPolicy, Backoff, Jitter, RetryPolicy
+
+# Catalog and image hosts: transient outages get a few spaced-out retries of the whole step
+# (requests are already retried individually inside the step).
+NETWORK_RETRY = RetryPolicy(max_retries=3, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+# GPU steps: a lost node or a transient CUDA error is worth one or two more tries, not more.
+GPU_RETRY = RetryPolicy(max_retries=2, delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+# Expensive per-shard work: one shard per run, so a backfill spreads over pods/GPUs and retries small.
+ONE_SHARD_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
+
+# Cheap CPU-only work: a backfill over many shards is one run.
+SINGLE_RUN = BackfillPolicy.single_run()
