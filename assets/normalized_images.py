@@ -86,6 +86,7 @@ def normalized_images(
                 f"written, see the quarantine reasons. Fix the cause and re-materialize: stored images are reused."
             ),
             metadata=metadata,
+            allow_retries=False,  # the same inputs would fail the same way
         )
     return MaterializeResult(metadata=metadata)
 

@@ -12,15 +12,15 @@ CHAIN = ["catalog_snapshot", "stratified_sample", "normalized_images", "detectio
 
 
 def test_demo_ends_at_an_autosam2_dataset(demo_run):
-    assert demo_run.shards == ["shard-00000", "shard-00001", "shard-00002"]
-    assert demo_run.counts["normalized_images.images_ok"] == 22  # 24 sampled, 2 broken on purpose
+    assert demo_run.shards == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]  # 26 items / 8
+    assert demo_run.counts["normalized_images.images_ok"] == 24  # 24 pictures + 2 broken on purpose
     assert demo_run.counts["normalized_images.images_quarantined"] == 2
     assert demo_run.counts["masks.candidates"] == demo_run.counts["detections.candidates"]
     store = LocalObjectStore(demo_run.data_root)
     current = store.get_json("autosam2/CURRENT.json")
     root = current["root"]
     ids = [line for split in ("train", "val", "test") for line in store.get_text(f"{root}/splits/{split}.txt").split()]
-    assert len(ids) == demo_run.counts["autosam2_manifest.samples"] == 22
+    assert len(ids) == demo_run.counts["autosam2_manifest.samples"] == 24
     for sample_id in ids:
         assert store.exists(f"{root}/samples/{sample_id}.jpg")
         assert store.exists(f"{root}/binary_masks/{sample_id}_binarymask.jpg")

@@ -7,8 +7,9 @@ import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance
 
 # Staleness is what the UI's "unsynced" badge and "Materialize unsynced" use; there is no public API.
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory, StaleStatus
+from dagster._core.definitions.data_version import StaleCauseCategory, StaleStatus
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._utils.test.data_versions import get_stale_status_resolver
 
 import assets.pseudo_labels
 from dagster_project.demo import run_demo
@@ -35,8 +36,12 @@ def chain(tmp_path, monkeypatch):
     load_definitions()  # leave the default thresholds loaded for other tests
 
 
+def stale_resolver(instance, defs):
+    return get_stale_status_resolver(instance, list(defs.assets))
+
+
 def statuses(instance, defs, key, shards):
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph())
+    resolver = stale_resolver(instance, defs)
     return {shard: resolver.get_status(key, shard) for shard in shards}
 
 
@@ -59,7 +64,7 @@ def test_threshold_edit_backfill_relabels_every_shard_without_gpu_steps(chain, t
     assert old_fingerprint != assets.pseudo_labels.CODE_VERSION
 
     # The UI now shows every shard unsynced because of code version, and nothing upstream.
-    resolver = CachingStaleStatusResolver(instance, defs.resolve_asset_graph())
+    resolver = stale_resolver(instance, defs)
     for shard in shards:
         assert resolver.get_status(LABELS, shard) == StaleStatus.STALE
         causes = resolver.get_stale_causes(LABELS, shard)
