@@ -14,7 +14,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    BackfillPolicy,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -22,6 +21,7 @@ from dagster import (
 )
 
 from dagster_project.partitions import shard_partitions
+from dagster_project.policies import SINGLE_RUN
 from pseudolabel import layout
 from pseudolabel.labels.checks import check_rles, image_mask_fractions, within
 from pseudolabel.labels.coco import build_coco, category_names, coco_problems, coco_to_bytes, load_coco
@@ -65,7 +65,7 @@ class PseudoLabelsConfig(Config):
 @asset(
     partitions_def=shard_partitions,
     # Cheap and CPU-only: a backfill re-labels a whole range of shards in one run.
-    backfill_policy=BackfillPolicy.single_run(),
+    backfill_policy=SINGLE_RUN,
     deps=["masks", "detections"],
     code_version=CODE_VERSION,
     group_name="labels",

@@ -1,13 +1,33 @@
-"""Retry and backfill policies shared by the assets, so they are tuned in one place."""
+"""Retry and backfill policies shared by the assets, so they are tuned in one place.
+
+``PSEUDOLABEL_STEP_RETRIES`` overrides how often a failed network/GPU step is retried (read when the
+code location loads; 0 disables step retries, as the test suite does).
+"""
+
+import os
 
 from dagster import BackfillPolicy, Backoff, Jitter, RetryPolicy
 
+STEP_RETRIES_ENV = "PSEUDOLABEL_STEP_RETRIES"
+
+
+def _retries(default: int) -> int:
+    raw = os.environ.get(STEP_RETRIES_ENV, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{STEP_RETRIES_ENV} must be a whole number >= 0, got {raw!r}")
+    return int(raw)
+
+
 # Catalog and image hosts: transient outages get a few spaced-out retries of the whole step
 # (requests are already retried individually inside the step).
-NETWORK_RETRY = RetryPolicy(max_retries=3, delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+NETWORK_RETRY = RetryPolicy(
+    max_retries=_retries(3), delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
 
 # GPU steps: a lost node or a transient CUDA error is worth one or two more tries, not more.
-GPU_RETRY = RetryPolicy(max_retries=2, delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+GPU_RETRY = RetryPolicy(max_retries=_retries(2), delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
 # Expensive per-shard work: one shard per run, so a backfill spreads over pods/GPUs and retries small.
 ONE_SHARD_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)

@@ -7,7 +7,13 @@
 
 from __future__ import annotations
 
-import uuid
+import os
+
+# Failing steps in tests must fail now, not after Dagster's spaced-out step retries (tests that check
+# the retry policies read them from the asset definitions). Set before any asset module is imported.
+os.environ["PSEUDOLABEL_STEP_RETRIES"] = "0"
+
+import uuid  # noqa: E402
 from collections.abc import Callable, Iterator
 from typing import Any
 

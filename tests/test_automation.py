@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 import pytest
 from dagster import (
     AssetMaterialization,
+    DagsterInstance,
     RunRequest,
     SkipReason,
     build_schedule_context,
     build_sensor_context,
-    instance_for_test,
     materialize,
 )
 
@@ -30,6 +30,14 @@ def items(start, stop):
     return [{"image_url": f"https://img.example/{i}.jpg", "label": LABELS[i % len(LABELS)]} for i in range(start, stop)]
 
 
+def temp_instance(tmp_path) -> DagsterInstance:
+    """Schedules need an instance with a ref (not ephemeral). Not `instance_for_test()`: its context
+    manager leaves Dagster's defs-state ContextVar pointing at the disposed instance for later tests."""
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    return DagsterInstance.local_temp(str(home))
+
+
 @pytest.fixture
 def catalog_world(tmp_path, dev_server):
     """A growable catalog on a local server, a sampled snapshot of its first 100 items, an instance."""
@@ -39,8 +47,7 @@ def catalog_world(tmp_path, dev_server):
         "storage": LocalStorageResource(root=str(tmp_path / "data")),
         "catalog": CatalogResource(source=server.catalog_url, page_size=25),
     }
-    with instance_for_test() as instance:  # schedules need an instance with a ref (not ephemeral)
-        yield from _sampled(catalog, server, resources, instance, tmp_path)
+    yield from _sampled(catalog, server, resources, temp_instance(tmp_path), tmp_path)
 
 
 def _sampled(catalog, server, resources, instance, tmp_path):
@@ -60,11 +67,10 @@ def run_increment(request: RunRequest, resources, instance):
     return result.asset_materializations_for_node("stratified_sample")[0].metadata
 
 
-def test_schedule_skips_until_a_sample_exists():
-    with instance_for_test() as instance:
-        when = datetime(2026, 11, 21, 3, tzinfo=UTC)
-        context = build_schedule_context(instance=instance, scheduled_execution_time=when)
-        assert isinstance(catalog_refresh_schedule(context), SkipReason)
+def test_schedule_skips_until_a_sample_exists(tmp_path):
+    when = datetime(2026, 11, 21, 3, tzinfo=UTC)
+    context = build_schedule_context(instance=temp_instance(tmp_path), scheduled_execution_time=when)
+    assert isinstance(catalog_refresh_schedule(context), SkipReason)
 
 
 def test_schedule_samples_new_items_once_and_registers_new_shards(catalog_world):

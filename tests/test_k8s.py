@@ -62,3 +62,20 @@ def test_definitions_pick_the_executor_from_the_environment(choice, expected):
     env = {**os.environ, "PSEUDOLABEL_EXECUTOR": choice}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_network_and_gpu_assets_declare_retry_and_backfill_policies(monkeypatch):
+    import importlib
+
+    import dagster_project.policies as policies
+
+    monkeypatch.delenv("PSEUDOLABEL_STEP_RETRIES")
+    assert importlib.reload(policies).GPU_RETRY.max_retries == 2  # the production default
+    monkeypatch.setenv("PSEUDOLABEL_STEP_RETRIES", "0")
+    importlib.reload(policies)
+    for name in ("catalog_snapshot", "normalized_images", "detections", "masks"):
+        assert defs.get_assets_def(name).op.retry_policy is not None, name
+    for name in ("normalized_images", "detections", "masks"):
+        assert defs.get_assets_def(name).backfill_policy.max_partitions_per_run == 1, name
+    assert defs.get_assets_def("pseudo_labels").backfill_policy.max_partitions_per_run is None  # single run
+    assert defs.get_assets_def("detections").op.pool == "gpu"
