@@ -33,6 +33,7 @@ class MasksConfig(Config):
 
 @asset(
     partitions_def=shard_partitions,
+    group_name="models",
     pool="gpu",
     op_tags=gpu_op_tags(),
     retry_policy=GPU_RETRY,

@@ -84,8 +84,18 @@ def screenshot_dir(tmp_path_factory) -> Path:
     return path
 
 
+def open_page(page, url: str) -> None:
+    page.goto(url, wait_until="networkidle")
+    skip = page.get_by_role("button", name="Skip")  # first-visit community dialog
+    if skip.count():
+        skip.click()
+
+
 def test_asset_graph_shows_every_asset_of_the_chain(webserver, page, screenshot_dir):
-    page.goto(f"{webserver}/asset-groups", wait_until="networkidle")
+    open_page(page, f"{webserver}/asset-groups")
+    page.get_by_text("catalog", exact=True).first.wait_for(timeout=60_000)  # a group node is drawn
+    page.mouse.click(1000, 200)  # focus the graph canvas for its keyboard shortcut
+    page.keyboard.press("Alt+e")  # "Expand all groups"
     for name in CHAIN:
         page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
     page.screenshot(path=str(screenshot_dir / "ui-asset-graph.png"))
@@ -93,7 +103,7 @@ def test_asset_graph_shows_every_asset_of_the_chain(webserver, page, screenshot_
 
 
 def test_partitions_page_lists_demo_shards(webserver, page, screenshot_dir, demo_run):
-    page.goto(f"{webserver}/assets/normalized_images?view=partitions", wait_until="networkidle")
+    open_page(page, f"{webserver}/assets/normalized_images?view=partitions")
     for shard in demo_run.shards:
         page.get_by_text(shard).first.wait_for(timeout=60_000)
     page.screenshot(path=str(screenshot_dir / "ui-partitions.png"))
