@@ -2,9 +2,7 @@
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
-from dagster_project.k8s import gpu_op_tags
-from dagster_project.partitions import shard_partitions
-from dagster_project.policies import GPU_RETRY, ONE_SHARD_PER_RUN
+from dagster_project.policies import gpu_shard_asset_args
 from pseudolabel import layout
 from pseudolabel.models.detect_stage import DetectionSettings, detection_fingerprint, ok_images, run_detection
 from pseudolabel.models.fingerprint import up_to_date
@@ -27,12 +25,7 @@ class DetectionsConfig(Config):
 
 
 @asset(
-    partitions_def=shard_partitions,
-    group_name="models",
-    pool="gpu",
-    op_tags=gpu_op_tags(),
-    retry_policy=GPU_RETRY,
-    backfill_policy=ONE_SHARD_PER_RUN,
+    **gpu_shard_asset_args(),
     deps=["normalized_images"],
     kinds={"pytorch", "parquet"},
 )

@@ -5,9 +5,7 @@ import io
 import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 
-from dagster_project.k8s import gpu_op_tags
-from dagster_project.partitions import shard_partitions
-from dagster_project.policies import GPU_RETRY, ONE_SHARD_PER_RUN
+from dagster_project.policies import gpu_shard_asset_args
 from pseudolabel import layout
 from pseudolabel.ids import sha256_hex
 from pseudolabel.models.fingerprint import up_to_date
@@ -32,12 +30,7 @@ class MasksConfig(Config):
 
 
 @asset(
-    partitions_def=shard_partitions,
-    group_name="models",
-    pool="gpu",
-    op_tags=gpu_op_tags(),
-    retry_policy=GPU_RETRY,
-    backfill_policy=ONE_SHARD_PER_RUN,
+    **gpu_shard_asset_args(),
     deps=["detections"],
     kinds={"pytorch", "parquet"},
 )

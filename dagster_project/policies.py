@@ -34,3 +34,19 @@ ONE_SHARD_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
 
 # Cheap CPU-only work: a backfill over many shards is one run.
 SINGLE_RUN = BackfillPolicy.single_run()
+
+
+def gpu_shard_asset_args() -> dict:
+    """Decorator arguments every GPU stage shares: per-shard partitions, the `gpu` pool, a GPU pod on
+    Kubernetes, GPU retries, one shard per backfill run."""
+    from dagster_project.k8s import gpu_op_tags
+    from dagster_project.partitions import shard_partitions
+
+    return {
+        "partitions_def": shard_partitions,
+        "group_name": "models",
+        "pool": "gpu",
+        "op_tags": gpu_op_tags(),
+        "retry_policy": GPU_RETRY,
+        "backfill_policy": ONE_SHARD_PER_RUN,
+    }
