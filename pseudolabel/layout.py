@@ -81,3 +81,23 @@ def pseudo_labels_coco(shard: str) -> str:
 
 def pseudo_labels_polygons(shard: str) -> str:
     return f"pseudo_labels/{shard}.polygons.coco.json"
+
+
+# The AutoSAM2 dataset: autosam2/CURRENT.json names the live version's root.
+AUTOSAM2_CURRENT = f"{AUTOSAM2_ROOT}/CURRENT.json"
+
+
+def autosam2_version_root(version: str) -> str:
+    return f"{AUTOSAM2_ROOT}/versions/{version}"
+
+
+def autosam2_sample(root: str, image_id: str) -> str:
+    return f"{root}/samples/{image_id}.jpg"
+
+
+def autosam2_binary_mask(root: str, image_id: str) -> str:
+    return f"{root}/binary_masks/{image_id}_binarymask.jpg"
+
+
+def autosam2_split(root: str, split: str) -> str:
+    return f"{root}/splits/{split}.txt"

@@ -34,25 +34,15 @@ from pseudolabel.dataset.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 from pseudolabel.labels.coco import build_coco, category_names, coco_to_bytes
 from pseudolabel.storage import ObjectNotFound, ObjectStore
 
-CURRENT_KEY = f"{layout.AUTOSAM2_ROOT}/CURRENT.json"
+CURRENT_KEY = layout.AUTOSAM2_CURRENT
 MAX_REPORTED_FAILURES = 20
 _PROGRESS_EVERY = 2000
 
-
-def version_root(version: str) -> str:
-    return f"{layout.AUTOSAM2_ROOT}/versions/{version}"
-
-
-def sample_key(root: str, image_id: str) -> str:
-    return f"{root}/samples/{image_id}.jpg"
-
-
-def mask_key(root: str, image_id: str) -> str:
-    return f"{root}/binary_masks/{image_id}_binarymask.jpg"
-
-
-def split_key(root: str, split: str) -> str:
-    return f"{root}/splits/{split}.txt"
+# Paths live in pseudolabel/layout.py; these names are what the dataset code reads best with.
+version_root = layout.autosam2_version_root
+sample_key = layout.autosam2_sample
+mask_key = layout.autosam2_binary_mask
+split_key = layout.autosam2_split
 
 
 def read_current(store: ObjectStore) -> dict[str, Any] | None:
