@@ -32,6 +32,20 @@ def _rng(*parts: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def _describe(model: str, batch_size: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "variant": "fake",
+        "weights": "fake",
+        "smoke_run": True,
+        "note": FAKE_WARNING,
+        "checkpoint_sha256": None,
+        "device": "cpu",
+        "precision": "fp32",
+        "batch_size": batch_size,
+    }
+
+
 def _prepare(image_id: str, data: bytes) -> PreparedImage:
     with Image.open(io.BytesIO(data)) as image:  # header only: the fakes never look at pixels
         width, height = image.size
@@ -46,17 +60,7 @@ class FakeDetector:
         self.max_boxes_per_caption = max_boxes_per_caption
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "model": "fake_detector",
-            "variant": "fake",
-            "weights": "fake",
-            "smoke_run": True,
-            "note": FAKE_WARNING,
-            "checkpoint_sha256": None,
-            "device": "cpu",
-            "precision": "fp32",
-            "batch_size": self.batch_size,
-        }
+        return _describe("fake_detector", self.batch_size)
 
     def prepare(self, image_id: str, data: bytes) -> PreparedImage:
         return _prepare(image_id, data)
@@ -121,17 +125,7 @@ class FakeSegmenter:
         self.batch_size = batch_size
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "model": "fake_segmenter",
-            "variant": "fake",
-            "weights": "fake",
-            "smoke_run": True,
-            "note": FAKE_WARNING,
-            "checkpoint_sha256": None,
-            "device": "cpu",
-            "precision": "fp32",
-            "batch_size": self.batch_size,
-        }
+        return _describe("fake_segmenter", self.batch_size)
 
     def prepare(self, image_id: str, data: bytes) -> PreparedImage:
         return _prepare(image_id, data)

@@ -38,10 +38,7 @@ from torch import nn
 from pseudolabel.models.captions import normalize_caption
 from pseudolabel.models.image_io import decode_resized
 from pseudolabel.models.interfaces import ImageDetections, PreparedImage
-from pseudolabel.models.runtime import FP32, inference, pin
-
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin
 
 
 def input_size(width: int, height: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -98,18 +95,17 @@ class GroundingDinoDetector:
         self.max_size = max_size
         self._info = dict(info or {})
         # Normalisation folded into one affine map of the 0..255 uint8 input.
-        self._scale = (1.0 / (255.0 * torch.tensor(_STD, device=device))).view(3, 1, 1)
-        self._shift = (torch.tensor(_MEAN, device=device) / torch.tensor(_STD, device=device)).view(3, 1, 1)
+        self._scale, self._shift = normalization(device)
         self._captions: dict[str, EncodedCaption] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {
-            **self._info,
-            "device": str(self.device),
-            "precision": self.precision,
-            "batch_size": self.batch_size,
-            "input_size": f"short {self.image_size} / max {self.max_size}",
-        }
+        return describe_runtime(
+            self._info,
+            self.device,
+            self.precision,
+            self.batch_size,
+            f"short {self.image_size} / max {self.max_size}",
+        )
 
     # ---- CPU side (background workers) ---------------------------------------------------------
 

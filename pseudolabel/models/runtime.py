@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 AUTO = "auto"
 BF16 = "bf16"
 FP32 = "fp32"
+
+# ImageNet statistics, the input normalisation both models were trained with.
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
 
 
 def resolve_device(device: str = AUTO) -> torch.device:
@@ -53,3 +58,24 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (3, 1, 1): ImageNet normalisation folded into one affine map of the
+    0..255 uint8 input, ``pixels.float() * scale - shift``."""
+    scale = (1.0 / (255.0 * torch.tensor(_STD, device=device))).view(3, 1, 1)
+    shift = (torch.tensor(_MEAN, device=device) / torch.tensor(_STD, device=device)).view(3, 1, 1)
+    return scale, shift
+
+
+def describe_runtime(
+    info: dict[str, Any], device: torch.device, precision: str, batch_size: int, input_size: str
+) -> dict[str, Any]:
+    """A model's ``describe()``: its identity ``info`` plus how it runs."""
+    return {
+        **info,
+        "device": str(device),
+        "precision": precision,
+        "batch_size": batch_size,
+        "input_size": input_size,
+    }

@@ -27,11 +27,9 @@ from pseudolabel.models.checkpoints import CheckpointSpec
 from pseudolabel.models.image_io import decode_resized
 from pseudolabel.models.interfaces import ImageMasks, PreparedImage
 from pseudolabel.models.rle import EncodedMasks, encode_device_masks
-from pseudolabel.models.runtime import FP32, inference, pin, seeded
+from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin, seeded
 
 _RELEASES = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -115,17 +113,12 @@ class Sam2Segmenter:
         self.max_boxes_per_call = max_boxes_per_call
         self.chunk_pixels = chunk_pixels
         self._info = dict(info or {})
-        self._scale = (1.0 / (255.0 * torch.tensor(_STD, device=device))).view(3, 1, 1)
-        self._shift = (torch.tensor(_MEAN, device=device) / torch.tensor(_STD, device=device)).view(3, 1, 1)
+        self._scale, self._shift = normalization(device)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            **self._info,
-            "device": str(self.device),
-            "precision": self.precision,
-            "batch_size": self.batch_size,
-            "input_size": f"{self.image_size}x{self.image_size}",
-        }
+        return describe_runtime(
+            self._info, self.device, self.precision, self.batch_size, f"{self.image_size}x{self.image_size}"
+        )
 
     # ---- CPU side (background workers) ---------------------------------------------------------
 
