@@ -15,8 +15,8 @@ from assets.pseudo_labels import THRESHOLDS
 from pseudolabel.dataset.collect import Collected, collect
 from pseudolabel.dataset.publish import PublishSummary, publish_dataset
 from pseudolabel.dataset.render import SampleSpec
-from pseudolabel.labels.stats import markdown_table
 from pseudolabel.labels.thresholds import thresholds_fingerprint
+from pseudolabel.markdown import markdown_table
 from resources.storage import StorageResource
 
 

@@ -4,9 +4,10 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 
 from dagster_project.policies import gpu_shard_asset_args
 from pseudolabel import layout
+from pseudolabel.markdown import markdown_image
 from pseudolabel.models.detect_stage import DetectionSettings, detection_fingerprint, ok_images, run_detection
 from pseudolabel.models.fingerprint import up_to_date
-from pseudolabel.models.overlay import draw_boxes, png_markdown
+from pseudolabel.models.overlay import draw_boxes
 from pseudolabel.models.report import model_metadata, throughput
 from pseudolabel.storage import read_parquet, write_parquet
 from resources.models import DetectorResource
@@ -96,6 +97,6 @@ def detections(
             store.get_bytes(layout.image(shard, preview.image_id)), preview.boxes[:PREVIEW_BOXES], labels
         )
         metadata["preview"] = MetadataValue.md(
-            png_markdown(png, f"{preview.image_id}: top {len(labels)} boxes")
+            markdown_image(png, f"{preview.image_id}: top {len(labels)} boxes")
         )
     return MaterializeResult(metadata=metadata)

@@ -17,8 +17,8 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 
 from assets.pseudo_labels import CODE_VERSION, THRESHOLDS
 from pseudolabel import layout
-from pseudolabel.labels.stats import markdown_table
 from pseudolabel.labels.thresholds import PickPolicy
+from pseudolabel.markdown import markdown_table
 from pseudolabel.quality.candidates import CandidateDetector, CandidateSegmenter, run_candidates
 from pseudolabel.quality.gold import load_gold_set
 from pseudolabel.quality.plot import plot_sweep

@@ -8,8 +8,9 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from dagster_project.policies import gpu_shard_asset_args
 from pseudolabel import layout
 from pseudolabel.ids import sha256_hex
+from pseudolabel.markdown import markdown_image
 from pseudolabel.models.fingerprint import up_to_date
-from pseudolabel.models.overlay import draw_masks, png_markdown
+from pseudolabel.models.overlay import draw_masks
 from pseudolabel.models.report import model_metadata, throughput
 from pseudolabel.models.segment_stage import (
     SegmentationSettings,
@@ -88,6 +89,6 @@ def masks(
             first.masks.width,
         )
         metadata["preview"] = MetadataValue.md(
-            png_markdown(png, f"{first.image_id}: top {len(counts)} masks")
+            markdown_image(png, f"{first.image_id}: top {len(counts)} masks")
         )
     return MaterializeResult(metadata=metadata)

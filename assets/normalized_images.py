@@ -12,9 +12,10 @@ from dagster_project.policies import NETWORK_RETRY, ONE_SHARD_PER_RUN
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.normalize import NormalizeOptions
-from pseudolabel.images.preview import markdown_image, thumbnail_grid
+from pseudolabel.images.preview import thumbnail_grid
 from pseudolabel.images.sample_items import SAMPLE_COLUMNS, shard_items
 from pseudolabel.images.shard import ShardOptions, ShardResult, preview_images, process_shard
+from pseudolabel.markdown import markdown_image
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
 from resources.storage import StorageResource
 

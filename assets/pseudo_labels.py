@@ -35,8 +35,9 @@ from pseudolabel.labels.relabel import (
     read_detections,
     relabel_shard,
 )
-from pseudolabel.labels.stats import decision_table, markdown_table, score_histograms
+from pseudolabel.labels.stats import decision_table, score_histograms
 from pseudolabel.labels.thresholds import load_thresholds, thresholds_code_version, thresholds_path
+from pseudolabel.markdown import markdown_table
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
 from resources.storage import StorageResource
 

@@ -17,6 +17,7 @@ from pydantic import Field
 from dagster_project.cursor import CURSOR_METADATA_KEY, catalog_cursor
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout
+from pseudolabel.markdown import markdown_table
 from pseudolabel.sampling import SamplingRules, extend_sample, stratum_report
 from pseudolabel.sampling import stratified_sample as draw_sample
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet, write_parquet
@@ -135,12 +136,16 @@ def _extend(context, config, store, catalog, snapshot, rules):
 
 
 def _stratum_markdown(report: pd.DataFrame, limit: int = 50) -> str:
-    lines = ["| label | population | sampled | pop. share | sample share |", "|---|---:|---:|---:|---:|"]
-    for row in report.head(limit).itertuples():
-        lines.append(
-            f"| {row.label} | {row.population:,} | {row.sampled:,} | "
-            f"{row.population_share:.2%} | {row.sample_share:.2%} |"
-        )
+    shown = pd.DataFrame(
+        {
+            "label": report["label"],
+            "population": report["population"].map("{:,}".format),
+            "sampled": report["sampled"].map("{:,}".format),
+            "pop. share": report["population_share"].map("{:.2%}".format),
+            "sample share": report["sample_share"].map("{:.2%}".format),
+        }
+    ).head(limit)
+    table = markdown_table(shown)
     if len(report) > limit:
-        lines.append(f"| … {len(report) - limit} more strata | | | | |")
-    return "\n".join(lines)
+        table += f"\n| … {len(report) - limit} more strata | | | | |"
+    return table

@@ -16,8 +16,9 @@ from assets.normalized_images import NormalizedImagesConfig, normalized_images
 from pseudolabel import layout
 from pseudolabel.devserver import Fault
 from pseudolabel.ids import image_id_for_url
-from pseudolabel.images.preview import markdown_image, thumbnail_grid
+from pseudolabel.images.preview import thumbnail_grid
 from pseudolabel.images.sample_items import shard_items
+from pseudolabel.markdown import markdown_image
 from pseudolabel.schemas import IMAGE_INDEX, SAMPLE
 from pseudolabel.storage import read_parquet, write_parquet
 

@@ -6,7 +6,6 @@ overlays the same way. Dagster keeps metadata in its event log, so the result mu
 
 from __future__ import annotations
 
-import base64
 import io
 import math
 from collections.abc import Sequence
@@ -14,7 +13,6 @@ from collections.abc import Sequence
 from PIL import Image
 
 DEFAULT_MAX_BYTES = 60_000  # ~80 KB once base64-encoded: comfortably under ~100 KB per entry
-_MIME = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
 
 def thumbnail_grid(
@@ -39,14 +37,6 @@ def thumbnail_grid(
         if len(data) <= max_bytes or tile <= 16:
             return data
         tile = int(tile * 0.75)
-
-
-def markdown_image(png_bytes: bytes, alt: str) -> str:
-    """A Markdown image with the bytes inlined as a data URI (PNG or JPEG, detected)."""
-    mime = next((m for magic, m in _MIME.items() if png_bytes.startswith(magic)), "image/png")
-    encoded = base64.b64encode(png_bytes).decode("ascii")
-    alt = alt.replace("[", "(").replace("]", ")")
-    return f"![{alt}](data:{mime};base64,{encoded})"
 
 
 def _grid(

@@ -31,20 +31,6 @@ def score_histograms(result: RelabelResult, bins: int = 10) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4g}") -> str:
-    """A small GitHub-style Markdown table (Dagster renders these in the asset's metadata)."""
-
-    def fmt(value: object) -> str:
-        if isinstance(value, float | np.floating):
-            return float_format.format(value)
-        return str(value)
-
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    rows = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
-
-
 def decision_table(result: RelabelResult) -> pd.DataFrame:
     rows: Mapping[str, int] = {KEPT: result.num_kept, **result.rejected}
     total = max(sum(rows.values()), 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 
@@ -68,7 +67,3 @@ def to_png(image: Image.Image) -> bytes:
         if buffer.tell() <= MAX_PNG_BYTES or max(image.size) <= 32:
             return buffer.getvalue()
         image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
-
-
-def png_markdown(png: bytes, alt: str) -> str:
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
