@@ -42,7 +42,9 @@ def catalog_snapshot(
         allow_empty=config.allow_empty,
         log=context.log.info,
     )
-    return MaterializeResult(metadata=_metadata(summary, store.uri(layout.catalog_snapshot_dir(summary.snapshot_id))))
+    return MaterializeResult(
+        metadata=_metadata(summary, store.uri(layout.catalog_snapshot_dir(summary.snapshot_id)))
+    )
 
 
 def _metadata(summary: SnapshotSummary, snapshot_uri: str) -> dict[str, object]:

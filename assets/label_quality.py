@@ -1,30 +1,36 @@
 """``label_quality``: how well do the chain's labels match a gold set, per pick policy and threshold?
 
-Runs the detector and segmenter once over the gold images, then re-thresholds those candidates
-with the same function ``pseudo_labels`` uses for a grid of box and mask thresholds (the other
+A model worker runs the chain's detector and segmenter, with the same stage code and settings as
+``detections`` and ``masks``, once over the gold images; this asset then re-thresholds those
+candidates with the function ``pseudo_labels`` uses, for a grid of box and mask thresholds (the other
 thresholds come from the current file). Reports mean IoU and contour-discounted IoU (see
 :mod:`pseudolabel.quality.metrics`) as a table and a plot; this is how thresholds get picked.
-
-Resources ``quality_detector`` / ``quality_segmenter`` implement the small protocols in
-:mod:`pseudolabel.quality.candidates` (adapters over the real Grounding DINO / SAM2 resources).
 """
 
 # No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
 import base64
+import io
 from datetime import UTC, datetime
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, ResourceParam, asset
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from PIL import Image
 
+from assets.detections import DetectionsConfig
+from assets.masks import MasksConfig
 from assets.pseudo_labels import CODE_VERSION, THRESHOLDS
 from pseudolabel import layout
+from pseudolabel.labels.relabel import Candidates
 from pseudolabel.labels.thresholds import PickPolicy
 from pseudolabel.markdown import markdown_table
-from pseudolabel.quality.candidates import CandidateDetector, CandidateSegmenter, run_candidates
+from pseudolabel.models.segment_stage import SegmentationSettings
 from pseudolabel.quality.gold import load_gold_set
 from pseudolabel.quality.plot import plot_sweep
 from pseudolabel.quality.sweep import best_per_policy, make_scorer, scores_by_policy, threshold_sweep
-from pseudolabel.storage import write_parquet
+from pseudolabel.storage import read_parquet, write_parquet
+from pseudolabel.workers.task import GOLD_CANDIDATES, WorkerTask
+from resources.models import DetectorResource, SegmenterResource
 from resources.storage import StorageResource
+from resources.workers import ModelWorkersResource
 
 
 class LabelQualityConfig(Config):
@@ -34,7 +40,10 @@ class LabelQualityConfig(Config):
     policies: list[str] = [p.value for p in PickPolicy]
     contour_factor: float = 0.5  # weight of the GT contour band is (1 - factor); 0 = plain IoU
     contour_band_px: int = 3  # band reaches this many pixels either side of the GT edge
-    batch_size: int = 8
+    # The chain's stage settings (same fields and defaults as the detections / masks config): set them
+    # as you run the chain, so the evaluation measures the labels the chain produces.
+    detections: DetectionsConfig = DetectionsConfig()
+    masks: MasksConfig = MasksConfig()
 
 
 @asset(
@@ -47,15 +56,37 @@ def label_quality(
     context: AssetExecutionContext,
     config: LabelQualityConfig,
     storage: StorageResource,
-    quality_detector: ResourceParam[CandidateDetector],
-    quality_segmenter: ResourceParam[CandidateSegmenter],
+    detector: DetectorResource,
+    segmenter: SegmenterResource,
+    model_workers: ModelWorkersResource,
 ) -> MaterializeResult:
     store = storage.store()
     gold = load_gold_set(config.gold_dir)
     if gold.unmatched:
         context.log.warning(f"{len(gold.unmatched)} gold files without a partner, e.g. {gold.unmatched[:5]}")
-    context.log.info(f"running detector + segmenter on {len(gold.images)} gold images")
-    candidates = run_candidates(gold.images, quality_detector, quality_segmenter, config.batch_size)
+    prefix = f"{layout.LABEL_QUALITY_ROOT}/{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
+    for image in gold.images:  # upright pixels, losslessly: the frame the gold masks are drawn in
+        buffer = io.BytesIO()
+        Image.fromarray(image.pixels).save(buffer, format="PNG")
+        store.put_bytes(layout.label_quality_gold_image(prefix, image.image_id), buffer.getvalue())
+    detection = config.detections.settings()
+    segmentation = SegmentationSettings(multimask=config.masks.multimask)
+    task = WorkerTask(
+        stage=GOLD_CANDIDATES,
+        shards=[prefix],
+        storage=storage.location(),
+        settings={"detections": vars(detection), "masks": vars(segmentation)},
+        detector=detector.spec().to_dict(),
+        segmenter=segmenter.spec().to_dict(),
+    )
+    context.log.info(f"running the chain's detector + segmenter on {len(gold.images)} gold images")
+    worker_metadata = model_workers.run(context, task, storage.worker_env(secrets=True))[prefix]
+    candidates = Candidates(
+        *(
+            read_parquet(store, layout.label_quality_candidates(prefix, name)).to_pandas()
+            for name in ("detections", "detection_images", "masks")
+        )
+    )
     scorer = make_scorer(candidates, gold.masks, config.contour_factor, config.contour_band_px)
 
     sweep = threshold_sweep(
@@ -73,13 +104,14 @@ def label_quality(
         title=f"{len(gold.images)} gold images, CD factor {config.contour_factor}, band {config.contour_band_px}px",
     )
 
-    prefix = f"{layout.LABEL_QUALITY_ROOT}/{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
     write_parquet(store, f"{prefix}/sweep.parquet", sweep)
     store.put_bytes(f"{prefix}/sweep.png", plot)
     store.put_json(
         f"{prefix}/report.json",
         {
             "thresholds": THRESHOLDS.to_dict(),
+            "detections": vars(detection),
+            "masks": vars(segmentation),
             "gold_dir": config.gold_dir,
             "images": len(gold.images),
             "contour_factor": config.contour_factor,
@@ -103,5 +135,8 @@ def label_quality(
             ),
             "report": MetadataValue.path(store.uri(f"{prefix}/report.json")),
             "thresholds": MetadataValue.json(THRESHOLDS.to_dict()),
+            "detection_settings": MetadataValue.json(vars(detection)),
+            "mask_settings": MetadataValue.json(vars(segmentation)),
+            **worker_metadata,
         }
     )

@@ -127,7 +127,9 @@ def pseudo_labels(
     )
 
 
-def _label_shard(store: ObjectStore, shard: str, config: PseudoLabelsConfig) -> tuple[RelabelResult, bytes, int | None]:
+def _label_shard(
+    store: ObjectStore, shard: str, config: PseudoLabelsConfig
+) -> tuple[RelabelResult, bytes, int | None]:
     detections, masks, images = _read_candidates(store, shard)
     result = relabel_shard(detections, masks, THRESHOLDS, images)
     images = images.sort_values("image_id").assign(

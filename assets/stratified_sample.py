@@ -27,15 +27,19 @@ from resources.storage import StorageResource
 
 class StratifiedSampleConfig(Config):
     sample_size: int = Field(default=100_000, description="Target number of images in the sample.")
-    min_per_stratum: int = Field(default=10, description="Every label gets at least this many (or all it has).")
+    min_per_stratum: int = Field(
+        default=10, description="Every label gets at least this many (or all it has)."
+    )
     max_per_stratum: int | None = Field(default=None, description="Optional cap per label.")
     seed: int = Field(default=0, description="Same seed + same catalog = same sample.")
     shard_size: int = Field(default=1_000, description="Images per shard (one dynamic partition each).")
     mode: Literal["full", "incremental"] = Field(
-        default="full", description="full: resample the snapshot; incremental: add catalog items past start_offset."
+        default="full",
+        description="full: resample the snapshot; incremental: add catalog items past start_offset.",
     )
     start_offset: int | None = Field(
-        default=None, description="incremental only: catalog offset to read from (the schedule passes the cursor)."
+        default=None,
+        description="incremental only: catalog offset to read from (the schedule passes the cursor).",
     )
 
 
@@ -93,7 +97,9 @@ def stratified_sample(
         context.log.warning(f"{len(stale)} registered shards are not in this sample (e.g. {stale[:3]}).")
 
     report = stratum_report(populations, sample)
-    context.log.info(f"{config.mode}: sample has {len(sample):,} rows in {len(shards)} shards (+{len(added):,})")
+    context.log.info(
+        f"{config.mode}: sample has {len(sample):,} rows in {len(shards)} shards (+{len(added):,})"
+    )
     return MaterializeResult(
         metadata={
             "mode": config.mode,
@@ -128,7 +134,9 @@ def _extend(context, config, store, catalog, snapshot, rules):
     for batch in catalog.iter_batches(start_offset=start):
         frames.append(batch.table.to_pandas())
         offset = max(offset, batch.end_offset)
-    new_items = pd.concat(frames, ignore_index=True) if frames else existing.iloc[:0][["url", "label", "source_id"]]
+    new_items = (
+        pd.concat(frames, ignore_index=True) if frames else existing.iloc[:0][["url", "label", "source_id"]]
+    )
     rate = len(existing) / max(1, sum(int(v) for v in snapshot["label_histogram"].values()))
     added = extend_sample(existing, new_items, rate, rules, config.shard_size)
     context.log.info(f"read {len(new_items):,} catalog items from offset {start:,} to {offset:,}")

@@ -36,7 +36,9 @@ MAX_SHARD_RUNS_PER_TICK = 100
 def increment_request(offset: int, run_key: str) -> RunRequest:
     return RunRequest(
         run_key=run_key,
-        run_config={"ops": {"stratified_sample": {"config": {"mode": "incremental", "start_offset": offset}}}},
+        run_config={
+            "ops": {"stratified_sample": {"config": {"mode": "incremental", "start_offset": offset}}}
+        },
         tags={"pseudolabel/catalog_offset": str(offset)},
     )
 

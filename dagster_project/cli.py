@@ -39,6 +39,35 @@ def _fetch_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_install(args: argparse.Namespace) -> int:
+    from pseudolabel.workers.environment import ensure_worker_python
+
+    try:
+        python = ensure_worker_python(
+            tuple(args.extra or ("worker",)), log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(python)
+    return 0
+
+
+def _workers_python(args: argparse.Namespace) -> int:
+    from pseudolabel.workers.environment import built_worker_python
+
+    try:
+        python = built_worker_python(tuple(args.extra or ("worker",)))
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if python is None:
+        print("the model-worker environment is not built; run `pseudolabel workers install`", file=sys.stderr)
+        return 1
+    print(python)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pseudolabel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch-models", help="download and verify the default checkpoints into the cache")
     fetch.set_defaults(func=_fetch_models)
+
+    workers = sub.add_parser(
+        "workers", help="the model-worker Python environment (torch, SAM2, Grounding DINO)"
+    )
+    workers_sub = workers.add_subparsers(dest="workers_command", required=True)
+    extra_help = "pyproject extra to install (repeatable; default: worker)"
+    install = workers_sub.add_parser(
+        "install", help="build the worker environment if needed; prints its interpreter on the last line"
+    )
+    install.add_argument("--extra", action="append", metavar="NAME", help=extra_help)
+    install.set_defaults(func=_workers_install)
+    python = workers_sub.add_parser("python", help="print the worker interpreter (exit 1 if not built)")
+    python.add_argument("--extra", action="append", metavar="NAME", help=extra_help)
+    python.set_defaults(func=_workers_python)
     return parser
 
 

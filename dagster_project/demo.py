@@ -21,11 +21,12 @@ from assets.normalized_images import normalized_images
 from assets.pseudo_labels import pseudo_labels
 from assets.stratified_sample import stratified_sample
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
-from dagster_project.resource_defs import model_resources
 from pseudolabel.demo_catalog import demo_items
 from pseudolabel.devserver import DevServer
 from resources.catalog import CatalogResource
+from resources.models import model_resources
 from resources.storage import LocalStorageResource
+from resources.workers import LocalModelWorkers
 
 SHARD_CHAIN = [normalized_images, detections, masks, pseudo_labels]
 INSTANCE_YAML = """\
@@ -52,7 +53,11 @@ class DemoSummary:
     dataset_root: str = ""
 
     def render(self) -> str:
-        smoke = "  (SMOKE RUN: random weights, labels say nothing about quality)" if self.models != "official" else ""
+        smoke = (
+            "  (SMOKE RUN: random weights, labels say nothing about quality)"
+            if self.models != "official"
+            else ""
+        )
         lines = [
             f"pseudolabel demo finished in {self.seconds:.1f}s - models: {self.models}{smoke}",
             *(f"  {name:<34} {value:>8,}" for name, value in self.counts.items()),
@@ -77,7 +82,11 @@ def demo_instance(dagster_home: Path) -> DagsterInstance:
 
 
 def run_demo(
-    out_dir: Path, images: int = 48, shard_size: int = 16, random_weights: bool = False, models: str | None = None
+    out_dir: Path,
+    images: int = 48,
+    shard_size: int = 16,
+    random_weights: bool = False,
+    models: str | None = None,
 ) -> DemoSummary:
     """Run catalog -> sample -> images -> detections -> masks -> pseudo-labels -> AutoSAM2 dataset."""
     models = models or ("random" if random_weights else "official")
@@ -99,32 +108,48 @@ def run_demo(
             "catalog": CatalogResource(source=server.catalog_url, page_size=16),
             "detector": detector,
             "segmenter": segmenter,
+            "model_workers": LocalModelWorkers(),
         }
         # Sample every item (URLs carry the server's random port, so a partial sample would vary).
         sample_config = {"sample_size": len(items), "min_per_stratum": 2, "shard_size": shard_size}
-        _check(materialize(
-            [catalog_snapshot, stratified_sample], resources=resources, instance=instance,
-            run_config={"ops": {"stratified_sample": {"config": sample_config}}},
-        ))
+        _check(
+            materialize(
+                [catalog_snapshot, stratified_sample],
+                resources=resources,
+                instance=instance,
+                run_config={"ops": {"stratified_sample": {"config": sample_config}}},
+            )
+        )
         shards = sorted(instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
         for shard in shards:
-            _check(materialize(
-                SHARD_CHAIN, partition_key=shard, resources=resources, instance=instance,
-                # The broken demo items are there to show quarantine, not to fail a small shard.
-                run_config={"ops": {"normalized_images": {"config": {"max_failure_rate": 0.5}}}},
-            ))
+            _check(
+                materialize(
+                    SHARD_CHAIN,
+                    partition_key=shard,
+                    resources=resources,
+                    instance=instance,
+                    # The broken demo items are there to show quarantine, not to fail a small shard.
+                    run_config={"ops": {"normalized_images": {"config": {"max_failure_rate": 0.5}}}},
+                )
+            )
         # Random weights rarely clear the thresholds; a smoke run still shows the dataset layout.
         dataset_config = {"include_empty": models != "official"}
-        result = _check(materialize(
-            [autosam2_manifest], resources=resources, instance=instance,
-            run_config={"ops": {"autosam2_manifest": {"config": dataset_config}}},
-        ))
+        result = _check(
+            materialize(
+                [autosam2_manifest],
+                resources=resources,
+                instance=instance,
+                run_config={"ops": {"autosam2_manifest": {"config": dataset_config}}},
+            )
+        )
 
     summary = DemoSummary(out_dir, data_root, dagster_home, models, shards, time.perf_counter() - started)
     summary.counts = _counts(instance, shards)
     meta = result.asset_materializations_for_node("autosam2_manifest")[0].metadata
     summary.counts["autosam2_manifest.samples"] = int(meta["samples"].value)
-    summary.dataset_root = str(meta["dataset_root"].value) if "dataset_root" in meta else str(data_root / "autosam2")
+    summary.dataset_root = (
+        str(meta["dataset_root"].value) if "dataset_root" in meta else str(data_root / "autosam2")
+    )
     return summary
 
 
@@ -148,7 +173,9 @@ def _counts(instance: DagsterInstance, shards: list[str]) -> dict[str, int]:
             metadata = _latest_metadata(instance, asset_name, shard)
             for key in keys:
                 if key in metadata:
-                    counts[f"{asset_name}.{key}"] = counts.get(f"{asset_name}.{key}", 0) + int(metadata[key].value)
+                    counts[f"{asset_name}.{key}"] = counts.get(f"{asset_name}.{key}", 0) + int(
+                        metadata[key].value
+                    )
     return counts
 
 

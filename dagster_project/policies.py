@@ -27,26 +27,33 @@ NETWORK_RETRY = RetryPolicy(
 )
 
 # GPU steps: a lost node or a transient CUDA error is worth one or two more tries, not more.
-GPU_RETRY = RetryPolicy(max_retries=_retries(2), delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+GPU_RETRY = RetryPolicy(
+    max_retries=_retries(2), delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+)
 
-# Expensive per-shard work: one shard per run, so a backfill spreads over pods/GPUs and retries small.
+# Network-bound per-shard work: one shard per run, so a backfill spreads over processes and retries small.
 ONE_SHARD_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
+
+# GPU work: a run takes up to this many shards, so its model worker loads the models once for all of
+# them (each shard is still its own partition and materialization); runs spread over the GPUs.
+GPU_SHARDS_PER_RUN_ENV = "PSEUDOLABEL_GPU_SHARDS_PER_RUN"
+GPU_SHARDS_PER_RUN = BackfillPolicy.multi_run(
+    max_partitions_per_run=int(os.environ.get(GPU_SHARDS_PER_RUN_ENV, "").strip() or 10)
+)
 
 # Cheap CPU-only work: a backfill over many shards is one run.
 SINGLE_RUN = BackfillPolicy.single_run()
 
 
 def gpu_shard_asset_args() -> dict:
-    """Decorator arguments every GPU stage shares: per-shard partitions, the `gpu` pool, a GPU pod on
-    Kubernetes, GPU retries, one shard per backfill run."""
-    from dagster_project.k8s import gpu_op_tags
+    """Decorator arguments every GPU stage shares: per-shard partitions, the `gpu` pool (one slot per
+    GPU: the step's model worker holds a GPU), GPU retries, a range of shards per backfill run."""
     from dagster_project.partitions import shard_partitions
 
     return {
         "partitions_def": shard_partitions,
         "group_name": "models",
         "pool": "gpu",
-        "op_tags": gpu_op_tags(),
         "retry_policy": GPU_RETRY,
-        "backfill_policy": ONE_SHARD_PER_RUN,
+        "backfill_policy": GPU_SHARDS_PER_RUN,
     }

@@ -3,6 +3,8 @@
 ``PSEUDOLABEL_MODELS`` picks the model weights: ``official`` (default; checkpoints from the release
 URLs, verified and cached), ``random`` (SMOKE RUN: the real architectures at tiny size with random
 weights, no downloads, says nothing about quality) or ``fake`` (instant deterministic stand-ins).
+``PSEUDOLABEL_EXECUTOR=k8s`` runs model workers as GPU pods from ``PSEUDOLABEL_WORKER_IMAGE``;
+otherwise they are local subprocesses, one per leased GPU.
 """
 
 from __future__ import annotations
@@ -11,44 +13,39 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from pseudolabel.quality.adapters import StageModelCandidates
+from dagster_project.k8s import EXECUTOR_ENV
 from resources.catalog import catalog_from_env
-from resources.fake_models import FakeDetectorResource, FakeSegmenterResource
-from resources.models import DetectorResource, GroundingDinoResource, Sam2Resource, SegmenterResource
+from resources.models import model_resources
 from resources.storage import storage_from_env
+from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
 
 MODELS_ENV = "PSEUDOLABEL_MODELS"
-MODEL_CHOICES = ("official", "random", "fake")
-DEFAULT_QUALITY_CAPTIONS = ("plant .",)
+WORKER_IMAGE_ENV = "PSEUDOLABEL_WORKER_IMAGE"
+WORKER_SECRETS_ENV = "PSEUDOLABEL_WORKER_SECRETS"  # comma-separated Kubernetes secret names
+WORKER_NAMESPACE_ENV = "PSEUDOLABEL_WORKER_NAMESPACE"
 
 
-def model_resources(choice: str) -> tuple[DetectorResource, SegmenterResource]:
-    if choice == "official":
-        return GroundingDinoResource(), Sam2Resource()
-    if choice == "random":
-        return (
-            GroundingDinoResource(checkpoint="random", tiny=True, text_encoder="tiny-random"),
-            Sam2Resource(checkpoint="random", tiny=True, variant="tiny"),
+def model_workers_from_env(environ: Mapping[str, str]) -> ModelWorkersResource:
+    if environ.get(EXECUTOR_ENV, "").strip().lower() != "k8s":
+        return LocalModelWorkers()
+    image = environ.get(WORKER_IMAGE_ENV, "").strip()
+    if not image:
+        raise ValueError(
+            f"{EXECUTOR_ENV}=k8s needs {WORKER_IMAGE_ENV}: the CUDA worker image to run GPU steps in"
         )
-    if choice == "fake":
-        return FakeDetectorResource(), FakeSegmenterResource()
-    raise ValueError(f"{MODELS_ENV} must be one of {', '.join(MODEL_CHOICES)}; got {choice!r}")
-
-
-def quality_models(detector: DetectorResource, segmenter: SegmenterResource) -> StageModelCandidates:
-    """label_quality's candidate source: the same models as the chain, loaded only when it runs."""
-    return StageModelCandidates(detector.detector, segmenter.segmenter, DEFAULT_QUALITY_CAPTIONS)
+    secrets = [name.strip() for name in environ.get(WORKER_SECRETS_ENV, "").split(",") if name.strip()]
+    return K8sModelWorkers(
+        image=image, env_secrets=secrets, namespace=environ.get(WORKER_NAMESPACE_ENV, "").strip()
+    )
 
 
 def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     detector, segmenter = model_resources(environ.get(MODELS_ENV, "official").strip().lower() or "official")
-    quality = quality_models(detector, segmenter)
     return {
         "storage": storage_from_env(dict(environ)),
         "catalog": catalog_from_env(),
         "detector": detector,
         "segmenter": segmenter,
-        "quality_detector": quality,
-        "quality_segmenter": quality,
+        "model_workers": model_workers_from_env(environ),
     }

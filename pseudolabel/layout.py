@@ -101,3 +101,13 @@ def autosam2_binary_mask(root: str, image_id: str) -> str:
 
 def autosam2_split(root: str, split: str) -> str:
     return f"{root}/splits/{split}.txt"
+
+
+def label_quality_gold_image(prefix: str, image_id: str) -> str:
+    """A gold image as the evaluation's model worker reads it (bytes as stored on disk)."""
+    return f"{prefix}/gold/{image_id}"
+
+
+def label_quality_candidates(prefix: str, table: str) -> str:
+    """``detections`` / ``detection_images`` / ``masks`` of the gold images, as the chain stores them."""
+    return f"{prefix}/candidates/{table}.parquet"

@@ -23,6 +23,15 @@ class StorageResource(ConfigurableResource):
     def store(self) -> ObjectStore:
         raise NotImplementedError
 
+    def location(self) -> str:
+        """Where the store lives, as a model worker opens it (``pseudolabel.storage.open_store``)."""
+        return self.store().uri()
+
+    def worker_env(self, *, secrets: bool) -> dict[str, str]:
+        """Environment a model worker needs to reach the store; credentials only with ``secrets``
+        (a local subprocess), never for a pod (which gets them from Kubernetes secrets)."""
+        return {}
+
 
 class LocalStorageResource(StorageResource):
     """Objects under a local directory (atomic temp-file + rename writes)."""
@@ -50,6 +59,20 @@ class S3StorageResource(StorageResource):
     @cached_property
     def _client(self):
         return self.s3.get_client()
+
+    def worker_env(self, *, secrets: bool) -> dict[str, str]:
+        settings = {
+            "AWS_ENDPOINT_URL": self.s3.endpoint_url,
+            "AWS_DEFAULT_REGION": self.s3.region_name,
+            "AWS_PROFILE": self.s3.profile_name,
+        }
+        if secrets:
+            settings |= {
+                "AWS_ACCESS_KEY_ID": self.s3.aws_access_key_id,
+                "AWS_SECRET_ACCESS_KEY": self.s3.aws_secret_access_key,
+                "AWS_SESSION_TOKEN": self.s3.aws_session_token,
+            }
+        return {name: str(value) for name, value in settings.items() if value}
 
 
 def storage_from_env(environ: dict[str, str] | None = None) -> StorageResource:

@@ -23,8 +23,12 @@ from dagster_aws.s3 import S3Resource
 from moto.server import ThreadedMotoServer
 
 from pseudolabel.devserver import DevServer
+from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 from resources.storage import LocalStorageResource, S3StorageResource, StorageResource
+
+# tests/worker/ runs on the model-worker interpreter (see test_worker_suite.py), not here.
+collect_ignore = ["worker"]
 
 # moto accepts any credentials; explicit ones keep boto3 away from the developer's ~/.aws.
 _MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
@@ -106,3 +110,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     from dagster_project.demo import run_demo
 
     return run_demo(tmp_path_factory.mktemp("demo"), images=24, shard_size=8, random_weights=True)
+
+
+@pytest.fixture(scope="session")
+def worker_python() -> str:
+    """The model-worker interpreter (torch, sam2, groundingdino + pytest), built on first use exactly as
+    `pseudolabel workers install` builds it; every model worker started by later tests uses it."""
+    python = ensure_worker_python(extras=("worker", "worker-test"), log=lambda line: print(line, flush=True))
+    os.environ[PYTHON_ENV] = python
+    return python

@@ -14,16 +14,17 @@ from dagster import DagsterInstance, materialize
 from assets.detections import detections
 from assets.masks import masks
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
+from images import random_jpeg
+
 from pseudolabel import layout, schemas
 from pseudolabel.ids import sha256_hex
 from pseudolabel.models.detect_stage import ok_images
 from pseudolabel.models.prefetch import prefetched_batches
-from pseudolabel.models.rle import decode_rle
-from pseudolabel.models.tiny import random_jpeg
+from pseudolabel.rle import decode_rle
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
-from resources.fake_models import FakeDetectorResource, FakeSegmenterResource
-from resources.models import GroundingDinoResource, Sam2Resource
+from resources.models import DetectorResource, SegmenterResource
 from resources.storage import LocalStorageResource
+from resources.workers import LocalModelWorkers
 
 SHARD = "shard-00000"
 SIZES = [(160, 120), (96, 128), (200, 100), (64, 64), (120, 90), (80, 140)]
@@ -81,6 +82,7 @@ def _materialize(store, detector, segmenter, *, det_config=None, mask_config=Non
             "storage": LocalStorageResource(root=str(store.root)),
             "detector": detector,
             "segmenter": segmenter,
+            "model_workers": LocalModelWorkers(),
         },
         run_config={
             "ops": {"detections": {"config": det_config or {}}, "masks": {"config": mask_config or {}}}
@@ -141,7 +143,7 @@ def _preview_bytes(markdown: str) -> bytes:
 
 
 def test_fake_chain_writes_contracts_and_metadata(shard_store):
-    result = _materialize(shard_store, FakeDetectorResource(), FakeSegmenterResource())
+    result = _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake"))
     assert result.success
     det, images, masks_df = _check_tables(shard_store)
     assert len(det) > 0 and (images["num_candidates"] == 0).any()  # both kinds of images present
@@ -164,16 +166,16 @@ def test_fake_chain_writes_contracts_and_metadata(shard_store):
 
 
 def test_rerun_is_idempotent_and_skip_if_up_to_date(shard_store):
-    assert _materialize(shard_store, FakeDetectorResource(), FakeSegmenterResource()).success
+    assert _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")).success
     first = _files(shard_store)
-    assert _materialize(shard_store, FakeDetectorResource(), FakeSegmenterResource()).success
+    assert _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")).success
     assert _files(shard_store) == first  # same bytes, rewritten
 
     path = shard_store.root / layout.masks(SHARD)
     stamp = path.stat().st_mtime_ns
     skip = {"skip_if_up_to_date": True}
     result = _materialize(
-        shard_store, FakeDetectorResource(), FakeSegmenterResource(), det_config=skip, mask_config=skip
+        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake"), det_config=skip, mask_config=skip
     )
     assert _metadata(result, "detections")["skipped"] is True
     assert _metadata(result, "masks")["skipped"] is True
@@ -182,8 +184,8 @@ def test_rerun_is_idempotent_and_skip_if_up_to_date(shard_store):
     # A changed setting changes the fingerprint: no skip, new content.
     result = _materialize(
         shard_store,
-        FakeDetectorResource(),
-        FakeSegmenterResource(),
+        DetectorResource(backend="fake"),
+        SegmenterResource(backend="fake"),
         det_config={**skip, "box_floor": 0.5},
         mask_config=skip,
     )
@@ -195,8 +197,8 @@ def test_rerun_is_idempotent_and_skip_if_up_to_date(shard_store):
 def test_one_prompt_per_class_and_multimask(shard_store):
     result = _materialize(
         shard_store,
-        FakeDetectorResource(),
-        FakeSegmenterResource(),
+        DetectorResource(backend="fake"),
+        SegmenterResource(backend="fake"),
         det_config={"prompt": "plant . flower .", "one_prompt_per_class": True},
         mask_config={"multimask": True},
     )
@@ -214,10 +216,10 @@ def test_one_prompt_per_class_and_multimask(shard_store):
 
 
 @pytest.mark.model
-def test_tiny_random_models_through_the_assets(shard_store, tmp_path):
-    """The real resources (tiny random architectures, no checkpoint, no network) behind the assets."""
+def test_tiny_random_models_through_the_assets(shard_store, tmp_path, worker_python):
+    """The real models (tiny random architectures, no checkpoint, no network) in model workers."""
     cache = str(tmp_path / "models")
-    detector = GroundingDinoResource(
+    detector = DetectorResource(
         checkpoint="random",
         tiny=True,
         text_encoder="tiny-random",
@@ -225,7 +227,7 @@ def test_tiny_random_models_through_the_assets(shard_store, tmp_path):
         batch_size=4,
         num_workers=2,
     )
-    segmenter = Sam2Resource(
+    segmenter = SegmenterResource(
         checkpoint="random", tiny=True, variant="tiny", cache_dir=cache, batch_size=4, num_workers=2
     )
     config = {"max_candidates": 5}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pseudolabel.labels.rle import decode_union, rle_object
+from pseudolabel.rle import decode_union, rle_object
 
 MASK_JPEG_QUALITY = 100  # keeps JPEG ringing on the 0/255 edges well below the 128 threshold
 

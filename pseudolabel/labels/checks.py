@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pseudolabel.labels.rle import rle_object, rle_run_totals, union_area
+from pseudolabel.rle import rle_object, rle_run_totals, union_area
 
 MAX_REPORTED_FAILURES = 20
 DECODE_SAMPLE = 64  # RLEs per shard also fully decoded by pycocotools
@@ -29,7 +29,7 @@ def check_rles(kept: pd.DataFrame, decode_sample: int = DECODE_SAMPLE) -> RleChe
     """Every kept RLE must be a well-formed string whose runs cover exactly height x width pixels,
     with exactly the stored ``mask_area`` foreground pixels.
 
-    All strings are parsed at once (:func:`~pseudolabel.labels.rle.rle_run_totals`, no pixels);
+    All strings are parsed at once (:func:`~pseudolabel.rle.rle_run_totals`, no pixels);
     ``decode_sample`` of them, evenly spread, are also decoded with pycocotools as a cross-check.
     """
     failures: list[str] = []

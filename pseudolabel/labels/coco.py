@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 
-from pseudolabel.labels.rle import rle_areas, rle_bboxes, rle_objects
+from pseudolabel.rle import rle_areas, rle_bboxes, rle_objects
 
 EMPTY_PHRASE_NAME = "object"  # COCO categories need a name; the detector may return an empty phrase
 

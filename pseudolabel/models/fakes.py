@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from PIL import Image
 
 from pseudolabel.models.captions import normalize_caption, phrases_of
 from pseudolabel.models.interfaces import ImageDetections, ImageMasks, PreparedImage
-from pseudolabel.models.rle import encode_host_masks
+from pseudolabel.rle import encode_host_masks
 
 FAKE_WARNING = "fake model: outputs are synthetic (hash-derived), not predictions"
 
@@ -55,9 +56,12 @@ def _prepare(image_id: str, data: bytes) -> PreparedImage:
 class FakeDetector:
     num_queries = 900  # as Grounding DINO: query indices per caption are 0..899
 
-    def __init__(self, *, batch_size: int = 8, max_boxes_per_caption: int = 3) -> None:
+    def __init__(
+        self, *, batch_size: int = 8, max_boxes_per_caption: int = 3, seconds_per_image: float = 0.0
+    ) -> None:
         self.batch_size = batch_size
         self.max_boxes_per_caption = max_boxes_per_caption
+        self.seconds_per_image = seconds_per_image  # simulated model time (tests of concurrency, kills)
 
     def describe(self) -> dict[str, Any]:
         return _describe("fake_detector", self.batch_size)
@@ -74,6 +78,7 @@ class FakeDetector:
         text_floor: float = 0.05,
         max_candidates: int = 300,
     ) -> list[ImageDetections]:
+        time.sleep(self.seconds_per_image * len(batch))
         return [self._one(item, captions, box_floor, text_floor, max_candidates) for item in batch]
 
     def _one(
@@ -121,8 +126,9 @@ class FakeDetector:
 
 
 class FakeSegmenter:
-    def __init__(self, *, batch_size: int = 8) -> None:
+    def __init__(self, *, batch_size: int = 8, seconds_per_image: float = 0.0) -> None:
         self.batch_size = batch_size
+        self.seconds_per_image = seconds_per_image
 
     def describe(self) -> dict[str, Any]:
         return _describe("fake_segmenter", self.batch_size)
@@ -133,6 +139,7 @@ class FakeSegmenter:
     def segment(
         self, batch: Sequence[PreparedImage], boxes: Sequence[np.ndarray], *, multimask: bool = False
     ) -> list[ImageMasks]:
+        time.sleep(self.seconds_per_image * len(batch))
         return [
             self._one(item, np.asarray(b, np.float32).reshape(-1, 4), multimask)
             for item, b in zip(batch, boxes, strict=True)

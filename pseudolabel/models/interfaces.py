@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pseudolabel.models.rle import EncodedMasks
+from pseudolabel.rle import EncodedMasks
 
 
 @dataclass(frozen=True)

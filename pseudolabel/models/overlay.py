@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pseudolabel.models.rle import decode_rle
+from pseudolabel.rle import decode_rle
 
 _COLORS = [
     (230, 25, 75),

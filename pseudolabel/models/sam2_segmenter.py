@@ -26,7 +26,7 @@ from torch import nn
 from pseudolabel.models.checkpoints import CheckpointSpec
 from pseudolabel.models.image_io import decode_resized
 from pseudolabel.models.interfaces import ImageMasks, PreparedImage
-from pseudolabel.models.rle import EncodedMasks, encode_device_masks
+from pseudolabel.rle import EncodedMasks, encode_device_masks
 from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin, seeded
 
 _RELEASES = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"

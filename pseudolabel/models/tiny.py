@@ -71,21 +71,3 @@ def write_bert_dir(
     model.save_pretrained(directory)
     BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
     return directory
-
-
-def random_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
-    """A smooth random RGB JPEG (blurred noise compresses like a photo, unlike white noise)."""
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageFilter
-
-    generator = torch.Generator().manual_seed(seed)
-    small = (torch.rand(max(2, height // 16), max(2, width // 16), 3, generator=generator) * 255).to(
-        torch.uint8
-    )
-    image = Image.fromarray(np.asarray(small)).resize((width, height), Image.Resampling.BILINEAR)
-    image = image.filter(ImageFilter.GaussianBlur(2))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()

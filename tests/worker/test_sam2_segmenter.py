@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from images import random_jpeg
+
 from pseudolabel import schemas
 from pseudolabel.models import tiny
 from pseudolabel.models.fakes import FakeSegmenter
-from pseudolabel.models.rle import decode_rle
+from pseudolabel.rle import decode_rle
 from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model
 from pseudolabel.models.segment_stage import (
     ImageBoxes,
@@ -21,7 +23,7 @@ from pseudolabel.models.segment_stage import (
     boxes_per_image,
     run_segmentation,
 )
-from resources.models import Sam2Resource
+from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
 
 SIZE = 128
 
@@ -50,7 +52,7 @@ def test_matches_the_stock_predictor(model, segmenter, multimask):
     """Same masks and scores as SAM2ImagePredictor.set_image + predict (the seeds' per-image loop)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    data = [tiny.random_jpeg(200, 150, seed=1), tiny.random_jpeg(90, 160, seed=2)]
+    data = [random_jpeg(200, 150, seed=1), random_jpeg(90, 160, seed=2)]
     boxes = [
         np.array([[10, 10, 120, 100], [50, 20, 190, 140]], np.float32),
         np.array([[5, 30, 80, 150]], np.float32),
@@ -87,7 +89,7 @@ def test_matches_the_stock_predictor(model, segmenter, multimask):
 def test_boxes_are_read_in_original_pixels(segmenter):
     """One scene at 1x and at 2x (exact pixel doubling: both become the SAME 128 px model input), in one
     batch. 2x boxes on the 2x image must be the same prompt as 1x boxes on the 1x image."""
-    small = Image.open(io.BytesIO(tiny.random_jpeg(256, 192, seed=3)))
+    small = Image.open(io.BytesIO(random_jpeg(256, 192, seed=3)))
     large = small.resize((512, 384), Image.Resampling.NEAREST)
     png = []
     for image in (small, large):
@@ -109,7 +111,7 @@ def test_boxes_are_read_in_original_pixels(segmenter):
 
 @pytest.mark.model
 def test_empty_boxes_and_chunking_do_not_change_results(model, segmenter):
-    items = [segmenter.prepare(f"i{k}", tiny.random_jpeg(160, 120, seed=k)) for k in range(2)]
+    items = [segmenter.prepare(f"i{k}", random_jpeg(160, 120, seed=k)) for k in range(2)]
     boxes = [np.array([[0, 0, 80, 60], [40, 30, 160, 120], [10, 50, 150, 110]], np.float32), np.zeros((0, 4))]
     reference = segmenter.segment(items, boxes, multimask=True)
     assert len(reference[1].masks) == 0 and reference[1].all_scores.shape == (0, 3)
@@ -124,7 +126,7 @@ def test_empty_boxes_and_chunking_do_not_change_results(model, segmenter):
 
 
 def test_run_segmentation_refuses_a_different_image_frame():
-    data = tiny.random_jpeg(40, 30)
+    data = random_jpeg(40, 30)
     boxes = [ImageBoxes("a", 80, 60, np.array([[0, 0, 10, 10]], np.float32))]
     with pytest.raises(RuntimeError, match="re-run detections"):
         run_segmentation(boxes, lambda _: data, FakeSegmenter(), SegmentationSettings(), workers=1)
@@ -155,11 +157,11 @@ def test_boxes_per_image_joins_in_candidate_order():
     assert joined[0].boxes[:, 0].tolist() == [3.0, 2.0] and joined[2].boxes.shape == (0, 4)
 
 
-def test_resource_identity_and_tiny_guard(tmp_path):
-    identity = Sam2Resource(
-        checkpoint="random", tiny=True, variant="tiny", cache_dir=str(tmp_path)
-    ).describe()
+@pytest.mark.model
+def test_spec_identity_and_tiny_guard(tmp_path):
+    spec = SegmenterSpec(checkpoint="random", tiny=True, variant="tiny", cache_dir=str(tmp_path))
+    identity = load_segmenter(spec).describe()
     assert identity["smoke_run"] is True and identity["input_size"] == f"{SIZE}x{SIZE}"
-    assert Sam2Resource(checkpoint="random").describe()["variant"] == "large"
-    with pytest.raises(ValueError, match="random"):
-        Sam2Resource(tiny=True, cache_dir=str(tmp_path)).describe()
+    assert identity["variant"] == "tiny-tiny" and identity["weights"] == "random"
+    with pytest.raises(ModelConfigError, match="random"):
+        load_segmenter(SegmenterSpec(tiny=True, cache_dir=str(tmp_path)))

@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from images import random_jpeg
+
 from pseudolabel.models import tiny
 from pseudolabel.models.captions import captions_for, normalize_caption, split_caption
 from pseudolabel.models.checkpoints import CheckpointNotFound
 from pseudolabel.models.grounding_dino import GroundingDinoDetector, input_size
 from pseudolabel.models.grounding_dino_build import TextEncoderNotFound, build_grounding_dino
-from resources.models import GroundingDinoResource
+from pseudolabel.models.loading import DetectorSpec, ModelConfigError, load_detector
 
 CAPTION = "potted plant . flower ."
 SHORT, LONG = 128, 224
@@ -37,7 +39,7 @@ def detector(bert_dir):
 def prepared(detector):
     """A landscape and a portrait image: the batch pads the landscape one vertically, the portrait one sideways."""
     return [
-        detector.prepare(f"img{i}", tiny.random_jpeg(w, h, seed=i))
+        detector.prepare(f"img{i}", random_jpeg(w, h, seed=i))
         for i, (w, h) in enumerate([(200, 150), (90, 160)])
     ]
 
@@ -60,7 +62,7 @@ def test_input_size_follows_groundingdino_resize(size):
 
 @pytest.mark.model
 def test_prepare_decodes_at_reduced_size_but_reports_original(detector):
-    item = detector.prepare("big", tiny.random_jpeg(1000, 600))
+    item = detector.prepare("big", random_jpeg(1000, 600))
     assert (item.width, item.height) == (1000, 600)
     assert (
         tuple(item.pixels.shape) == (3, *input_size(1000, 600, SHORT, LONG)[::-1])
@@ -171,16 +173,27 @@ def test_text_encoder_errors_say_how_to_fix(tmp_path):
         build_grounding_dino("swin_giant", None, str(tmp_path))
 
 
-def test_resource_refuses_bad_combinations_without_building(tmp_path):
-    with pytest.raises(ValueError, match="random"):
-        GroundingDinoResource(tiny=True, checkpoint="", cache_dir=str(tmp_path)).describe()
-    offline = GroundingDinoResource(cache_dir=str(tmp_path), allow_download=False)
+def test_spec_refuses_bad_combinations_without_building(tmp_path):
+    with pytest.raises(ModelConfigError, match="random"):
+        load_detector(DetectorSpec(tiny=True, checkpoint="", cache_dir=str(tmp_path)))
+    with pytest.raises(ModelConfigError, match="swint_ogc"):
+        load_detector(DetectorSpec(variant="swin_giant"))
+    offline = DetectorSpec(cache_dir=str(tmp_path), allow_download=False)
     with pytest.raises(CheckpointNotFound, match="groundingdino_swint_ogc.pth"):
-        offline.detector()
+        load_detector(offline)
 
 
-def test_resource_describes_a_smoke_run(tmp_path):
-    identity = GroundingDinoResource(checkpoint="random", tiny=True, cache_dir=str(tmp_path)).describe()
+def test_pretrained_weights_never_fall_back_to_the_cpu(tmp_path):
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_bytes(b"not really a checkpoint")
+    with pytest.raises(ModelConfigError, match="would run on the CPU"):
+        load_detector(DetectorSpec(checkpoint=str(checkpoint), cache_dir=str(tmp_path)))
+
+
+@pytest.mark.model
+def test_spec_describes_a_smoke_run(tmp_path):
+    spec = DetectorSpec(checkpoint="random", tiny=True, text_encoder="tiny-random", cache_dir=str(tmp_path))
+    identity = load_detector(spec).describe()
     assert identity["smoke_run"] is True and identity["weights"] == "random"
     assert identity["device"] == "cpu" and identity["precision"] == "fp32"
     assert identity["input_size"] == f"short {SHORT} / max {LONG}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pseudolabel.models.rle import EncodedMasks, decode_rle, encode_device_masks, encode_host_masks
+from pseudolabel.rle import EncodedMasks, decode_rle, encode_device_masks, encode_host_masks
 
 
 def _reference(masks: np.ndarray) -> list[dict]:

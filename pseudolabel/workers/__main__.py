@@ -1,0 +1,114 @@
+"""``python -m pseudolabel.workers``: run one GPU-stage task handed over by Dagster Pipes.
+
+Loads the models once, processes every shard of the task in order, writes each shard's outputs
+atomically and reports it (one ``shard_done`` message per shard) before starting the next, so a
+worker that dies mid-task loses only the shard it was on. Logs stream into the Dagster run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from pseudolabel.models.checkpoints import CheckpointError
+from pseudolabel.models.detect_stage import DetectionSettings
+from pseudolabel.models.loading import ModelConfigError, load_detector, load_segmenter
+from pseudolabel.models.segment_stage import SegmentationSettings
+from pseudolabel.storage import open_store
+from pseudolabel.workers.stages import detect_shard, gold_candidates, segment_shard
+from pseudolabel.workers.task import (
+    DETECTIONS,
+    FAILED,
+    MASKS,
+    MODELS_LOADED,
+    SHARD_DONE,
+    SHARD_STARTED,
+    FailureKind,
+    WorkerTask,
+    meta,
+)
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """Whether a retry could help: bad configuration and missing/mismatched checkpoints never do."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return "oom"
+    if isinstance(exc, ModelConfigError | CheckpointError) or type(exc).__name__ == "TextEncoderNotFound":
+        return "config"
+    return "error"
+
+
+def run_task(task: WorkerTask, pipes: Any) -> None:
+    """Process every shard of ``task``; ``pipes`` is the open ``PipesContext`` (or a stand-in)."""
+    store = open_store(task.storage)
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    pipes.log.info(
+        f"model worker pid {os.getpid()} ({sys.executable}), CUDA_VISIBLE_DEVICES={devices}: "
+        f"{task.stage} for {len(task.shards)} shard(s), storage {store.uri()}"
+    )
+    started = time.perf_counter()
+    detector_spec, segmenter_spec = task.detector_spec(), task.segmenter_spec()
+    try:
+        detector = load_detector(detector_spec) if detector_spec else None
+        segmenter = load_segmenter(segmenter_spec) if segmenter_spec else None
+    except Exception as exc:
+        _report_failure(pipes, None, exc)
+        raise
+    load_s = round(time.perf_counter() - started, 3)
+    models = {name: m.describe() for name, m in (("detector", detector), ("segmenter", segmenter)) if m}
+    pipes.report_custom_message({"event": MODELS_LOADED, "models": models, "seconds": load_s})
+    loaded = ", ".join(f"{name}: {m.get('model')} on {m.get('device')}" for name, m in models.items())
+    pipes.log.info(f"loaded {loaded} in {load_s}s")
+
+    workers = (detector_spec or segmenter_spec).num_workers
+    worker = {"pid": os.getpid(), "cuda_visible_devices": devices, "model_load_s": load_s}
+    for number, shard in enumerate(task.shards, start=1):
+        pipes.report_custom_message({"event": SHARD_STARTED, "shard": shard})
+        shard_started = time.perf_counter()
+        try:
+            if task.stage == DETECTIONS:
+                settings = DetectionSettings(**task.settings)
+                metadata = detect_shard(
+                    store, shard, detector, settings, workers=workers, skip=task.skip_if_up_to_date
+                )
+            elif task.stage == MASKS:
+                settings = SegmentationSettings(**task.settings)
+                metadata = segment_shard(
+                    store, shard, segmenter, settings, workers=workers, skip=task.skip_if_up_to_date
+                )
+            else:
+                detection = DetectionSettings(**task.settings["detections"])
+                segmentation = SegmentationSettings(**task.settings["masks"])
+                metadata = gold_candidates(
+                    store, shard, detector, segmenter, detection, segmentation, workers=workers
+                )
+        except Exception as exc:
+            _report_failure(pipes, shard, exc)
+            raise
+        metadata["worker"] = meta(worker, "json")
+        pipes.report_custom_message({"event": SHARD_DONE, "shard": shard, "metadata": metadata})
+        pipes.log.info(
+            f"[{number}/{len(task.shards)}] {shard}: {task.stage} done in "
+            f"{time.perf_counter() - shard_started:.1f}s"
+        )
+
+
+def _report_failure(pipes: Any, shard: str | None, exc: BaseException) -> None:
+    kind = failure_kind(exc)
+    message = f"{type(exc).__name__}: {exc}"
+    pipes.report_custom_message({"event": FAILED, "shard": shard, "kind": kind, "message": message})
+    pipes.log.error(f"{shard or 'model load'} failed ({kind}): {message}")
+
+
+def main() -> int:
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        run_task(WorkerTask.from_extras(pipes.extras), pipes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

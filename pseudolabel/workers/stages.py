@@ -1,0 +1,192 @@
+"""The GPU stages for one shard, as a worker runs them: read inputs, run the model, write outputs.
+
+Each function returns the shard's materialization metadata (Pipes format, see :mod:`.task`): counts,
+timings, settings, model identity and a small preview. Outputs are written atomically by the store,
+images table before detections (masks reads both), so a half-written shard is never visible.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pseudolabel import layout
+from pseudolabel.ids import sha256_hex
+from pseudolabel.markdown import markdown_image
+from pseudolabel.models.detect_stage import (
+    DetectionSettings,
+    ImageRef,
+    detection_fingerprint,
+    ok_images,
+    run_detection,
+)
+from pseudolabel.models.fingerprint import up_to_date
+from pseudolabel.models.interfaces import Detector, Segmenter
+from pseudolabel.models.overlay import draw_boxes, draw_masks
+from pseudolabel.models.report import model_metadata, throughput
+from pseudolabel.models.segment_stage import (
+    SegmentationSettings,
+    boxes_per_image,
+    run_segmentation,
+    segmentation_fingerprint,
+)
+from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from pseudolabel.workers.task import meta
+
+PREVIEW_ITEMS = 10
+
+
+def detect_shard(
+    store: ObjectStore,
+    shard: str,
+    detector: Detector,
+    settings: DetectionSettings,
+    *,
+    workers: int,
+    skip: bool,
+) -> dict[str, Any]:
+    """Every candidate above the floors for every "ok" image of ``shard`` -> detections parquet files."""
+    images = ok_images(read_parquet(store, layout.image_index(shard)))
+    identity = detector.describe()
+    fingerprint = detection_fingerprint(images, settings, identity)
+    keys = [layout.detection_images(shard), layout.detections(shard)]
+    if skip and up_to_date(store, keys, fingerprint):
+        return _skipped(store, keys[1], fingerprint)
+
+    result = run_detection(
+        images,
+        lambda image_id: store.get_bytes(layout.image(shard, image_id)),
+        detector,
+        settings,
+        workers=workers,
+    )
+    write_parquet(store, keys[0], result.images_table(fingerprint))  # images first: masks reads both
+    write_parquet(store, keys[1], result.detections_table(fingerprint))
+
+    metadata = {
+        "images": meta(len(result.images)),
+        "candidates": meta(result.num_candidates),
+        "zero_candidate_images": meta(result.zero_candidate_images),
+        "capped_images": meta(result.capped_images),
+        "img_per_s": meta(throughput(len(result.images), result.seconds)),
+        "seconds": meta(round(result.seconds, 3)),
+        "prompt": meta(settings.prompt),
+        "captions": meta(" | ".join(settings.captions())),
+        "box_floor": meta(settings.box_floor),
+        "text_floor": meta(settings.text_floor),
+        **_model(identity),
+        "fingerprint": meta(fingerprint),
+        "skipped": meta(False),
+        "path": meta(store.uri(keys[1]), "path"),
+    }
+    preview = next((found for found in result.images if len(found)), None)
+    if preview is not None:
+        labels = [f"{p} {s:.2f}" for p, s in zip(preview.phrases, preview.box_scores, strict=True)]
+        png = draw_boxes(
+            store.get_bytes(layout.image(shard, preview.image_id)),
+            preview.boxes[:PREVIEW_ITEMS],
+            labels[:PREVIEW_ITEMS],
+        )
+        alt = f"{preview.image_id}: top {min(len(labels), PREVIEW_ITEMS)} boxes"
+        metadata["preview"] = meta(markdown_image(png, alt), "md")
+    return metadata
+
+
+def segment_shard(
+    store: ObjectStore,
+    shard: str,
+    segmenter: Segmenter,
+    settings: SegmentationSettings,
+    *,
+    workers: int,
+    skip: bool,
+) -> dict[str, Any]:
+    """One mask per detection candidate of ``shard`` (box prompt) -> masks parquet (COCO RLE)."""
+    detections_bytes = store.get_bytes(layout.detections(shard))
+    detections = pq.read_table(io.BytesIO(detections_bytes))
+    images = read_parquet(store, layout.detection_images(shard))
+    identity = segmenter.describe()
+    fingerprint = segmentation_fingerprint(sha256_hex(detections_bytes), settings, identity)
+    key = layout.masks(shard)
+    if skip and up_to_date(store, [key], fingerprint):
+        return _skipped(store, key, fingerprint)
+
+    result = run_segmentation(
+        boxes_per_image(detections, images),
+        lambda image_id: store.get_bytes(layout.image(shard, image_id)),
+        segmenter,
+        settings,
+        workers=workers,
+    )
+    write_parquet(store, key, result.table(fingerprint))
+
+    metadata = {
+        "images": meta(result.num_images),
+        "candidates": meta(result.num_masks),
+        "zero_candidate_images": meta(result.zero_candidate_images),
+        "img_per_s": meta(throughput(result.num_images - result.zero_candidate_images, result.seconds)),
+        "seconds": meta(round(result.seconds, 3)),
+        "multimask": meta(settings.multimask),
+        **_model(identity),
+        "fingerprint": meta(fingerprint),
+        "skipped": meta(False),
+        "path": meta(store.uri(key), "path"),
+    }
+    if result.masks:
+        first = result.masks[0]
+        counts = first.masks.counts[:PREVIEW_ITEMS]
+        png = draw_masks(
+            store.get_bytes(layout.image(shard, first.image_id)),
+            counts,
+            first.masks.height,
+            first.masks.width,
+        )
+        metadata["preview"] = meta(markdown_image(png, f"{first.image_id}: top {len(counts)} masks"), "md")
+    return metadata
+
+
+def gold_candidates(
+    store: ObjectStore,
+    prefix: str,
+    detector: Detector,
+    segmenter: Segmenter,
+    detection: DetectionSettings,
+    segmentation: SegmentationSettings,
+    *,
+    workers: int,
+) -> dict[str, Any]:
+    """Both stages, exactly as the chain runs them, over the gold images under ``prefix`` -> the
+    chain's three candidate tables under ``prefix/candidates/`` (label_quality re-thresholds them)."""
+    gold = layout.label_quality_gold_image(prefix, "")
+    read = lambda image_id: store.get_bytes(layout.label_quality_gold_image(prefix, image_id))  # noqa: E731
+    refs = []
+    for info in store.list(gold):
+        image_id = info.key[len(gold) :]
+        with Image.open(io.BytesIO(read(image_id))) as header:
+            width, height = header.size
+        refs.append(ImageRef(image_id, width, height))
+    found = run_detection(refs, read, detector, detection, workers=workers)
+    detections, images = found.detections_table(""), found.images_table("")
+    masks = run_segmentation(
+        boxes_per_image(detections, images), read, segmenter, segmentation, workers=workers
+    )
+    for name, table in (("detections", detections), ("detection_images", images), ("masks", masks.table(""))):
+        write_parquet(store, layout.label_quality_candidates(prefix, name), table)
+    return {
+        "images": meta(len(refs)),
+        "candidates": meta(found.num_candidates),
+        "seconds": meta(round(found.seconds + masks.seconds, 3)),
+        "detector": meta(model_metadata(detector.describe()), "json"),
+        "segmenter": meta(model_metadata(segmenter.describe()), "json"),
+    }
+
+
+def _model(identity: dict[str, Any]) -> dict[str, Any]:
+    return {name: meta(value) for name, value in model_metadata(identity).items()}
+
+
+def _skipped(store: ObjectStore, key: str, fingerprint: str) -> dict[str, Any]:
+    return {"skipped": meta(True), "fingerprint": meta(fingerprint), "path": meta(store.uri(key), "path")}

@@ -1,0 +1,77 @@
+"""What a model worker is asked to do, and what it reports back: plain JSON, both directions.
+
+The orchestrator sends a :class:`WorkerTask` as Pipes extras. The worker answers with Pipes custom
+messages, one dict each, tagged by ``event``:
+
+``models_loaded``  {"detector": identity, "segmenter": identity, "seconds": float}
+``shard_started``  {"shard": str}
+``shard_done``     {"shard": str, "metadata": {name: {"type": ..., "raw_value": ...}}}
+``failed``         {"shard": str | None, "kind": FailureKind, "message": str}
+
+Metadata values use the Pipes metadata format, so Dagster renders markdown previews and paths as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pseudolabel.models.loading import DetectorSpec, SegmenterSpec
+
+DETECTIONS = "detections"
+MASKS = "masks"
+GOLD_CANDIDATES = "gold_candidates"  # label_quality: both models over a gold set, the chain's settings
+STAGES = (DETECTIONS, MASKS, GOLD_CANDIDATES)
+
+# Event names of the worker's custom messages.
+MODELS_LOADED = "models_loaded"
+SHARD_STARTED = "shard_started"
+SHARD_DONE = "shard_done"
+FAILED = "failed"
+
+# How a worker failure should be treated: "config" and "error" fail once (retrying cannot help);
+# "oom" may succeed on a retry with a smaller batch.
+FailureKind = Literal["config", "oom", "error"]
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    stage: str  # DETECTIONS | MASKS | GOLD_CANDIDATES
+    shards: list[str]  # shard names; for GOLD_CANDIDATES the storage prefix of the evaluation
+    storage: str  # a local directory or s3://bucket/prefix (credentials come from the environment)
+    # The stage's settings: DetectionSettings / SegmentationSettings fields, or for GOLD_CANDIDATES
+    # {"detections": {...}, "masks": {...}}.
+    settings: dict[str, Any] = field(default_factory=dict)
+    detector: dict[str, Any] | None = None  # DetectorSpec.to_dict()
+    segmenter: dict[str, Any] | None = None  # SegmenterSpec.to_dict()
+    skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; one of {list(STAGES)}")
+        if not self.shards:
+            raise ValueError("a worker task needs at least one shard")
+
+    def to_extras(self) -> dict[str, Any]:
+        return {"task": asdict(self)}
+
+    @classmethod
+    def from_extras(cls, extras: dict[str, Any]) -> WorkerTask:
+        return cls(**extras["task"])
+
+    def detector_spec(self) -> DetectorSpec | None:
+        return DetectorSpec.from_dict(self.detector) if self.detector is not None else None
+
+    def segmenter_spec(self) -> SegmenterSpec | None:
+        return SegmenterSpec.from_dict(self.segmenter) if self.segmenter is not None else None
+
+    @property
+    def needs_model_stack(self) -> bool:
+        """Whether the worker needs torch and the model packages (False for fake models only)."""
+        specs = [s for s in (self.detector_spec(), self.segmenter_spec()) if s is not None]
+        return any(spec.needs_model_stack for spec in specs)
+
+
+def meta(value: Any, kind: str = "__infer__") -> dict[str, Any]:
+    """One metadata entry in the Pipes format: ``kind`` is "md", "path", "json", ... or inferred."""
+    return {"type": kind, "raw_value": value}

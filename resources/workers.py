@@ -1,0 +1,232 @@
+"""Where the GPU stages run: model workers driven through Dagster Pipes.
+
+The orchestrator never imports torch. A GPU asset builds a :class:`WorkerTask` and hands it to the
+``model_workers`` resource, which starts ``python -m pseudolabel.workers`` in the worker environment
+and turns the worker's per-shard reports into one materialization per shard:
+
+- :class:`LocalModelWorkers`: a subprocess on this host. Each step leases a free GPU (an ``flock`` per
+  device, freed when the step's process ends however it ends) and hands the worker that one device as
+  ``CUDA_VISIBLE_DEVICES``, so concurrent GPU steps never share a GPU by accident.
+- :class:`K8sModelWorkers`: a GPU pod per step from the worker image (``PipesK8sClient``).
+
+Failures: a worker that reports a configuration/checkpoint error or a code error fails the step
+once (``allow_retries=False``); a CUDA out-of-memory error or a lost worker may be retried. Shards a
+failed worker finished are still recorded as materialized.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetMaterialization,
+    ConfigurableResource,
+    DagsterExecutionInterruptedError,
+    Failure,
+    MetadataValue,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
+    open_pipes_session,
+)
+from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
+
+from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
+from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
+
+WORKER_MODULE = "pseudolabel.workers"
+GPUS_ENV = "PSEUDOLABEL_GPUS"  # how many GPUs this host's workers may use (default: nvidia-smi's count)
+
+
+def visible_gpus(setting: str = "", environ: Mapping[str, str] | None = None) -> list[str]:
+    """Device ids local workers are spread over.
+
+    ``setting`` (or ``$PSEUDOLABEL_GPUS``) is a count; without one, ``nvidia-smi -L`` counts the GPUs.
+    Ids are taken from the orchestrator's own ``CUDA_VISIBLE_DEVICES`` when set, else 0..N-1.
+    """
+    environ = os.environ if environ is None else environ
+    raw = (setting or environ.get(GPUS_ENV, "")).strip()
+    if raw:
+        if not raw.isdigit():
+            raise ValueError(f"{GPUS_ENV} / gpus must be a whole number of GPUs, got {raw!r}")
+        count = int(raw)
+    else:
+        count = _nvidia_smi_count()
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = visible if visible else [str(i) for i in range(count)]
+    return ids[:count]
+
+
+def _nvidia_smi_count() -> int:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return 0
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+class ModelWorkersResource(ConfigurableResource):
+    """What a GPU asset needs: run a task in a model worker and record its shards."""
+
+    def run(
+        self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
+    ) -> dict[str, dict[str, MetadataValue]]:
+        """Run ``task`` and return each shard's metadata (already attached to its partition's
+        materialization when the asset is partitioned). ``env`` adds what the worker needs to reach
+        storage (e.g. the S3 endpoint)."""
+        raise NotImplementedError
+
+
+class LocalModelWorkers(ModelWorkersResource):
+    """One worker subprocess per step on this host, on a GPU leased for the step."""
+
+    # Worker interpreter. "" = $PSEUDOLABEL_WORKER_PYTHON, else the managed worker environment (built
+    # on first use, see `pseudolabel workers install`); tasks with fake models only need no model stack
+    # and run on this interpreter.
+    python: str = ""
+    gpus: str = ""  # number of GPUs to spread workers over; "" = $PSEUDOLABEL_GPUS or nvidia-smi
+    lease_dir: str = ""  # "" = $PSEUDOLABEL_GPU_LOCK_DIR or /tmp/pseudolabel-gpu-locks
+    lease_timeout_s: float = 3600.0  # wait this long for a free GPU before failing the step
+    termination_timeout_s: float = 20.0  # after an interrupt, wait this long before killing the worker
+
+    def run(
+        self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
+    ) -> dict[str, dict[str, MetadataValue]]:
+        python = self.interpreter(task, context.log.info)
+        devices = visible_gpus(self.gpus)
+        from pseudolabel.workers.environment import source_path_entry
+
+        worker_env = {**env, "PYTHONPATH": source_path_entry()}
+        with ExitStack() as stack:
+            if devices:
+                lock_dir = Path(self.lease_dir) if self.lease_dir else DEFAULT_LOCK_DIR
+                index = stack.enter_context(lease_gpu(len(devices), lock_dir, self.lease_timeout_s))
+                worker_env["CUDA_VISIBLE_DEVICES"] = devices[index]
+                context.log.info(f"leased GPU {devices[index]} ({index + 1} of {len(devices)}) for this step")
+            context.log.info(
+                f"starting model worker: {python} -m {WORKER_MODULE} ({task.stage}, {task.shards})"
+            )
+            returncode, messages = self._launch(context, task, python, worker_env)
+        return record_worker_results(context, task, messages, _exit_problem(returncode))
+
+    def interpreter(self, task: WorkerTask, log: Any = print) -> str:
+        if self.python:
+            return self.python
+        if not task.needs_model_stack and not os.environ.get("PSEUDOLABEL_WORKER_PYTHON"):
+            return sys.executable  # fake models: numpy + dagster-pipes, both here already
+        from pseudolabel.workers.environment import ensure_worker_python
+
+        return ensure_worker_python(log=log)
+
+    def _launch(
+        self, context: AssetExecutionContext, task: WorkerTask, python: str, env: Mapping[str, str]
+    ) -> tuple[int, Sequence[Any]]:
+        with open_pipes_session(
+            context=context,
+            context_injector=PipesTempFileContextInjector(),
+            message_reader=PipesTempFileMessageReader(),
+            extras=task.to_extras(),
+        ) as session:
+            process = subprocess.Popen(
+                [python, "-m", WORKER_MODULE],
+                env={**os.environ, **env, **session.get_bootstrap_env_vars()},
+            )
+            try:
+                returncode = process.wait()
+            except DagsterExecutionInterruptedError:
+                context.log.info("interrupted: stopping the model worker")
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=self.termination_timeout_s)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                raise
+        return returncode, session.get_custom_messages()
+
+
+class K8sModelWorkers(ModelWorkersResource):
+    """One GPU pod per step from the worker image (see deploy/), through ``PipesK8sClient``.
+
+    The pod asks for one ``nvidia.com/gpu`` and lands on GPU nodes (placement and requests from the
+    ``PSEUDOLABEL_GPU_*`` environment, as in :mod:`dagster_project.k8s`); secrets reach it only as
+    environment variables from Kubernetes secrets (``env_secrets``), never in its arguments.
+    """
+
+    image: str  # the CUDA worker image (deploy/Dockerfile.worker)
+    namespace: str = ""  # "" = the run's namespace / the kube config's default
+    env_secrets: list[str] = []  # Kubernetes secrets exposed to the worker as environment variables
+    service_account: str = ""
+    pod_wait_timeout_s: float = 86400.0
+
+    def run(
+        self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
+    ) -> dict[str, dict[str, MetadataValue]]:
+        raise NotImplementedError("filled in below")
+
+
+def _exit_problem(returncode: int) -> str | None:
+    if returncode == 0:
+        return None
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return f"the model worker was killed by signal {-returncode} ({name})"
+    return f"the model worker exited with code {returncode}"
+
+
+def record_worker_results(
+    context: AssetExecutionContext, task: WorkerTask, messages: Sequence[Any], problem: str | None
+) -> dict[str, dict[str, MetadataValue]]:
+    """Turn the worker's reports into one materialization per shard, or a clear failure.
+
+    On success each shard's metadata goes onto its own partition's materialization. On failure the
+    shards the worker finished are recorded right away, and the step fails with what happened and
+    where; it is retryable only when a retry can succeed (out of memory, a lost worker).
+    """
+    events = [m for m in messages if isinstance(m, dict)]
+    done = {
+        m["shard"]: metadata_map_from_external(m["metadata"]) for m in events if m.get("event") == SHARD_DONE
+    }
+    loads = sum(1 for m in events if m.get("event") == MODELS_LOADED)
+    partitioned = context.assets_def.partitions_def is not None
+    failed = next((m for m in events if m.get("event") == FAILED), None)
+    missing = [shard for shard in task.shards if shard not in done]
+    if problem is None and failed is None and not missing:
+        for shard, metadata in done.items():
+            metadata["model_loads_in_step"] = MetadataValue.int(loads)
+            if partitioned:
+                context.add_asset_metadata(metadata, partition_key=shard)
+        return done
+
+    for shard, metadata in done.items() if partitioned else ():
+        context.log_event(
+            AssetMaterialization(asset_key=context.asset_key, partition=shard, metadata=metadata)
+        )
+    started = [m["shard"] for m in events if m.get("event") == SHARD_STARTED]
+    current = (
+        failed.get("shard") if failed else (started[-1] if started and started[-1] not in done else None)
+    )
+    where = f"while processing {current}" if current else "before it started a shard (loading the models)"
+    if failed is not None:
+        what = f"{failed['message']}"
+        retry = failed.get("kind") == "oom"
+    else:
+        what = problem or "the model worker stopped without reporting every shard"
+        retry = True  # a lost worker (killed, evicted, OOM-killed by the kernel) may succeed next time
+    recorded = f"; finished shards recorded: {', '.join(done)}" if done else ""
+    raise Failure(
+        description=f"{task.stage} failed {where}: {what}{recorded}. "
+        + ("A retry may succeed." if retry else "Retrying will not help: fix the cause and re-run."),
+        metadata={"failed_shard": current or "", "finished_shards": list(done), "unfinished_shards": missing},
+        allow_retries=retry,
+    )
