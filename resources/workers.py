@@ -21,8 +21,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,11 @@ from dagster import (
     open_pipes_session,
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
+from dagster_k8s import PipesK8sClient, PipesK8sPodLogsMessageReader
 
 from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
+from resources.k8s import plain_pod_env, worker_pod_spec
 
 WORKER_MODULE = "pseudolabel.workers"
 GPUS_ENV = "PSEUDOLABEL_GPUS"  # how many GPUs this host's workers may use (default: nvidia-smi's count)
@@ -159,8 +161,9 @@ class K8sModelWorkers(ModelWorkersResource):
     """One GPU pod per step from the worker image (see deploy/), through ``PipesK8sClient``.
 
     The pod asks for one ``nvidia.com/gpu`` and lands on GPU nodes (placement and requests from the
-    ``PSEUDOLABEL_GPU_*`` environment, as in :mod:`dagster_project.k8s`); secrets reach it only as
-    environment variables from Kubernetes secrets (``env_secrets``), never in its arguments.
+    ``PSEUDOLABEL_GPU_*`` environment, see :mod:`resources.k8s`); secrets reach it only as
+    environment variables from Kubernetes secrets (``env_secrets``), never in its spec. The step's
+    own pod only orchestrates: it needs no GPU.
     """
 
     image: str  # the CUDA worker image (deploy/Dockerfile.worker)
@@ -169,10 +172,93 @@ class K8sModelWorkers(ModelWorkersResource):
     service_account: str = ""
     pod_wait_timeout_s: float = 86400.0
 
+    def pod_spec(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The worker pod's spec (``base_pod_spec``); ``environ`` defaults to this process's."""
+        return worker_pod_spec(self.image, self.env_secrets, self.service_account, environ)
+
+    def pod_meta(self, context: AssetExecutionContext, task: WorkerTask) -> dict[str, Any]:
+        return {
+            "labels": {
+                "app.kubernetes.io/component": "model-worker",
+                "dagster/run-id": context.run_id,
+                "pseudolabel/stage": task.stage,
+            },
+            # A scale-down eviction would throw away the shard in progress and the loaded models.
+            "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        }
+
     def run(
         self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
     ) -> dict[str, dict[str, MetadataValue]]:
-        raise NotImplementedError("filled in below")
+        plain_env, dropped = plain_pod_env(env)
+        if dropped:
+            context.log.warning(
+                f"not passing {', '.join(dropped)} to the worker pod: credentials come only from its "
+                f"Kubernetes secrets ({', '.join(self.env_secrets) or 'none configured'})"
+            )
+        pod_spec, pod_meta = self.pod_spec(), self.pod_meta(context, task)  # bad GPU_* settings fail here
+        reader = _RecordingPodLogsReader()
+        where = f"model-worker pod for step {context.op.name} (image {self.image}"
+        where += f", namespace {self.namespace})" if self.namespace else ")"
+        context.log.info(f"starting {where}: {task.stage}, {task.shards}")
+        try:
+            invocation = PipesK8sClient(message_reader=reader).run(
+                context=context,
+                extras=task.to_extras(),
+                namespace=self.namespace or None,
+                env=plain_env,
+                base_pod_meta=pod_meta,
+                base_pod_spec=pod_spec,
+                pod_wait_timeout=self.pod_wait_timeout_s,
+            )
+        except DagsterExecutionInterruptedError:
+            raise  # PipesK8sClient deletes the pod on the way out
+        except Exception as exc:
+            context.log.error(f"{where} failed: {type(exc).__name__}: {exc}")
+            if not _worth_retrying(exc):
+                raise Failure(
+                    description=f"{task.stage}: could not run the {where}: {_short(exc)}. "
+                    "Retrying will not help: fix the cluster access or the pod spec and re-run.",
+                    allow_retries=False,
+                ) from exc
+            problem = f"the {where} failed: {_short(exc)}"
+            return record_worker_results(context, task, reader.custom_messages(), problem)
+        return record_worker_results(context, task, invocation.get_custom_messages(), None)
+
+
+class _RecordingPodLogsReader(PipesK8sPodLogsMessageReader):
+    """Keeps the message handler, so the worker's reports survive a failed pod (``PipesK8sClient``
+    hands back its session only on success)."""
+
+    handler: Any = None
+
+    @contextmanager
+    def read_messages(self, handler: Any) -> Iterator[Any]:
+        self.handler = handler
+        with super().read_messages(handler) as params:
+            yield params
+
+    def custom_messages(self) -> Sequence[Any]:
+        return self.handler.get_custom_messages() if self.handler is not None else ()
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """False when the pod could not be created for a reason a retry does not change (no cluster
+    access, forbidden, an invalid spec); True for a failed, evicted or timed-out pod."""
+    from dagster._core.errors import DagsterInvariantViolationError
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    if isinstance(exc, ConfigException | DagsterInvariantViolationError):
+        return False
+    if isinstance(exc, ApiException):
+        return exc.status not in (400, 401, 403, 422)
+    return True
+
+
+def _short(exc: BaseException, limit: int = 1500) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " [...] (full error in the step's logs)"
 
 
 def _exit_problem(returncode: int) -> str | None:

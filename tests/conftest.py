@@ -105,7 +105,7 @@ def dev_server() -> Iterator[Callable[..., DevServer]]:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory):
+def demo_run(tmp_path_factory: pytest.TempPathFactory, worker_python: str):
     """`pseudolabel demo --random-weights` once per session: a persistent instance + data for UI tests."""
     from dagster_project.demo import run_demo
 

@@ -63,7 +63,7 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
     pipes.log.info(f"loaded {loaded} in {load_s}s")
 
     workers = (detector_spec or segmenter_spec).num_workers
-    worker = {"pid": os.getpid(), "cuda_visible_devices": devices, "model_load_s": load_s}
+    worker = {"pid": os.getpid(), "cuda_visible_devices": devices, "model_load_s": load_s, "started_at": time.time()}
     for number, shard in enumerate(task.shards, start=1):
         pipes.report_custom_message({"event": SHARD_STARTED, "shard": shard})
         shard_started = time.perf_counter()
@@ -87,7 +87,7 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
         except Exception as exc:
             _report_failure(pipes, shard, exc)
             raise
-        metadata["worker"] = meta(worker, "json")
+        metadata["worker"] = meta({**worker, "finished_at": time.time()}, "json")
         pipes.report_custom_message({"event": SHARD_DONE, "shard": shard, "metadata": metadata})
         pipes.log.info(
             f"[{number}/{len(task.shards)}] {shard}: {task.stage} done in "

@@ -1,0 +1,112 @@
+"""The Kubernetes pod a model worker runs in: one GPU, placed on GPU nodes, secrets only from secrets.
+
+Placement and size come from the environment, so a cluster can be targeted without code changes:
+
+- ``PSEUDOLABEL_GPU_NODE_SELECTOR``: JSON object (default ``{"nvidia.com/gpu.present": "true"}``)
+- ``PSEUDOLABEL_GPU_TOLERATIONS``: JSON list (default: tolerate the ``nvidia.com/gpu`` NoSchedule taint)
+- ``PSEUDOLABEL_GPU_POD_CPU`` (default ``8``) and ``PSEUDOLABEL_GPU_POD_MEMORY`` (default ``48Gi``)
+
+Pure functions over plain dicts: no cluster and no Kubernetes client needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GPU_NODE_SELECTOR_ENV = "PSEUDOLABEL_GPU_NODE_SELECTOR"  # JSON object
+GPU_TOLERATIONS_ENV = "PSEUDOLABEL_GPU_TOLERATIONS"  # JSON list
+GPU_POD_CPU_ENV = "PSEUDOLABEL_GPU_POD_CPU"
+GPU_POD_MEMORY_ENV = "PSEUDOLABEL_GPU_POD_MEMORY"
+
+DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+DEFAULT_GPU_POD_CPU = "8"
+DEFAULT_GPU_POD_MEMORY = "48Gi"
+
+WORKER_CONTAINER = "model-worker"
+WORKER_COMMAND = ["python", "-m", "pseudolabel.workers"]
+
+# Environment names that hold credentials: never passed to a pod as plain values.
+_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE_KEY")
+
+
+def json_env(environ: Mapping[str, str], name: str, default: Any) -> Any:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} must be JSON, got {raw!r}: {exc}") from exc
+
+
+def gpu_resources(environ: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """Requests and limits of a worker container: one ``nvidia.com/gpu``, CPU and memory.
+
+    CPU is requested but not limited (a CPU limit throttles image decoding); memory is both."""
+    environ = os.environ if environ is None else environ
+    cpu = environ.get(GPU_POD_CPU_ENV, "").strip() or DEFAULT_GPU_POD_CPU
+    memory = environ.get(GPU_POD_MEMORY_ENV, "").strip() or DEFAULT_GPU_POD_MEMORY
+    return {
+        "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": "1"},
+        "limits": {"memory": memory, "nvidia.com/gpu": "1"},
+    }
+
+
+def gpu_placement(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``nodeSelector`` and ``tolerations`` of a worker pod (pod-spec keys)."""
+    environ = os.environ if environ is None else environ
+    node_selector = json_env(environ, GPU_NODE_SELECTOR_ENV, DEFAULT_GPU_NODE_SELECTOR)
+    tolerations = json_env(environ, GPU_TOLERATIONS_ENV, DEFAULT_GPU_TOLERATIONS)
+    if not isinstance(node_selector, dict):
+        raise ValueError(f"{GPU_NODE_SELECTOR_ENV} must be a JSON object, got {node_selector!r}")
+    if not isinstance(tolerations, list):
+        raise ValueError(f"{GPU_TOLERATIONS_ENV} must be a JSON list, got {tolerations!r}")
+    return {"nodeSelector": node_selector, "tolerations": tolerations}
+
+
+def worker_pod_spec(
+    image: str,
+    env_secrets: Sequence[str] = (),
+    service_account: str = "",
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The pod spec (camelCase, as ``PipesK8sClient``'s ``base_pod_spec``) of one model worker.
+
+    Its only container runs ``python -m pseudolabel.workers`` in ``image``. Credentials reach it only
+    through ``envFrom`` references to the Kubernetes secrets ``env_secrets``; Dagster Pipes adds its
+    bootstrap variables and the plain storage settings when the pod is built."""
+    if not image:
+        raise ValueError("a model-worker pod needs the worker image")
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "command": list(WORKER_COMMAND),
+        "resources": gpu_resources(environ),
+    }
+    if env_secrets:
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in env_secrets]
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # a failed worker fails the step; Dagster's retry policy decides
+        "containers": [container],
+        **gpu_placement(environ),
+    }
+    if service_account:
+        spec["serviceAccountName"] = service_account
+    return spec
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable name looks like it holds a credential."""
+    return bool(_SECRET_NAME.search(name.upper()))
+
+
+def plain_pod_env(env: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``env`` into what may go into a pod spec as plain values and the names left out
+    (credentials: a pod gets those from its Kubernetes secrets)."""
+    plain = {name: value for name, value in env.items() if not is_secret_name(name)}
+    return plain, sorted(set(env) - set(plain))

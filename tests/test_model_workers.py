@@ -1,0 +1,251 @@
+"""GPU stages through model workers (Dagster Pipes): one model load per run of many shards, one GPU per
+concurrent step, a killed worker, configuration errors, and crowded images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from dagster import AssetKey, DagsterEventType, DagsterInstance, materialize
+from images import random_jpeg
+
+from assets.detections import detections
+from assets.masks import masks
+from dagster_project.partitions import SHARDS_PARTITIONS_NAME
+from pseudolabel import layout, schemas
+from pseudolabel.ids import sha256_hex
+from pseudolabel.rle import decode_rle
+from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from resources.models import DetectorResource, SegmenterResource
+from resources.storage import LocalStorageResource
+from resources.workers import LocalModelWorkers, visible_gpus
+
+REPO = Path(__file__).resolve().parents[1]
+RANGE_TAGS = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def write_shard(store: LocalObjectStore, shard: str, sizes: list[tuple[int, int]], seed: int = 0) -> None:
+    rows = []
+    for i, (width, height) in enumerate(sizes):
+        image_id = f"{seed:04x}{i:012x}"
+        data = random_jpeg(width, height, seed=seed * 100 + i)
+        store.put_bytes(layout.image(shard, image_id), data)
+        rows.append(
+            dict(image_id=image_id, url=f"http://x/{image_id}.jpg", label="plant", width=width, height=height,
+                 original_orientation=1, bytes=len(data), sha256=sha256_hex(data), status="ok", error=None)
+        )
+    write_parquet(store, layout.image_index(shard), pa.Table.from_pylist(rows, schema=schemas.IMAGE_INDEX))
+
+
+def shards(store: LocalObjectStore, count: int, images: int = 4) -> list[str]:
+    names = [layout.shard_name(i) for i in range(count)]
+    for i, name in enumerate(names):
+        write_shard(store, name, [(96, 64)] * images, seed=i)
+    return names
+
+
+def run(store, assets, instance, *, detector=None, segmenter=None, workers=None, shard=None, tags=None, config=None):
+    return materialize(
+        assets,
+        partition_key=shard,
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+        resources={
+            "storage": LocalStorageResource(root=str(store.root)),
+            "detector": detector or DetectorResource(backend="fake"),
+            "segmenter": segmenter or SegmenterResource(backend="fake"),
+            "model_workers": workers or LocalModelWorkers(),
+        },
+        run_config={"ops": config or {}},
+    )
+
+
+def shard_metadata(instance: DagsterInstance, asset: str) -> dict[str, dict]:
+    records = instance.fetch_materializations(AssetKey(asset), limit=100).records
+    latest: dict[str, dict] = {}
+    for record in sorted(records, key=lambda r: r.storage_id):
+        m = record.asset_materialization
+        latest[m.partition] = {k: v.value for k, v in m.metadata.items()}
+    return latest
+
+
+@pytest.fixture()
+def instance():
+    with DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+def test_one_run_over_a_range_of_shards_loads_the_models_once(tmp_path, instance):
+    store = LocalObjectStore(tmp_path / "data")
+    names = shards(store, 3)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, names)
+    result = run(store, [detections], instance, tags=dict(zip(RANGE_TAGS, (names[0], names[-1]), strict=True)))
+    assert result.success
+    metadata = shard_metadata(instance, "detections")
+    assert sorted(metadata) == names  # one materialization per shard, each with its own numbers
+    pids = {m["worker"]["pid"] for m in metadata.values()}
+    assert len(pids) == 1 and all(m["model_loads_in_step"] == 1 for m in metadata.values())
+    for name in names:
+        stored = read_parquet(store, layout.detections(name))
+        assert metadata[name]["candidates"] == stored.num_rows
+        assert metadata[name]["path"].endswith(layout.detections(name))
+
+
+def test_concurrent_gpu_steps_each_lease_their_own_gpu(tmp_path, instance):
+    """Two GPU steps started together on a host with 2 (pretend) GPUs: the workers see different devices."""
+    store = LocalObjectStore(tmp_path / "data")
+    names = shards(store, 2, images=6)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, names)
+    workers = LocalModelWorkers(gpus="2", lease_dir=str(tmp_path / "locks"))
+    slow = DetectorResource(backend="fake", seconds_per_image=0.25, batch_size=1)
+    results = {}
+
+    def step(name):
+        results[name] = run(store, [detections], instance, detector=slow, workers=workers, shard=name)
+
+    threads = [threading.Thread(target=step, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(results[name].success for name in names)
+    seen = {name: m["worker"] for name, m in shard_metadata(instance, "detections").items()}
+    assert {w["cuda_visible_devices"] for w in seen.values()} == {"0", "1"}
+    (a, b) = seen.values()
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they did overlap
+
+
+def test_visible_gpus_counts_and_respects_cuda_visible_devices():
+    assert visible_gpus("2", environ={}) == ["0", "1"]
+    assert visible_gpus("", environ={"PSEUDOLABEL_GPUS": "0"}) == []
+    assert visible_gpus("2", environ={"CUDA_VISIBLE_DEVICES": "3,5,7"}) == ["3", "5"]
+    with pytest.raises(ValueError, match="whole number"):
+        visible_gpus("two", environ={})
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"pseudolabel.workers" in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_worker_fails_the_step_clearly_and_a_rerun_completes(tmp_path, instance):
+    store = LocalObjectStore(tmp_path / "data")
+    names = shards(store, 2, images=8)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, names)
+    slow = DetectorResource(backend="fake", seconds_per_image=0.4, batch_size=1)
+    tags = dict(zip(RANGE_TAGS, (names[0], names[-1]), strict=True))
+    outcome = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=run(store, [detections], instance, detector=slow, tags=tags))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not store.exists(layout.detections(names[0])) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first shard is done; the worker is now on the second
+    time.sleep(0.5)
+    pids = _worker_pids()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=60)
+    result = outcome["result"]
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "killed by signal 9 (SIGKILL)" in message and f"while processing {names[1]}" in message
+    assert f"finished shards recorded: {names[0]}" in message and "A retry may succeed" in message
+    assert sorted(shard_metadata(instance, "detections")) == [names[0]]  # the finished shard counts
+    assert not store.exists(layout.detections(names[1]))  # nothing half-written
+
+    assert run(store, [detections], instance, tags=tags).success
+    assert sorted(shard_metadata(instance, "detections")) == names
+
+
+def test_a_configuration_error_fails_once_with_a_clear_message(tmp_path, instance, worker_python):
+    store = LocalObjectStore(tmp_path / "data")
+    (name,) = shards(store, 1)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+    missing = DetectorResource(checkpoint=str(tmp_path / "nowhere.pth"), device="cpu")
+    result = run(store, [detections], instance, detector=missing, shard=name)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "CheckpointNotFound" in message and "nowhere.pth" in message
+    assert "Retrying will not help" in message
+
+
+def test_masks_of_crowded_images_any_candidate_count(tmp_path, instance):
+    """0.3 MP images with up to 300 candidates each (pycocotools' area overflowed above 255 per call)."""
+    store = LocalObjectStore(tmp_path / "data")
+    name = layout.shard_name(0)
+    write_shard(store, name, [(640, 480)] * 3)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+    crowded = DetectorResource(backend="fake", max_boxes_per_caption=300)
+    config = {"detections": {"config": {"box_floor": 0.0, "text_floor": 0.0}}}
+    result = run(store, [detections, masks], instance, detector=crowded, shard=name, config=config)
+    assert result.success
+    per_image = read_parquet(store, layout.masks(name)).to_pandas().groupby("image_id").size()
+    assert per_image.max() >= 256, per_image.to_dict()
+    table = read_parquet(store, layout.masks(name)).to_pandas()
+    assert len(table) == read_parquet(store, layout.detections(name)).num_rows
+    crowded_rows = table[table["image_id"] == per_image.idxmax()]
+    decoded = [int(decode_rle(r.rle_counts, r.height, r.width).sum()) for r in crowded_rows.itertuples()]
+    assert decoded == crowded_rows["mask_area"].tolist() and sum(decoded) > 0
+
+
+def test_the_readme_cli_materializes_a_shard_in_the_orchestrator_environment(tmp_path, dev_server):
+    """`dagster asset materialize --select ... --partition ...` (string selections need Dagster's own
+    antlr, which the model stack's pin used to break)."""
+    images = {f"p{i}.jpg": random_jpeg(120, 90, seed=i) for i in range(6)}
+    server = dev_server(catalog=[], images=images)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("image_url,label\n" + "".join(f"{server.image_url(n)},plant\n" for n in images))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "PSEUDOLABEL_CATALOG": str(catalog),
+        "PSEUDOLABEL_STORAGE": str(tmp_path / "data"),
+        "PSEUDOLABEL_MODELS": "fake",
+        "PSEUDOLABEL_GPUS": "0",
+    }
+    dagster = str(Path(sys.executable).parent / "dagster")
+
+    def cli(*args):
+        done = subprocess.run([dagster, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        return done
+
+    cli("asset", "materialize", "-m", "dagster_project.definitions", "--select", "catalog_snapshot,stratified_sample")
+    cli(
+        "asset", "materialize", "-m", "dagster_project.definitions",
+        "--select", "normalized_images,detections,masks,pseudo_labels", "--partition", "shard-00000",
+    )
+    listed = cli("asset", "list", "-m", "dagster_project.definitions").stdout
+    assert "detections" in listed and "pseudo_labels" in listed
+    store = LocalObjectStore(tmp_path / "data")
+    assert store.exists(layout.masks("shard-00000")) and store.exists(layout.pseudo_labels("shard-00000"))
+    probe = subprocess.run(
+        [sys.executable, "-c", "import dagster_project.definitions, sys; print(json.dumps(sorted(sys.modules)))"
+         .replace("json.dumps", "__import__('json').dumps")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    loaded = set(json.loads(probe.stdout.strip().splitlines()[-1]))
+    assert not loaded & {"torch", "sam2", "groundingdino", "transformers", "hydra"}
