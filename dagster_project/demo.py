@@ -23,6 +23,7 @@ from assets.stratified_sample import stratified_sample
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel.demo_catalog import demo_items
 from pseudolabel.devserver import DevServer
+from pseudolabel.workers.environment import ensure_worker_python
 from resources.catalog import CatalogResource
 from resources.models import model_resources
 from resources.storage import LocalStorageResource
@@ -95,6 +96,8 @@ def run_demo(
     instance = demo_instance(dagster_home)
     items = demo_items(images)
     detector, segmenter = model_resources(models)
+    if models != "fake":  # build the model-worker environment up front, with pip's progress shown
+        ensure_worker_python(log=lambda line: print(line, flush=True))
     catalog: list[dict] = []  # filled once the server knows its port; served through the callable
     images_by_name = {item.name: item.data for item in items if item.data is not None}
     page = lambda offset, limit: catalog[offset : offset + limit]  # noqa: E731

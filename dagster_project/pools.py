@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dagster import DagsterInstance
 
+from resources.workers import visible_gpus
+
 GPU_POOL = "gpu"
 
 
 def visible_gpu_count() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """GPUs model workers are spread over on this host (``nvidia-smi -L``; no torch here)."""
+    return len(visible_gpus())
 
 
 def set_gpu_pool_limit(instance: DagsterInstance, limit: int | None = None) -> int:

@@ -72,7 +72,10 @@ def test_step_pods_ask_for_no_gpu(asset_name):
         instance_config_map="dagster-instance",
     )
     job = construct_dagster_k8s_job(
-        job_config, ["dagster", "api", "execute_step"], f"step-{asset_name}", user_defined_k8s_config=user_config
+        job_config,
+        ["dagster", "api", "execute_step"],
+        f"step-{asset_name}",
+        user_defined_k8s_config=user_config,
     )
     pod = job.spec.template.spec
     resources = pod.containers[0].resources
@@ -137,7 +140,9 @@ def test_worker_pod_spec_runs_the_worker_on_one_gpu_on_a_gpu_node():
 
 
 def test_worker_pod_placement_and_size_come_from_the_environment(monkeypatch):
-    monkeypatch.setenv("PSEUDOLABEL_GPU_NODE_SELECTOR", json.dumps({"cloud.google.com/gke-accelerator": "h100"}))
+    monkeypatch.setenv(
+        "PSEUDOLABEL_GPU_NODE_SELECTOR", json.dumps({"cloud.google.com/gke-accelerator": "h100"})
+    )
     monkeypatch.setenv("PSEUDOLABEL_GPU_TOLERATIONS", "[]")
     monkeypatch.setenv("PSEUDOLABEL_GPU_POD_CPU", "12")
     monkeypatch.setenv("PSEUDOLABEL_GPU_POD_MEMORY", "96Gi")
@@ -166,7 +171,12 @@ def test_credentials_never_go_into_the_pod_as_plain_values():
     }
     plain, dropped = plain_pod_env(env)
     assert plain == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "us-east-1"}
-    assert dropped == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PSEUDOLABEL_CATALOG_TOKEN"]
+    assert dropped == [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "PSEUDOLABEL_CATALOG_TOKEN",
+    ]
 
 
 def test_the_pod_body_dagster_k8s_builds_has_the_gpu_and_no_secret_values(monkeypatch):
@@ -305,7 +315,7 @@ def test_k8s_model_workers_submit_one_gpu_pod_and_record_its_shards(fake_kuberne
     assert SECRET_VALUE not in serialized and "AWS_SECRET_ACCESS_KEY" not in serialized
     env = {e.name: e.value for e in container.env}
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
-    pipes_context = decode_env_var(env[DAGSTER_PIPES_CONTEXT_ENV_VAR])
+    pipes_context = decode_env_var(env[DAGSTER_PIPES_CONTEXT_ENV_VAR])["data"]  # injected directly
     assert pipes_context["extras"]["task"]["shards"] == ["shard-00001"]
     assert SECRET_VALUE not in json.dumps(pipes_context)
 

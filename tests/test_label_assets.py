@@ -8,7 +8,6 @@ import json
 import cv2
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, materialize
 
@@ -20,15 +19,18 @@ from pseudolabel import layout
 from pseudolabel.dataset.publish import current_root, split_key
 from pseudolabel.labels.coco import load_coco
 from pseudolabel.labels.relabel import REJECT_REASONS, pseudo_labels_table
-from pseudolabel.labels.synthetic import encode_mask, synthetic_candidates
+from pseudolabel.labels.synthetic import synthetic_candidates
 from pseudolabel.labels.thresholds import (
     THRESHOLDS_ENV,
     PickPolicy,
     load_thresholds,
     thresholds_code_version,
 )
+from pseudolabel.models.fakes import FakeDetector
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from resources.models import DetectorResource, SegmenterResource
 from resources.storage import LocalStorageResource
+from resources.workers import LocalModelWorkers
 
 SHARDS = ["shard-00000", "shard-00001"]
 H, W = 96, 128
@@ -285,69 +287,34 @@ def test_manifest_refuses_mixed_thresholds(tmp_path):
     assert run(allow_mixed_thresholds=True).success
 
 
-class RectDetector:
-    """Finds the gold rectangle shifted 2 px right, score 0.9."""
-
-    def detect(self, images):
-        return [
-            pd.DataFrame(
-                {
-                    "x0": [12.0],
-                    "y0": [10.0],
-                    "x1": [42.0],
-                    "y1": [30.0],
-                    "box_score": [0.9],
-                    "text_score": [0.9],
-                    "phrase": ["thing"],
-                }
-            )
-            for _ in images
-        ]
-
-
-class RectSegmenter:
-    def segment(self, image, boxes):
-        rows = []
-        for box in boxes.itertuples():
-            mask = np.zeros((image.height, image.width), np.uint8)
-            mask[int(box.y0) : int(box.y1), int(box.x0) : int(box.x1)] = 1
-            rows.append(
-                {
-                    "candidate_id": box.candidate_id,
-                    "rle_counts": encode_mask(mask)["counts"],
-                    "height": image.height,
-                    "width": image.width,
-                    "mask_area": int(mask.sum()),
-                    "mask_score": 0.95,
-                }
-            )
-        return pd.DataFrame(rows)
-
-
-def test_label_quality_asset_reports_the_sweep(tmp_path):
+def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path):
     gold = tmp_path / "gold"
     (gold / "images").mkdir(parents=True)
     (gold / "masks").mkdir()
     for stem in ("g1", "g2"):
-        cv2.imwrite(str(gold / "images" / f"{stem}.jpg"), np.zeros((40, 60, 3), np.uint8))
+        cv2.imwrite(str(gold / "images" / f"{stem}.jpg"), np.full((40, 60, 3), 90, np.uint8))
         mask = np.zeros((40, 60), np.uint8)
-        mask[10:30, 10:40] = 255  # 30 x 20; the fake prediction is shifted by 2 px: IoU 560 / 640
+        mask[10:30, 10:40] = 255
         cv2.imwrite(str(gold / "masks" / f"{stem}.png"), mask)
+    detection = {"prompt": "thing . leaf .", "one_prompt_per_class": True, "box_floor": 0.0, "text_floor": 0.0}
     result = materialize(
         [label_quality],
         resources={
             "storage": LocalStorageResource(root=str(tmp_path / "store")),
-            "quality_detector": RectDetector(),
-            "quality_segmenter": RectSegmenter(),
+            "detector": DetectorResource(backend="fake", max_boxes_per_caption=4),
+            "segmenter": SegmenterResource(backend="fake"),
+            "model_workers": LocalModelWorkers(),
         },
         run_config={
             "ops": {
                 "label_quality": {
                     "config": {
                         "gold_dir": str(gold),
-                        "box_score_grid": [0.5, 0.95],
+                        "box_score_grid": [0.0, 0.99],
                         "mask_score_grid": [0.5],
                         "contour_factor": 0.0,
+                        "detections": detection,
+                        "masks": {"multimask": True},
                     }
                 }
             }
@@ -358,8 +325,20 @@ def test_label_quality_asset_reports_the_sweep(tmp_path):
         k: v.value for k, v in result.asset_materializations_for_node("label_quality")[0].metadata.items()
     }
     assert metadata["gold_images"] == 2
-    assert "0.875" in metadata["best_by_cd_iou"]  # 560 / 640, contour factor 0 = plain IoU
+    assert metadata["detection_settings"]["prompt"] == "thing . leaf ."
+    assert metadata["mask_settings"] == {"multimask": True}
+    assert metadata["detector"]["model"] == "fake_detector" and metadata["detector"]["smoke_run"] is True
     assert metadata["plot_preview"].startswith("![sweep](data:image/png;base64,")
+
+    # The worker ran the chain's stage code: the candidates are what the fake models give the same images.
+    store = LocalObjectStore(tmp_path / "store")
+    stored = [info.key for info in store.list("label_quality/") if "/gold/" in info.key]
+    prepared = [FakeDetector().prepare(key.rsplit("/", 1)[1], store.get_bytes(key)) for key in stored]
+    found = FakeDetector(max_boxes_per_caption=4).detect(prepared, ["thing .", "leaf ."], box_floor=0.0, text_floor=0.0)
+    assert metadata["candidates"] == sum(len(f) for f in found) > 0
+    masks_key = next(info.key for info in store.list("label_quality/") if info.key.endswith("candidates/masks.parquet"))
+    assert {len(s) for s in read_parquet(store, masks_key).column("multimask_scores").to_pylist()} == {3}
     report = json.loads((tmp_path / "store" / metadata["report"].split("/store/", 1)[1]).read_text())
+    assert report["detections"]["prompt"] == "thing . leaf ." and report["masks"] == {"multimask": True}
     by_box = {row["box_score"]: row["mean_iou"] for row in report["sweep"] if row["policy"] == "all"}
-    assert by_box == {0.5: pytest.approx(0.875), 0.95: 0.0}
+    assert by_box[0.99] <= by_box[0.0] and 0.0 < by_box[0.0] <= 1.0
