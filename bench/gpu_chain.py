@@ -30,15 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test images
 
 from images import random_jpeg  # noqa: E402
+
 from pseudolabel.models import tiny  # noqa: E402
 from pseudolabel.models.captions import normalize_caption  # noqa: E402
 from pseudolabel.models.detect_stage import DetectionSettings, ImageRef, run_detection  # noqa: E402
 from pseudolabel.models.grounding_dino import GroundingDinoDetector  # noqa: E402
 from pseudolabel.models.grounding_dino_build import build_grounding_dino  # noqa: E402
-from pseudolabel.rle import encode_host_masks  # noqa: E402
 from pseudolabel.models.runtime import resolve_device, resolve_precision  # noqa: E402
 from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model  # noqa: E402
 from pseudolabel.models.segment_stage import ImageBoxes, SegmentationSettings, run_segmentation  # noqa: E402
+from pseudolabel.rle import encode_host_masks  # noqa: E402
 
 PROMPT = "plant ."
 
@@ -93,9 +94,7 @@ def synthetic_photos(count: int, long_side: int) -> dict[str, bytes]:
     """Smooth random JPEGs, alternating landscape 4:3 and portrait 3:4 (so batches need padding)."""
     short_side = long_side * 3 // 4
     return {
-        f"{i:04d}": random_jpeg(
-            *((long_side, short_side) if i % 2 == 0 else (short_side, long_side)), seed=i
-        )
+        f"{i:04d}": random_jpeg(*((long_side, short_side) if i % 2 == 0 else (short_side, long_side)), seed=i)
         for i in range(count)
     }
 

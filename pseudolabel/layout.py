@@ -1,18 +1,18 @@
 """Every storage key the pipeline reads or writes, built in one place.
 
-    catalog/CURRENT.json                      pointer to the latest snapshot (written last)
-    catalog/<snapshot_id>/part-00000.parquet  snapshot chunks: url, label, source_id
-    sample/sample.parquet                     the stratified sample: image_id, url, label, shard, ...
-    sample/CURSOR.json                        what the sample has consumed (incremental sampling)
-    images/<shard>/<image_id>.jpg             EXIF-normalised RGB JPEGs
-    images/<shard>.parquet                    per-shard image index (status, sha256, ...)
-    detections/<shard>.parquet                Grounding DINO candidates, one row per box
-    detections/<shard>.images.parquet         one row per image (size, candidate count)
-    masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
-    pseudo_labels/<shard>.parquet             kept instances after thresholds
-    pseudo_labels/<shard>.coco.json           the same as COCO
-    autosam2/...                              the AutoSAM2 training layout
-    label_quality/...                         evaluation reports
+catalog/CURRENT.json                      pointer to the latest snapshot (written last)
+catalog/<snapshot_id>/part-00000.parquet  snapshot chunks: url, label, source_id
+sample/sample.parquet                     the stratified sample: image_id, url, label, shard, ...
+sample/CURSOR.json                        what the sample has consumed (incremental sampling)
+images/<shard>/<image_id>.jpg             EXIF-normalised RGB JPEGs
+images/<shard>.parquet                    per-shard image index (status, sha256, ...)
+detections/<shard>.parquet                Grounding DINO candidates, one row per box
+detections/<shard>.images.parquet         one row per image (size, candidate count)
+masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
+pseudo_labels/<shard>.parquet             kept instances after thresholds
+pseudo_labels/<shard>.coco.json           the same as COCO
+autosam2/...                              the AutoSAM2 training layout
+label_quality/...                         evaluation reports
 """
 
 from __future__ import annotations

@@ -104,8 +104,12 @@ class StratifiedSelector:
         self.quotas = dict(quotas)
         self.seed = seed
         self._kept = pd.DataFrame(
-            {"url": pd.Series(dtype=str), "label": pd.Series(dtype=str),
-             "source_id": pd.Series(dtype=str), "sample_key": pd.Series(dtype=np.uint64)}
+            {
+                "url": pd.Series(dtype=str),
+                "label": pd.Series(dtype=str),
+                "source_id": pd.Series(dtype=str),
+                "sample_key": pd.Series(dtype=np.uint64),
+            }
         )
 
     def add(self, chunk: pd.DataFrame) -> None:
@@ -143,8 +147,13 @@ def assign_shards(selected: pd.DataFrame, shard_size: int, first_shard: int = 0)
     return out[["image_id", "url", "label", "shard", "source_id", "sample_key"]]
 
 
-def stratified_sample(chunks: Iterable[pd.DataFrame], populations: Mapping[str, int],
-                      rules: SamplingRules, shard_size: int, first_shard: int = 0) -> pd.DataFrame:
+def stratified_sample(
+    chunks: Iterable[pd.DataFrame],
+    populations: Mapping[str, int],
+    rules: SamplingRules,
+    shard_size: int,
+    first_shard: int = 0,
+) -> pd.DataFrame:
     """Allocate, select and shard in one streaming pass over ``chunks`` (url, label[, source_id])."""
     selector = StratifiedSelector(allocate(populations, rules), rules.seed)
     for chunk in chunks:
@@ -209,7 +218,10 @@ def extend_sample(
     if fresh.empty:
         return assign_shards(fresh.assign(sample_key=np.array([], np.uint64)), shard_size)
     quotas = incremental_quotas(
-        fresh["label"].value_counts().to_dict(), existing["label"].value_counts().to_dict(), sampling_rate, rules
+        fresh["label"].value_counts().to_dict(),
+        existing["label"].value_counts().to_dict(),
+        sampling_rate,
+        rules,
     )
     selector = StratifiedSelector(quotas, rules.seed)
     selector.add(fresh)

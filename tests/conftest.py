@@ -1,8 +1,8 @@
 """Shared fixtures: real storage backends (local dir, S3 served by moto on 127.0.0.1) and a DevServer.
 
-    def test_x(store): ...               # runs twice: local and s3 (a plain ObjectStore)
-    def test_y(storage_resource, store): ...  # a Dagster StorageResource + a store on the same location
-    def test_z(dev_server): server = dev_server(catalog=[...], images={...})
+def test_x(store): ...               # runs twice: local and s3 (a plain ObjectStore)
+def test_y(storage_resource, store): ...  # a Dagster StorageResource + a store on the same location
+def test_z(dev_server): server = dev_server(catalog=[...], images={...})
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ from dagster_aws.s3 import S3Resource
 from moto.server import ThreadedMotoServer
 
 from pseudolabel.devserver import DevServer
-from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python
 from resources.storage import LocalStorageResource, S3StorageResource, StorageResource
 
 # tests/worker/ runs on the model-worker interpreter (see test_worker_suite.py), not here.
 collect_ignore = ["worker"]
 
 # moto accepts any credentials; explicit ones keep boto3 away from the developer's ~/.aws.
-_MOTO_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+_MOTO_CREDENTIALS = {
+    "aws_access_key_id": "testing",
+    "aws_secret_access_key": "testing",
+    "region_name": "us-east-1",
+}
 
 
 @pytest.fixture(scope="session")

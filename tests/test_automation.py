@@ -27,7 +27,10 @@ SAMPLE_CONFIG = {"sample_size": 30, "min_per_stratum": 2, "shard_size": 10, "see
 
 
 def items(start, stop):
-    return [{"image_url": f"https://img.example/{i}.jpg", "label": LABELS[i % len(LABELS)]} for i in range(start, stop)]
+    return [
+        {"image_url": f"https://img.example/{i}.jpg", "label": LABELS[i % len(LABELS)]}
+        for i in range(start, stop)
+    ]
 
 
 def temp_instance(tmp_path) -> DagsterInstance:
@@ -42,7 +45,9 @@ def temp_instance(tmp_path) -> DagsterInstance:
 def catalog_world(tmp_path, dev_server):
     """A growable catalog on a local server, a sampled snapshot of its first 100 items, an instance."""
     catalog = items(0, 100)
-    server = dev_server(lambda offset, limit: catalog[offset : offset + limit], total=10**6, report_total=False)
+    server = dev_server(
+        lambda offset, limit: catalog[offset : offset + limit], total=10**6, report_total=False
+    )
     resources = {
         "storage": LocalStorageResource(root=str(tmp_path / "data")),
         "catalog": CatalogResource(source=server.catalog_url, page_size=25),
@@ -52,7 +57,9 @@ def catalog_world(tmp_path, dev_server):
 
 def _sampled(catalog, server, resources, instance, tmp_path):
     result = materialize(
-        [catalog_snapshot, stratified_sample], resources=resources, instance=instance,
+        [catalog_snapshot, stratified_sample],
+        resources=resources,
+        instance=instance,
         run_config={"ops": {"stratified_sample": {"config": SAMPLE_CONFIG}}},
     )
     assert result.success
@@ -61,8 +68,12 @@ def _sampled(catalog, server, resources, instance, tmp_path):
 
 def run_increment(request: RunRequest, resources, instance):
     config = {**SAMPLE_CONFIG, **request.run_config["ops"]["stratified_sample"]["config"]}
-    result = materialize([stratified_sample], resources=resources, instance=instance,
-                         run_config={"ops": {"stratified_sample": {"config": config}}})
+    result = materialize(
+        [stratified_sample],
+        resources=resources,
+        instance=instance,
+        run_config={"ops": {"stratified_sample": {"config": config}}},
+    )
     assert result.success
     return result.asset_materializations_for_node("stratified_sample")[0].metadata
 
@@ -81,12 +92,17 @@ def test_schedule_samples_new_items_once_and_registers_new_shards(catalog_world)
 
     catalog.extend(items(100, 160))  # the catalog grows by 60 items
     when = datetime(2026, 11, 22, 3, tzinfo=UTC)
-    request = catalog_refresh_schedule(build_schedule_context(instance=instance, scheduled_execution_time=when))
-    assert request.run_config["ops"]["stratified_sample"]["config"] == {"mode": "incremental", "start_offset": 100}
+    request = catalog_refresh_schedule(
+        build_schedule_context(instance=instance, scheduled_execution_time=when)
+    )
+    assert request.run_config["ops"]["stratified_sample"]["config"] == {
+        "mode": "incremental",
+        "start_offset": 100,
+    }
     metadata = run_increment(request, resources, instance)
 
     after = read_parquet(store, layout.SAMPLE).to_pandas()
-    added = after.iloc[len(before):]
+    added = after.iloc[len(before) :]
     assert metadata["catalog_offset"].value == 160 and len(added) == metadata["rows_added"].value > 0
     assert added["url"].str.extract(r"/(\d+)\.jpg")[0].astype(int).ge(100).all()  # only new items
     assert not after["url"].duplicated().any()
@@ -96,7 +112,9 @@ def test_schedule_samples_new_items_once_and_registers_new_shards(catalog_world)
     # Re-running the same request adds nothing twice; the next tick starts from the new cursor.
     assert run_increment(request, resources, instance)["rows_added"].value == 0
     assert len(read_parquet(store, layout.SAMPLE).to_pandas()) == len(after)
-    next_tick = catalog_refresh_schedule(build_schedule_context(instance=instance, scheduled_execution_time=when))
+    next_tick = catalog_refresh_schedule(
+        build_schedule_context(instance=instance, scheduled_execution_time=when)
+    )
     assert next_tick.run_config["ops"]["stratified_sample"]["config"]["start_offset"] == 160
 
 

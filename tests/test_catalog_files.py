@@ -71,7 +71,9 @@ def test_batches_and_start_offset(tmp_path, name):
     assert table.num_rows == 25
     assert max(b.num_rows for b in batches) <= 10
     assert batches[-1].end_offset == 25
-    resumed = list(iter_catalog_batches(CatalogSource(str(tmp_path / name), file_batch_rows=10), start_offset=13))
+    resumed = list(
+        iter_catalog_batches(CatalogSource(str(tmp_path / name), file_batch_rows=10), start_offset=13)
+    )
     assert pa.concat_tables([b.table for b in resumed]).column("source_id").to_pylist() == [
         str(i) for i in range(13, 25)
     ]

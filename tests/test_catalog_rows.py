@@ -37,7 +37,9 @@ def test_fast_path_and_item_path_agree_on_valid_pages(ids):
 def test_one_invalid_item_keeps_the_valid_rows_identical():
     valid = [{"image_url": f"https://x/{i}.jpg", "label": "oak", "id": i} for i in range(3)]
     invalid = ReasonTally()
-    table = validate_items([*valid[:2], {"image_url": "https://x/9.jpg", "label": 5}, valid[2]], FIELDS, 10, invalid)
+    table = validate_items(
+        [*valid[:2], {"image_url": "https://x/9.jpg", "label": 5}, valid[2]], FIELDS, 10, invalid
+    )
     assert table.equals(validate_items(valid, FIELDS, 0, ReasonTally()))
     assert dict(invalid.counts) == {"label_not_string": 1}
     assert invalid.examples["label_not_string"][0]["offset"] == 12

@@ -102,7 +102,10 @@ def test_a_failed_run_leaves_the_previous_snapshot_current(store):
 
 
 def test_an_empty_catalog_is_refused_unless_allowed(store):
-    with pytest.raises(CatalogError, match="no valid rows"), CatalogSnapshotWriter(store, source="t") as writer:
+    with (
+        pytest.raises(CatalogError, match="no valid rows"),
+        CatalogSnapshotWriter(store, source="t") as writer,
+    ):
         writer.commit()
     assert read_current(store) is None
     with CatalogSnapshotWriter(store, source="t") as writer:

@@ -35,7 +35,12 @@ def test_list_is_recursive_sorted_and_prefix_filtered(store):
     assert [info.key for info in store.list("catalog/s")] == ["catalog/s1/part-0", "catalog/s2/part-1"]
     assert {info.key: info.size for info in store.list("other")} == {"other/y": 7}
     assert store.delete_prefix("catalog/s1") == 1
-    assert [info.key for info in store.list()] == ["catalog/CURRENT.json", "catalog/s2/part-1", "other/y", "z"]
+    assert [info.key for info in store.list()] == [
+        "catalog/CURRENT.json",
+        "catalog/s2/part-1",
+        "other/y",
+        "z",
+    ]
 
 
 def test_a_trailing_slash_limits_the_prefix_to_a_directory(store):

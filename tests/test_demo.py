@@ -7,8 +7,15 @@ from dagster import AssetKey, DagsterInstance
 from dagster_project.cli import build_parser
 from pseudolabel.storage import LocalObjectStore
 
-CHAIN = ["catalog_snapshot", "stratified_sample", "normalized_images", "detections", "masks", "pseudo_labels",
-         "autosam2_manifest"]
+CHAIN = [
+    "catalog_snapshot",
+    "stratified_sample",
+    "normalized_images",
+    "detections",
+    "masks",
+    "pseudo_labels",
+    "autosam2_manifest",
+]
 
 
 def test_demo_ends_at_an_autosam2_dataset(demo_run):
@@ -19,7 +26,11 @@ def test_demo_ends_at_an_autosam2_dataset(demo_run):
     store = LocalObjectStore(demo_run.data_root)
     current = store.get_json("autosam2/CURRENT.json")
     root = current["root"]
-    ids = [line for split in ("train", "val", "test") for line in store.get_text(f"{root}/splits/{split}.txt").split()]
+    ids = [
+        line
+        for split in ("train", "val", "test")
+        for line in store.get_text(f"{root}/splits/{split}.txt").split()
+    ]
     assert len(ids) == demo_run.counts["autosam2_manifest.samples"] == 24
     for sample_id in ids:
         assert store.exists(f"{root}/samples/{sample_id}.jpg")

@@ -10,12 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from dagster import DagsterInstance, materialize
+from images import random_jpeg
 
 from assets.detections import detections
 from assets.masks import masks
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
-from images import random_jpeg
-
 from pseudolabel import layout, schemas
 from pseudolabel.ids import sha256_hex
 from pseudolabel.models.detect_stage import ok_images
@@ -166,16 +165,24 @@ def test_fake_chain_writes_contracts_and_metadata(shard_store):
 
 
 def test_rerun_is_idempotent_and_skip_if_up_to_date(shard_store):
-    assert _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")).success
+    assert _materialize(
+        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")
+    ).success
     first = _files(shard_store)
-    assert _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")).success
+    assert _materialize(
+        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")
+    ).success
     assert _files(shard_store) == first  # same bytes, rewritten
 
     path = shard_store.root / layout.masks(SHARD)
     stamp = path.stat().st_mtime_ns
     skip = {"skip_if_up_to_date": True}
     result = _materialize(
-        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake"), det_config=skip, mask_config=skip
+        shard_store,
+        DetectorResource(backend="fake"),
+        SegmenterResource(backend="fake"),
+        det_config=skip,
+        mask_config=skip,
     )
     assert _metadata(result, "detections")["skipped"] is True
     assert _metadata(result, "masks")["skipped"] is True

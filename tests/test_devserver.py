@@ -31,7 +31,9 @@ def test_callable_catalog_is_generated_per_page(dev_server):
     body = httpx.get(server.catalog_url, params={"offset": 14_999_999, "limit": 100}).json()
     assert body == {"trees": [{"n": 14_999_999}], "total": 15_000_000}
     assert httpx.get(server.catalog_url, params={"offset": 0, "limit": 100}).json()["trees"] == [
-        {"n": 0}, {"n": 1}, {"n": 2}
+        {"n": 0},
+        {"n": 1},
+        {"n": 2},
     ]
     assert calls == [(14_999_999, 1), (0, 3)]
     with pytest.raises(ValueError, match="total"):
@@ -41,7 +43,11 @@ def test_callable_catalog_is_generated_per_page(dev_server):
 def test_images_are_served_with_a_content_type(dev_server):
     server = dev_server(images={"a.jpg": b"\xff\xd8jpeg", "b.png": b"\x89PNG"})
     jpeg = httpx.get(server.image_url("a.jpg"))
-    assert (jpeg.status_code, jpeg.content, jpeg.headers["content-type"]) == (200, b"\xff\xd8jpeg", "image/jpeg")
+    assert (jpeg.status_code, jpeg.content, jpeg.headers["content-type"]) == (
+        200,
+        b"\xff\xd8jpeg",
+        "image/jpeg",
+    )
     assert httpx.get(server.image_url("b.png")).headers["content-type"] == "image/png"
     head = httpx.head(server.image_url("a.jpg"))
     assert head.headers["content-length"] == "6" and head.content == b""

@@ -296,7 +296,12 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
         mask = np.zeros((40, 60), np.uint8)
         mask[10:30, 10:40] = 255
         cv2.imwrite(str(gold / "masks" / f"{stem}.png"), mask)
-    detection = {"prompt": "thing . leaf .", "one_prompt_per_class": True, "box_floor": 0.0, "text_floor": 0.0}
+    detection = {
+        "prompt": "thing . leaf .",
+        "one_prompt_per_class": True,
+        "box_floor": 0.0,
+        "text_floor": 0.0,
+    }
     result = materialize(
         [label_quality],
         resources={
@@ -334,9 +339,13 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
     store = LocalObjectStore(tmp_path / "store")
     stored = [info.key for info in store.list("label_quality/") if "/gold/" in info.key]
     prepared = [FakeDetector().prepare(key.rsplit("/", 1)[1], store.get_bytes(key)) for key in stored]
-    found = FakeDetector(max_boxes_per_caption=4).detect(prepared, ["thing .", "leaf ."], box_floor=0.0, text_floor=0.0)
+    found = FakeDetector(max_boxes_per_caption=4).detect(
+        prepared, ["thing .", "leaf ."], box_floor=0.0, text_floor=0.0
+    )
     assert metadata["candidates"] == sum(len(f) for f in found) > 0
-    masks_key = next(info.key for info in store.list("label_quality/") if info.key.endswith("candidates/masks.parquet"))
+    masks_key = next(
+        info.key for info in store.list("label_quality/") if info.key.endswith("candidates/masks.parquet")
+    )
     assert {len(s) for s in read_parquet(store, masks_key).column("multimask_scores").to_pylist()} == {3}
     report = json.loads((tmp_path / "store" / metadata["report"].split("/store/", 1)[1]).read_text())
     assert report["detections"]["prompt"] == "thing . leaf ." and report["masks"] == {"multimask": True}

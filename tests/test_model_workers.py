@@ -39,8 +39,18 @@ def write_shard(store: LocalObjectStore, shard: str, sizes: list[tuple[int, int]
         data = random_jpeg(width, height, seed=seed * 100 + i)
         store.put_bytes(layout.image(shard, image_id), data)
         rows.append(
-            dict(image_id=image_id, url=f"http://x/{image_id}.jpg", label="plant", width=width, height=height,
-                 original_orientation=1, bytes=len(data), sha256=sha256_hex(data), status="ok", error=None)
+            dict(
+                image_id=image_id,
+                url=f"http://x/{image_id}.jpg",
+                label="plant",
+                width=width,
+                height=height,
+                original_orientation=1,
+                bytes=len(data),
+                sha256=sha256_hex(data),
+                status="ok",
+                error=None,
+            )
         )
     write_parquet(store, layout.image_index(shard), pa.Table.from_pylist(rows, schema=schemas.IMAGE_INDEX))
 
@@ -52,7 +62,18 @@ def shards(store: LocalObjectStore, count: int, images: int = 4) -> list[str]:
     return names
 
 
-def run(store, assets, instance, *, detector=None, segmenter=None, workers=None, shard=None, tags=None, config=None):
+def run(
+    store,
+    assets,
+    instance,
+    *,
+    detector=None,
+    segmenter=None,
+    workers=None,
+    shard=None,
+    tags=None,
+    config=None,
+):
     return materialize(
         assets,
         partition_key=shard,
@@ -88,7 +109,9 @@ def test_one_run_over_a_range_of_shards_loads_the_models_once(tmp_path, instance
     store = LocalObjectStore(tmp_path / "data")
     names = shards(store, 3)
     instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, names)
-    result = run(store, [detections], instance, tags=dict(zip(RANGE_TAGS, (names[0], names[-1]), strict=True)))
+    result = run(
+        store, [detections], instance, tags=dict(zip(RANGE_TAGS, (names[0], names[-1]), strict=True))
+    )
     assert result.success
     metadata = shard_metadata(instance, "detections")
     assert sorted(metadata) == names  # one materialization per shard, each with its own numbers
@@ -229,23 +252,47 @@ def test_the_readme_cli_materializes_a_shard_in_the_orchestrator_environment(tmp
     dagster = str(Path(sys.executable).parent / "dagster")
 
     def cli(*args):
-        done = subprocess.run([dagster, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [dagster, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
         return done
 
-    cli("asset", "materialize", "-m", "dagster_project.definitions", "--select", "catalog_snapshot,stratified_sample")
     cli(
-        "asset", "materialize", "-m", "dagster_project.definitions",
-        "--select", "normalized_images,detections,masks,pseudo_labels", "--partition", "shard-00000",
+        "asset",
+        "materialize",
+        "-m",
+        "dagster_project.definitions",
+        "--select",
+        "catalog_snapshot,stratified_sample",
+    )
+    cli(
+        "asset",
+        "materialize",
+        "-m",
+        "dagster_project.definitions",
+        "--select",
+        "normalized_images,detections,masks,pseudo_labels",
+        "--partition",
+        "shard-00000",
     )
     listed = cli("asset", "list", "-m", "dagster_project.definitions").stdout
     assert "detections" in listed and "pseudo_labels" in listed
     store = LocalObjectStore(tmp_path / "data")
     assert store.exists(layout.masks("shard-00000")) and store.exists(layout.pseudo_labels("shard-00000"))
     probe = subprocess.run(
-        [sys.executable, "-c", "import dagster_project.definitions, sys; print(json.dumps(sorted(sys.modules)))"
-         .replace("json.dumps", "__import__('json').dumps")],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import dagster_project.definitions, sys; print(json.dumps(sorted(sys.modules)))".replace(
+                "json.dumps", "__import__('json').dumps"
+            ),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     loaded = set(json.loads(probe.stdout.strip().splitlines()[-1]))
     assert not loaded & {"torch", "sam2", "groundingdino", "transformers", "hydra"}

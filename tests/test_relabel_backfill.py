@@ -17,8 +17,12 @@ from pseudolabel.labels.thresholds import thresholds_path
 
 LABELS, DETECTIONS, MASKS = AssetKey("pseudo_labels"), AssetKey("detections"), AssetKey("masks")
 # Reload order matters: these modules read the thresholds at import time.
-THRESHOLD_MODULES = ["assets.pseudo_labels", "assets.label_quality", "assets.autosam2_manifest",
-                     "dagster_project.definitions"]
+THRESHOLD_MODULES = [
+    "assets.pseudo_labels",
+    "assets.label_quality",
+    "assets.autosam2_manifest",
+    "dagster_project.definitions",
+]
 
 
 def load_definitions():
@@ -82,6 +86,13 @@ def test_threshold_edit_backfill_relabels_every_shard_without_gpu_steps(chain, t
 
     started = {e.step_key for e in instance.all_logs(result.run_id, of_type=DagsterEventType.STEP_START)}
     assert started == {"pseudo_labels"}
+    # No model worker was started: the chain's runs log one "starting model worker" line per GPU step.
+    worker_lines = [
+        e for e in instance.all_logs(result.run_id) if "starting model worker" in (e.message or "")
+    ]
+    assert worker_lines == []
+    chain_runs = {run_id for run_id, _ in gpu_before}
+    assert any("starting model worker" in (e.message or "") for r in chain_runs for e in instance.all_logs(r))
     relabelled = {p for run_id, p in materialization_runs(instance, LABELS) if run_id == result.run_id}
     assert relabelled == set(shards)
     assert materialization_runs(instance, DETECTIONS) + materialization_runs(instance, MASKS) == gpu_before

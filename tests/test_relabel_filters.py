@@ -97,20 +97,6 @@ def test_grouped_nms_equals_per_group_greedy_nms(threshold):
     assert 0 < keep.sum() < len(keep)
 
 
-def test_grouped_nms_matches_torchvision_batched_nms():
-    torch = pytest.importorskip("torch")
-    ops = pytest.importorskip("torchvision.ops")
-    rng = np.random.default_rng(3)
-    n = 3000
-    groups = rng.integers(0, 300, size=n)
-    xy = rng.uniform(0, 100, size=(n, 2))
-    boxes = np.hstack([xy, xy + rng.uniform(5, 50, size=(n, 2))])
-    scores = rng.uniform(size=n)  # distinct scores: torchvision's tie order is unspecified
-    ours = np.flatnonzero(grouped_nms(boxes, scores, groups, 0.5))
-    theirs = ops.batched_nms(torch.tensor(boxes), torch.tensor(scores), torch.tensor(groups), 0.5).numpy()
-    np.testing.assert_array_equal(ours, np.sort(theirs))
-
-
 def test_nms_is_class_aware_and_per_image():
     overlapping = (0, 0, 20, 20)
     shifted = (1, 0, 21, 20)  # IoU 19/21 with the first

@@ -10,7 +10,9 @@ POPULATIONS = {"oak": 60_000, "pine": 30_000, "fern": 9_000, "moss": 950, "rare"
 
 
 def make_catalog(populations, seed=1):
-    rows = [(f"https://img.example/{label}/{i}.jpg", label) for label, n in populations.items() for i in range(n)]
+    rows = [
+        (f"https://img.example/{label}/{i}.jpg", label) for label, n in populations.items() for i in range(n)
+    ]
     frame = pd.DataFrame(rows, columns=["url", "label"])
     return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 

@@ -32,7 +32,9 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
 
 
 def free_port() -> int:
@@ -44,9 +46,23 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def webserver(demo_run):
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(demo_run.dagster_home), "PSEUDOLABEL_STORAGE": str(demo_run.data_root)}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(demo_run.dagster_home),
+        "PSEUDOLABEL_STORAGE": str(demo_run.data_root),
+    }
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster_webserver",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "workspace.yaml",
+    ]
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

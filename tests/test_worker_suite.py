@@ -19,7 +19,15 @@ def test_worker_suite_passes_in_the_worker_environment(worker_python):
     probe = subprocess.run([worker_python, "-c", "import dagster"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'dagster'" in probe.stderr
     result = subprocess.run(
-        [worker_python, "-m", "pytest", "-c", str(TESTS / "worker" / "pytest.ini"), str(TESTS / "worker"), "-q"],
+        [
+            worker_python,
+            "-m",
+            "pytest",
+            "-c",
+            str(TESTS / "worker" / "pytest.ini"),
+            str(TESTS / "worker"),
+            "-q",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -63,7 +63,9 @@ def iter_file_batches(source: CatalogSource, start_offset: int = 0) -> Iterator[
         skip = max(0, start_offset - batch_start)
         invalid = ReasonTally()
         table = validate_items(items[skip:], source.fields, batch_start + skip, invalid)
-        yield CatalogBatch(table=table, start_offset=batch_start + skip, end_offset=offset, invalid_rows=invalid)
+        yield CatalogBatch(
+            table=table, start_offset=batch_start + skip, end_offset=offset, invalid_rows=invalid
+        )
 
 
 def count_file_rows(source: CatalogSource) -> int | None:

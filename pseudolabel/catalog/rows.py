@@ -61,7 +61,9 @@ def _id_array(ids: list[object]) -> pa.Array:
     except pa.ArrowException:  # mixed types: decide per value
         inferred = None
     if inferred is not None and (
-        pa.types.is_string(inferred.type) or pa.types.is_integer(inferred.type) or pa.types.is_null(inferred.type)
+        pa.types.is_string(inferred.type)
+        or pa.types.is_integer(inferred.type)
+        or pa.types.is_null(inferred.type)
     ):
         return inferred.cast(pa.string())
     return pa.array([_source_id(value) for value in ids], pa.string())

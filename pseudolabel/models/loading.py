@@ -82,7 +82,9 @@ class _Spec:
         if self.backend not in backends:
             raise ModelConfigError(f"unknown backend {self.backend!r}; one of {list(backends)}")
         if not self.is_fake and self.variant not in variants:
-            raise ModelConfigError(f"unknown {self.backend} variant {self.variant!r}; one of {list(variants)}")
+            raise ModelConfigError(
+                f"unknown {self.backend} variant {self.variant!r}; one of {list(variants)}"
+            )
         if self.tiny and self.checkpoint != RANDOM:
             raise ModelConfigError(
                 "tiny=True builds a shrunken architecture no released checkpoint fits; set checkpoint='random'"
@@ -172,7 +174,11 @@ def load_segmenter(spec: SegmenterSpec) -> Segmenter:
     if spec.image_size and not spec.tiny:
         overrides.append(f"++model.image_size={spec.image_size}")
     model = sam2_segmenter.build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
-    info = {"model": "sam2.1", "variant": spec.variant + ("-tiny" if spec.tiny else ""), **_identity(spec, resolved)}
+    info = {
+        "model": "sam2.1",
+        "variant": spec.variant + ("-tiny" if spec.tiny else ""),
+        **_identity(spec, resolved),
+    }
     return sam2_segmenter.Sam2Segmenter(
         model,
         device=device,
@@ -199,7 +205,13 @@ def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True)
     if text_encoder:
         from huggingface_hub import snapshot_download
 
-        patterns = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+        patterns = [
+            "config.json",
+            "vocab.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ]
         paths.append(Path(snapshot_download(DetectorSpec.text_encoder, allow_patterns=patterns)))
     return paths
 

@@ -26,8 +26,8 @@ from torch import nn
 from pseudolabel.models.checkpoints import CheckpointSpec
 from pseudolabel.models.image_io import decode_resized
 from pseudolabel.models.interfaces import ImageMasks, PreparedImage
-from pseudolabel.rle import EncodedMasks, encode_device_masks
 from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin, seeded
+from pseudolabel.rle import EncodedMasks, encode_device_masks
 
 _RELEASES = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 

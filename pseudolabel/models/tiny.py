@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pseudolabel.models.runtime import seeded
 
 # Tokens BertTokenizer and Grounding DINO require ([CLS] [SEP] . ? delimit phrases), then prompt words.

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from pseudolabel.labels.relabel import Candidates, relabel_shard
-from pseudolabel.rle import decode_union, rle_object
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
 from pseudolabel.quality.metrics import contour_weights, iou, weighted_iou
+from pseudolabel.rle import decode_union, rle_object
 
 SWEEP_COLUMNS = [
     "policy",

@@ -63,7 +63,12 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
     pipes.log.info(f"loaded {loaded} in {load_s}s")
 
     workers = (detector_spec or segmenter_spec).num_workers
-    worker = {"pid": os.getpid(), "cuda_visible_devices": devices, "model_load_s": load_s, "started_at": time.time()}
+    worker = {
+        "pid": os.getpid(),
+        "cuda_visible_devices": devices,
+        "model_load_s": load_s,
+        "started_at": time.time(),
+    }
     for number, shard in enumerate(task.shards, start=1):
         pipes.report_custom_message({"event": SHARD_STARTED, "shard": shard})
         shard_started = time.perf_counter()

@@ -7,9 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from images import random_jpeg
+from PIL import Image
 
 from pseudolabel.models import tiny
 from pseudolabel.models.captions import captions_for, normalize_caption, split_caption

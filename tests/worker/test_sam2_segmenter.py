@@ -8,14 +8,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
-
 from images import random_jpeg
+from PIL import Image
 
 from pseudolabel import schemas
 from pseudolabel.models import tiny
 from pseudolabel.models.fakes import FakeSegmenter
-from pseudolabel.rle import decode_rle
+from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
 from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model
 from pseudolabel.models.segment_stage import (
     ImageBoxes,
@@ -23,7 +22,7 @@ from pseudolabel.models.segment_stage import (
     boxes_per_image,
     run_segmentation,
 )
-from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
+from pseudolabel.rle import decode_rle
 
 SIZE = 128
 
