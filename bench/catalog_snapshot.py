@@ -109,9 +109,13 @@ def in_child(target: Any, *args: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000, help="catalog size (up to 15_000_000)")
-    parser.add_argument("--baseline-rows", type=int, default=None, help="baseline size (default min(rows, 1M))")
+    parser.add_argument(
+        "--baseline-rows", type=int, default=None, help="baseline size (default min(rows, 1M))"
+    )
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--chunk-rows", type=int, default=250_000)

@@ -71,6 +71,12 @@ def masks(shard: str) -> str:
     return f"masks/{shard}.parquet"
 
 
+def provenance(stage_key: str) -> str:
+    """What produced a GPU stage's output (model identity, backend, settings, fingerprint), written by
+    the worker just before the output: ``detections/shard-00000.parquet`` -> ``....meta.json``."""
+    return stage_key.removesuffix(".parquet") + ".meta.json"
+
+
 def pseudo_labels(shard: str) -> str:
     return f"pseudo_labels/{shard}.parquet"
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pseudolabel import layout
-from pseudolabel.dataset.collect import collect, provenance_key
+from pseudolabel.dataset.collect import collect
 from pseudolabel.dataset.publish import (
     CURRENT_KEY,
     current_root,
@@ -203,12 +203,12 @@ def test_collect_reads_every_shard_with_provenance(tmp_path):
     store = LocalObjectStore(tmp_path)
     two_shards(store)
     store.put_json(
-        provenance_key(layout.detections("shard-00000")),
+        layout.provenance(layout.detections("shard-00000")),
         {"model_variant": "swint_ogc", "checkpoint_sha256": "abc"},
     )
     store.put_json(
-        provenance_key(layout.masks("shard-00000")),
-        {"model": "sam2.1", "variant": "hiera_large", "checkpoint_sha256": "def", "device": "cuda"},
+        layout.provenance(layout.masks("shard-00000")),
+        {"model": "sam2.1", "variant": "hiera_large", "checkpoint_sha256": "def", "backend": "sam2", "fingerprint": "f9"},
     )
     collected = collect(store)
     assert collected.shards == ["shard-00000", "shard-00001"]
@@ -223,6 +223,7 @@ def test_collect_reads_every_shard_with_provenance(tmp_path):
     )
     assert samples.loc["a", "segmenter_model"] == "sam2.1/hiera_large"
     assert samples.loc["a", "segmenter_checkpoint_sha256"] == "def"
+    assert samples.loc["a", "segmenter_backend"] == "sam2" and samples.loc["a", "segmenter_fingerprint"] == "f9"
     assert samples.loc["c", "detector_model"] is None  # no sidecar for that shard
     assert set(samples["thresholds_fingerprint"]) == {"fp1"}
     assert len(collected.instances) == 4
@@ -271,9 +272,13 @@ def test_publish_writes_the_autosam2_layout_and_flips_the_pointer(store):
         "split": next(s for s, ids in split_ids.items() if "a" in ids),
         "thresholds_fingerprint": "fp1",
         "detector_model": None,
+        "detector_backend": None,
         "detector_checkpoint_sha256": None,
+        "detector_fingerprint": None,
         "segmenter_model": None,
+        "segmenter_backend": None,
         "segmenter_checkpoint_sha256": None,
+        "segmenter_fingerprint": None,
         "instance_count": 2,
         "mask_fraction": round(300 / (H * W), 6),
         "width": W,

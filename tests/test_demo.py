@@ -37,6 +37,13 @@ def test_demo_ends_at_an_autosam2_dataset(demo_run):
         assert store.exists(f"{root}/binary_masks/{sample_id}_binarymask.jpg")
     manifest = [json.loads(line) for line in store.get_text(f"{root}/manifest.jsonl").splitlines()]
     assert {m["id"] for m in manifest} == set(ids)
+    # Provenance from what the workers really ran (tiny random-weight models: no checkpoint digest).
+    for line in manifest:
+        assert line["detector_backend"] == "grounding_dino" and line["segmenter_backend"] == "sam2"
+        assert line["detector_model"] == "grounding_dino/swint_ogc-tiny"
+        assert line["segmenter_model"] == "sam2.1/tiny-tiny"
+        assert len(line["detector_fingerprint"]) == len(line["segmenter_fingerprint"]) == 64
+        assert line["detector_checkpoint_sha256"] is None  # random weights have none
     assert "SMOKE RUN" in demo_run.render()
 
 

@@ -16,8 +16,8 @@ from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
 
 _LABEL_KEY = re.compile(r"^pseudo_labels/(?P<shard>[^/]+)\.parquet$")
 
-# Optional per-shard provenance the detection / mask stages may write next to their Parquet, e.g.
-# their model's describe(): {"model": "sam2.1", "variant": "hiera_large", "checkpoint_sha256": "..."}.
+# Per-shard provenance the model workers write next to the detection / mask Parquet
+# (``layout.provenance``): the model's describe() plus backend, settings and the output's fingerprint.
 PROVENANCE_STAGES = {"detector": layout.detections, "segmenter": layout.masks}
 _CHECKPOINT_KEYS = ("checkpoint_sha256", "checkpoint_hash", "sha256")
 
@@ -33,15 +33,14 @@ SAMPLE_COLUMNS = [
     "mask_fraction",
     "thresholds_fingerprint",
     "detector_model",
+    "detector_backend",
     "detector_checkpoint_sha256",
+    "detector_fingerprint",
     "segmenter_model",
+    "segmenter_backend",
     "segmenter_checkpoint_sha256",
+    "segmenter_fingerprint",
 ]
-
-
-def provenance_key(stage_key: str) -> str:
-    """``detections/shard-00000.parquet`` -> ``detections/shard-00000.meta.json``."""
-    return stage_key.removesuffix(".parquet") + ".meta.json"
 
 
 @dataclass(frozen=True)
@@ -75,16 +74,19 @@ def _model_variant(meta: dict[str, Any]) -> str | None:
 
 
 def read_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
-    """Model variant + checkpoint hash per stage from its sidecar JSON, or None where absent."""
+    """Model variant, backend, checkpoint hash and output fingerprint per stage from its sidecar JSON,
+    or None where absent."""
     out: dict[str, str | None] = {}
     for stage, key_of in PROVENANCE_STAGES.items():
         try:
-            meta = store.get_json(provenance_key(key_of(shard)))
+            meta = store.get_json(layout.provenance(key_of(shard)))
         except (ObjectNotFound, ValueError):
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
         out[f"{stage}_model"] = _model_variant(meta)
+        out[f"{stage}_backend"] = meta.get("backend")
         out[f"{stage}_checkpoint_sha256"] = _first(meta, _CHECKPOINT_KEYS)
+        out[f"{stage}_fingerprint"] = meta.get("fingerprint")
     return out
 
 

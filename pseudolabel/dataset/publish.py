@@ -125,10 +125,11 @@ def _manifest_line(sample: Mapping[str, Any]) -> str:
         "shard": sample["shard"],
         "split": sample["split"],
         "thresholds_fingerprint": sample["thresholds_fingerprint"],
-        "detector_model": sample["detector_model"],
-        "detector_checkpoint_sha256": sample["detector_checkpoint_sha256"],
-        "segmenter_model": sample["segmenter_model"],
-        "segmenter_checkpoint_sha256": sample["segmenter_checkpoint_sha256"],
+        **{
+            f"{stage}_{field}": sample[f"{stage}_{field}"]
+            for stage in ("detector", "segmenter")
+            for field in ("model", "backend", "checkpoint_sha256", "fingerprint")
+        },
         "instance_count": sample["instance_count"],
         "mask_fraction": round(float(sample["mask_fraction"]), 6),
         "width": sample["width"],

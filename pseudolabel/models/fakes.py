@@ -35,6 +35,7 @@ def _rng(*parts: str) -> np.random.Generator:
 
 def _describe(model: str, batch_size: int) -> dict[str, Any]:
     return {
+        "backend": "fake",
         "model": model,
         "variant": "fake",
         "weights": "fake",

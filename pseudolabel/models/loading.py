@@ -249,6 +249,7 @@ def _runtime(spec: _Spec, resolved: ResolvedCheckpoint) -> tuple[Any, str]:
 
 def _identity(spec: _Spec, resolved: ResolvedCheckpoint) -> dict[str, Any]:
     identity = {
+        "backend": spec.backend,
         "checkpoint": resolved.source,
         "checkpoint_sha256": resolved.sha256,
         "checkpoint_status": resolved.status,

@@ -13,6 +13,7 @@ def model_metadata(identity: dict[str, Any]) -> dict[str, str | int | float | bo
     """Flatten a model ``describe()`` into metadata entries, labelling smoke runs loudly."""
     out: dict[str, str | int | float | bool] = {}
     for key in (
+        "backend",
         "model",
         "variant",
         "weights",

@@ -63,6 +63,7 @@ def detect_shard(
         settings,
         workers=workers,
     )
+    _write_provenance(store, keys[1], identity, settings, fingerprint)
     write_parquet(store, keys[0], result.images_table(fingerprint))  # images first: masks reads both
     write_parquet(store, keys[1], result.detections_table(fingerprint))
 
@@ -121,6 +122,7 @@ def segment_shard(
         settings,
         workers=workers,
     )
+    _write_provenance(store, key, identity, settings, fingerprint)
     write_parquet(store, key, result.table(fingerprint))
 
     metadata = {
@@ -182,6 +184,19 @@ def gold_candidates(
         "detector": meta(model_metadata(detector.describe()), "json"),
         "segmenter": meta(model_metadata(segmenter.describe()), "json"),
     }
+
+
+def _write_provenance(store: ObjectStore, key: str, identity: dict, settings: Any, fingerprint: str) -> None:
+    """The sidecar the AutoSAM2 manifest's provenance columns come from; written before the output,
+    so a visible output never has an older sidecar."""
+    store.put_json(
+        layout.provenance(key),
+        {
+            **model_metadata(identity),
+            "settings": vars(settings),
+            "fingerprint": fingerprint,
+        },
+    )
 
 
 def _model(identity: dict[str, Any]) -> dict[str, Any]:
