@@ -11,7 +11,6 @@ import os
 from collections.abc import Mapping
 
 from dagster import ExecutorDefinition, multiprocess_executor
-from dagster_k8s import k8s_job_executor
 
 EXECUTOR_ENV = "PSEUDOLABEL_EXECUTOR"
 
@@ -20,6 +19,8 @@ def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefin
     environ = os.environ if environ is None else environ
     choice = environ.get(EXECUTOR_ENV, "multiprocess").strip().lower()
     if choice == "k8s":
+        from dagster_k8s import k8s_job_executor  # the kubernetes client loads only where it is used
+
         return k8s_job_executor
     if choice in ("", "multiprocess"):
         return multiprocess_executor

@@ -38,7 +38,6 @@ from dagster import (
     open_pipes_session,
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
-from dagster_k8s import PipesK8sClient, PipesK8sPodLogsMessageReader
 
 from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
@@ -197,7 +196,9 @@ class K8sModelWorkers(ModelWorkersResource):
                 f"Kubernetes secrets ({', '.join(self.env_secrets) or 'none configured'})"
             )
         pod_spec, pod_meta = self.pod_spec(), self.pod_meta(context, task)  # bad GPU_* settings fail here
-        reader = _RecordingPodLogsReader()
+        from dagster_k8s import PipesK8sClient  # only a k8s deployment pays for the kubernetes client
+
+        reader = _recording_pod_logs_reader()
         where = f"model-worker pod for step {context.op.name} (image {self.image}"
         where += f", namespace {self.namespace})" if self.namespace else ")"
         context.log.info(f"starting {where}: {task.stage}, {task.shards}")
@@ -226,20 +227,24 @@ class K8sModelWorkers(ModelWorkersResource):
         return record_worker_results(context, task, invocation.get_custom_messages(), None)
 
 
-class _RecordingPodLogsReader(PipesK8sPodLogsMessageReader):
-    """Keeps the message handler, so the worker's reports survive a failed pod (``PipesK8sClient``
-    hands back its session only on success)."""
+def _recording_pod_logs_reader() -> Any:
+    """A pod-logs message reader that keeps its message handler, so the worker's reports survive a
+    failed pod (``PipesK8sClient`` hands back its session only on success)."""
+    from dagster_k8s import PipesK8sPodLogsMessageReader
 
-    handler: Any = None
+    class RecordingPodLogsReader(PipesK8sPodLogsMessageReader):
+        handler: Any = None
 
-    @contextmanager
-    def read_messages(self, handler: Any) -> Iterator[Any]:
-        self.handler = handler
-        with super().read_messages(handler) as params:
-            yield params
+        @contextmanager
+        def read_messages(self, handler: Any) -> Iterator[Any]:
+            self.handler = handler
+            with super().read_messages(handler) as params:
+                yield params
 
-    def custom_messages(self) -> Sequence[Any]:
-        return self.handler.get_custom_messages() if self.handler is not None else ()
+        def custom_messages(self) -> Sequence[Any]:
+            return self.handler.get_custom_messages() if self.handler is not None else ()
+
+    return RecordingPodLogsReader()
 
 
 def _worth_retrying(exc: BaseException) -> bool:

@@ -19,7 +19,6 @@ from typing import Any
 
 import boto3
 import pytest
-from dagster_aws.s3 import S3Resource
 from moto.server import ThreadedMotoServer
 
 from pseudolabel.devserver import DevServer
@@ -58,10 +57,6 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
-def s3_resource(endpoint: str) -> S3Resource:
-    return S3Resource(endpoint_url=endpoint, **_MOTO_CREDENTIALS)
-
-
 S3_PREFIX = "pseudolabel"  # production stores live under a prefix, so tests do too
 
 
@@ -77,7 +72,7 @@ def storage_resource(backend: str, request: pytest.FixtureRequest, tmp_path) -> 
         return LocalStorageResource(root=str(tmp_path / "store"))
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    return S3StorageResource(bucket=bucket, prefix=S3_PREFIX, s3=s3_resource(endpoint))
+    return S3StorageResource(bucket=bucket, prefix=S3_PREFIX, endpoint_url=endpoint, **_MOTO_CREDENTIALS)
 
 
 @pytest.fixture

@@ -208,7 +208,13 @@ def test_collect_reads_every_shard_with_provenance(tmp_path):
     )
     store.put_json(
         layout.provenance(layout.masks("shard-00000")),
-        {"model": "sam2.1", "variant": "hiera_large", "checkpoint_sha256": "def", "backend": "sam2", "fingerprint": "f9"},
+        {
+            "model": "sam2.1",
+            "variant": "hiera_large",
+            "checkpoint_sha256": "def",
+            "backend": "sam2",
+            "fingerprint": "f9",
+        },
     )
     collected = collect(store)
     assert collected.shards == ["shard-00000", "shard-00001"]
@@ -223,7 +229,9 @@ def test_collect_reads_every_shard_with_provenance(tmp_path):
     )
     assert samples.loc["a", "segmenter_model"] == "sam2.1/hiera_large"
     assert samples.loc["a", "segmenter_checkpoint_sha256"] == "def"
-    assert samples.loc["a", "segmenter_backend"] == "sam2" and samples.loc["a", "segmenter_fingerprint"] == "f9"
+    assert (
+        samples.loc["a", "segmenter_backend"] == "sam2" and samples.loc["a", "segmenter_fingerprint"] == "f9"
+    )
     assert samples.loc["c", "detector_model"] is None  # no sidecar for that shard
     assert set(samples["thresholds_fingerprint"]) == {"fp1"}
     assert len(collected.instances) == 4

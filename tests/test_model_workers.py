@@ -23,7 +23,7 @@ from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout, schemas
 from pseudolabel.ids import sha256_hex
 from pseudolabel.rle import decode_rle
-from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import LocalObjectStore, ObjectStore, read_parquet, write_parquet
 from resources.models import DetectorResource, SegmenterResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers, visible_gpus
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANGE_TAGS = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
-def write_shard(store: LocalObjectStore, shard: str, sizes: list[tuple[int, int]], seed: int = 0) -> None:
+def write_shard(store: ObjectStore, shard: str, sizes: list[tuple[int, int]], seed: int = 0) -> None:
     rows = []
     for i, (width, height) in enumerate(sizes):
         image_id = f"{seed:04x}{i:012x}"
@@ -296,3 +296,29 @@ def test_the_readme_cli_materializes_a_shard_in_the_orchestrator_environment(tmp
     )
     loaded = set(json.loads(probe.stdout.strip().splitlines()[-1]))
     assert not loaded & {"torch", "sam2", "groundingdino", "transformers", "hydra"}
+
+
+def test_workers_write_to_each_storage_backend(storage_resource, store, instance):
+    """The worker opens the same store from its location + environment (moto's S3 on 127.0.0.1 too)."""
+    name = layout.shard_name(0)
+    write_shard(store, name, [(96, 64)] * 4)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+    result = materialize(
+        [detections, masks],
+        partition_key=name,
+        instance=instance,
+        resources={
+            "storage": storage_resource,
+            "detector": DetectorResource(backend="fake"),
+            "segmenter": SegmenterResource(backend="fake"),
+            "model_workers": LocalModelWorkers(),
+        },
+    )
+    assert result.success
+    assert (
+        read_parquet(store, layout.masks(name)).num_rows
+        == read_parquet(store, layout.detections(name)).num_rows
+    )
+    sidecar = store.get_json(layout.provenance(layout.masks(name)))
+    assert sidecar["backend"] == "fake" and sidecar["settings"] == {"multimask": False}
+    assert sidecar["fingerprint"] == shard_metadata(instance, "masks")[name]["fingerprint"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 
 def plot_sweep(sweep: pd.DataFrame, title: str = "") -> bytes:
     """PNG bytes. Uses a bare Agg Figure (no pyplot state), so it is safe in any process or thread."""
+    # matplotlib costs ~50 MB and a fraction of a second: paid when a sweep is drawn, not by every
+    # process that loads the code location.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     policies = list(dict.fromkeys(sweep["policy"]))
     metrics = [("mean_iou", "mean IoU"), ("mean_cd_iou", "mean CD-IoU")]
     figure = Figure(figsize=(4.2 * max(len(policies), 1), 6.5), layout="constrained")
