@@ -7,7 +7,10 @@ prints what was produced and where.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +26,14 @@ from assets.stratified_sample import stratified_sample
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel.demo_catalog import demo_items
 from pseudolabel.devserver import DevServer
+from pseudolabel.images.download import ALLOWED_NETWORKS_ENV
 from pseudolabel.workers.environment import ensure_worker_python
 from resources.catalog import CatalogResource
 from resources.models import model_resources
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers
 
+DEMO_NETWORK = "127.0.0.0/8"  # where the demo's catalog/image server listens
 SHARD_CHAIN = [normalized_images, detections, masks, pseudo_labels]
 INSTANCE_YAML = """\
 concurrency:
@@ -69,7 +74,7 @@ class DemoSummary:
             "",
             "See it in the UI:",
             f"  DAGSTER_HOME={self.dagster_home} PSEUDOLABEL_STORAGE={self.data_root} "
-            f"PSEUDOLABEL_MODELS={self.models} dagster dev -w workspace.yaml",
+            f"PSEUDOLABEL_MODELS={self.models} {ALLOWED_NETWORKS_ENV}={DEMO_NETWORK} dagster dev -w workspace.yaml",
         ]
         return "\n".join(lines)
 
@@ -98,6 +103,36 @@ def run_demo(
     detector, segmenter = model_resources(models)
     if models != "fake":  # build the model-worker environment up front, with pip's progress shown
         ensure_worker_python(log=lambda line: print(line, flush=True))
+    with loopback_images_allowed():
+        shards, result = _run_chain(instance, items, detector, segmenter, data_root, shard_size, models)
+
+    summary = DemoSummary(out_dir, data_root, dagster_home, models, shards, time.perf_counter() - started)
+    summary.counts = _counts(instance, shards)
+    meta = result.asset_materializations_for_node("autosam2_manifest")[0].metadata
+    summary.counts["autosam2_manifest.samples"] = int(meta["samples"].value)
+    summary.dataset_root = (
+        str(meta["dataset_root"].value) if "dataset_root" in meta else str(data_root / "autosam2")
+    )
+    return summary
+
+
+@contextmanager
+def loopback_images_allowed() -> Iterator[None]:
+    """The demo's image server is on loopback, which production refuses to fetch from: allow it while
+    the demo runs, and only then."""
+    previous = os.environ.get(ALLOWED_NETWORKS_ENV)
+    os.environ[ALLOWED_NETWORKS_ENV] = DEMO_NETWORK
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOWED_NETWORKS_ENV, None)
+        else:
+            os.environ[ALLOWED_NETWORKS_ENV] = previous
+
+
+def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size: int, models: str):
+    """Serve the synthetic catalog and materialize every stage; returns (shards, dataset run result)."""
     catalog: list[dict] = []  # filled once the server knows its port; served through the callable
     images_by_name = {item.name: item.data for item in items if item.data is not None}
     page = lambda offset, limit: catalog[offset : offset + limit]  # noqa: E731
@@ -145,15 +180,7 @@ def run_demo(
                 run_config={"ops": {"autosam2_manifest": {"config": dataset_config}}},
             )
         )
-
-    summary = DemoSummary(out_dir, data_root, dagster_home, models, shards, time.perf_counter() - started)
-    summary.counts = _counts(instance, shards)
-    meta = result.asset_materializations_for_node("autosam2_manifest")[0].metadata
-    summary.counts["autosam2_manifest.samples"] = int(meta["samples"].value)
-    summary.dataset_root = (
-        str(meta["dataset_root"].value) if "dataset_root" in meta else str(data_root / "autosam2")
-    )
-    return summary
+    return shards, result
 
 
 def _check(result):

@@ -20,6 +20,11 @@ BODY = bytes(range(256)) * 8  # 2 KiB; the fetcher does not care whether it is a
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}  # keep retry tests quick
 
 
+async def PUBLIC_DNS(host: str, port: int) -> list[str]:  # noqa: N802 - a constant-like stand-in
+    """catalog.test and friends resolve to a public documentation address; no DNS query is made."""
+    return ["93.184.215.14"]
+
+
 def fetch(url: str, **policy) -> bytes:
     async def run() -> bytes:
         async with ImageFetcher(DownloadPolicy(**{**FAST, **policy})) as fetcher:
@@ -111,7 +116,8 @@ def test_streamed_body_over_the_limit_is_cut_off():
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=endless()))
 
     async def run() -> None:
-        async with ImageFetcher(DownloadPolicy(max_bytes=10 * 1024), transport=transport) as fetcher:
+        policy = DownloadPolicy(max_bytes=10 * 1024)
+        async with ImageFetcher(policy, transport=transport, resolver=PUBLIC_DNS) as fetcher:
             await fetcher.fetch("http://catalog.test/huge.jpg")
 
     with pytest.raises(ImageRejected) as caught:
@@ -173,7 +179,9 @@ def test_concurrency_is_bounded():
 
     async def run(concurrency: int) -> list[bytes]:
         async with ImageFetcher(
-            DownloadPolicy(concurrency=concurrency), transport=httpx.MockTransport(handler)
+            DownloadPolicy(concurrency=concurrency),
+            transport=httpx.MockTransport(handler),
+            resolver=PUBLIC_DNS,
         ) as fetcher:
             return await asyncio.gather(*(fetcher.fetch(f"http://catalog.test/{i}.jpg") for i in range(60)))
 
@@ -194,3 +202,105 @@ def test_parse_retry_after():
     )
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
+
+
+# --- only public addresses are fetched (nothing here leaves the machine: the DNS answers are injected
+# and the blocked targets are checked before any connection) -----------------------------------------
+
+
+def fetch_with(url: str, handler, resolver=None, **policy) -> bytes:
+    async def run() -> bytes:
+        transport = httpx.MockTransport(handler)
+        async with ImageFetcher(
+            DownloadPolicy(**{**FAST, **policy}), transport=transport, resolver=resolver
+        ) as f:
+            return await f.fetch(url)
+
+    return asyncio.run(run())
+
+
+def recording_handler(seen: list[str], redirect_to: str | None = None):
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if redirect_to is not None:
+            return httpx.Response(302, headers={"Location": redirect_to})
+        return httpx.Response(200, content=BODY)
+
+    return handler
+
+
+def fake_dns(table: dict[str, list[str]]):
+    async def resolve(host: str, port: int) -> list[str]:
+        return table[host]
+
+    return resolve
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
+        "http://127.0.0.1:8080/a.jpg",  # loopback
+        "http://[::1]/a.jpg",
+        "http://10.1.2.3/a.jpg",  # private
+        "http://[::ffff:192.168.0.1]/a.jpg",  # private, IPv4-mapped
+        "http://0.0.0.0/a.jpg",
+    ],
+)
+def test_non_public_addresses_are_refused_before_connecting(url):
+    seen: list[str] = []
+    with pytest.raises(ImageRejected) as caught:
+        fetch_with(url, recording_handler(seen), allowed_networks=())
+    assert caught.value.reason is RejectReason.BLOCKED_ADDRESS
+    assert "refused before connecting" in caught.value.detail
+    assert seen == []
+
+
+def test_a_hostname_resolving_into_a_private_network_is_refused():
+    seen: list[str] = []
+    dns = fake_dns({"images.example.com": ["93.184.215.14", "10.0.0.7"]})  # one bad answer is enough
+    with pytest.raises(ImageRejected) as caught:
+        fetch_with("https://images.example.com/a.jpg", recording_handler(seen), dns, allowed_networks=())
+    assert caught.value.reason is RejectReason.BLOCKED_ADDRESS and "10.0.0.7 (private)" in caught.value.detail
+    assert seen == []
+
+
+def test_a_redirect_to_the_metadata_service_is_never_followed():
+    seen: list[str] = []
+    dns = fake_dns({"images.example.com": ["93.184.215.14"]})
+    handler = recording_handler(seen, redirect_to="http://169.254.169.254/latest/meta-data/iam")
+    with pytest.raises(ImageRejected) as caught:
+        fetch_with("https://images.example.com/a.jpg", handler, dns, allowed_networks=())
+    assert caught.value.reason is RejectReason.BLOCKED_ADDRESS and "link-local" in caught.value.detail
+    assert seen == ["https://images.example.com/a.jpg"]  # the redirect target was never contacted
+
+
+def test_public_redirects_are_followed_and_allowed_networks_are_fetched():
+    seen: list[str] = []
+    dns = fake_dns({"a.example.com": ["93.184.215.14"], "cdn.example.com": ["151.101.1.1"]})
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.host == "a.example.com":
+            return httpx.Response(301, headers={"Location": "https://cdn.example.com/a.jpg"})
+        return httpx.Response(200, content=BODY)
+
+    assert fetch_with("https://a.example.com/a.jpg", handler, dns, allowed_networks=()) == BODY
+    assert seen == ["https://a.example.com/a.jpg", "https://cdn.example.com/a.jpg"]
+    assert (
+        fetch_with("http://10.1.2.3/a.jpg", recording_handler([]), allowed_networks=("10.0.0.0/8",)) == BODY
+    )
+
+
+def test_redirect_loops_are_cut_off():
+    dns = fake_dns({"a.example.com": ["93.184.215.14"]})
+    handler = recording_handler([], redirect_to="https://a.example.com/again")
+    with pytest.raises(ImageRejected, match="more than 3 redirects"):
+        fetch_with("https://a.example.com/a.jpg", handler, dns, allowed_networks=(), max_redirects=3)
+
+
+def test_the_real_server_is_reachable_only_when_loopback_is_allowed(server):
+    """The suite allows 127.0.0.0/8 through PSEUDOLABEL_ALLOWED_IMAGE_NETWORKS; production does not."""
+    assert fetch(server.image_url("a.jpg")) == BODY
+    assert rejected(server.image_url("a.jpg"), allowed_networks=()).reason is RejectReason.BLOCKED_ADDRESS
+    assert image_requests(server) == ["/images/a.jpg"]  # the refused attempt never reached the server

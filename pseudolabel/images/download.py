@@ -4,16 +4,27 @@ Transient failures (5xx, 408, 429, timeouts, dropped connections) are retried wi
 exponential backoff, or after the server's ``Retry-After`` when it sends one. Permanent ones
 (other 4xx, bad URLs, oversized bodies) fail at once. Every failure surfaces as
 :class:`ImageRejected`, so the caller quarantines the item instead of failing the shard.
+
+Only public addresses are fetched: before every request, the first and each redirect target, the
+host is resolved and refused if any of its addresses is private, loopback, link-local (the cloud
+metadata service at 169.254.169.254), multicast, reserved or unspecified, unless it lies in
+``DownloadPolicy.allowed_networks`` (``$PSEUDOLABEL_ALLOWED_IMAGE_NETWORKS``, e.g. ``127.0.0.0/8``
+for a local test server). A refused URL is quarantined as ``blocked_address`` without a connection
+being made. (A DNS answer that changes between the check and the connection is not covered.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import math
+import os
+import socket
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
@@ -24,6 +35,15 @@ from pseudolabel.images.errors import ImageRejected, RejectReason
 USER_AGENT = "pseudolabel-image-fetcher/0.1"
 CONNECTIONS_PER_CLIENT = 8
 RETRYABLE_STATUSES = frozenset({408, 425, 429})  # plus every 5xx
+ALLOWED_NETWORKS_ENV = "PSEUDOLABEL_ALLOWED_IMAGE_NETWORKS"  # comma-separated CIDRs
+
+# host, port -> the addresses it resolves to (tests inject one; no DNS traffic then).
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+def allowed_networks_from_env() -> tuple[str, ...]:
+    raw = os.environ.get(ALLOWED_NETWORKS_ENV, "")
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -35,12 +55,32 @@ class DownloadPolicy:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     retry_after_max_s: float = 120.0  # never sleep longer than this, whatever the server asks
+    max_redirects: int = 10
+    # Non-public networks image URLs may still resolve into (read when the policy is made, at run time).
+    allowed_networks: tuple[str, ...] = field(default_factory=allowed_networks_from_env)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
-        if self.timeout_s <= 0 or self.max_bytes <= 0 or self.max_retries < 0:
+        if self.timeout_s <= 0 or self.max_bytes <= 0 or self.max_retries < 0 or self.max_redirects < 0:
             raise ValueError(f"invalid download policy: {self}")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allowed_networks / {ALLOWED_NETWORKS_ENV}: {exc}") from exc
+
+    def blocked(self, address: str) -> str | None:
+        """Why ``address`` may not be fetched, or None when it may."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks):
+            return None
+        for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+            if getattr(ip, f"is_{kind}"):
+                return kind.replace("_", "-")
+        return None if ip.is_global else "not globally routable"
 
 
 class _Transient(Exception):
@@ -63,10 +103,15 @@ class ImageFetcher:
     """
 
     def __init__(
-        self, policy: DownloadPolicy | None = None, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        policy: DownloadPolicy | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Resolver | None = None,
     ):
         self.policy = policy or DownloadPolicy()
         self._transport = transport  # tests swap in httpx.MockTransport
+        self._resolve = resolver or _resolve
         self._slots = asyncio.Semaphore(self.policy.concurrency)
         self._backoff = wait_random_exponential(
             multiplier=self.policy.backoff_initial_s, max=self.policy.backoff_max_s
@@ -92,7 +137,7 @@ class ImageFetcher:
             verify=tls,
             timeout=httpx.Timeout(self.policy.timeout_s),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            follow_redirects=True,
+            follow_redirects=False,  # each redirect target is checked before it is contacted
             headers={"User-Agent": USER_AGENT},
             transport=self._transport,
         )
@@ -135,10 +180,19 @@ class ImageFetcher:
 
     async def _attempt(self, client: httpx.AsyncClient, url: str) -> bytes:
         try:
-            async with asyncio.timeout(self.policy.timeout_s), client.stream("GET", url) as response:
-                _check_status(response)
-                _check_declared_size(response, self.policy.max_bytes)
-                return await _read_capped(response, self.policy.max_bytes)
+            async with asyncio.timeout(self.policy.timeout_s):
+                for _ in range(self.policy.max_redirects + 1):
+                    await self._check_destination(url)
+                    async with client.stream("GET", url) as response:
+                        if response.is_redirect and response.next_request is not None:
+                            url = str(response.next_request.url)
+                            continue
+                        _check_status(response)
+                        _check_declared_size(response, self.policy.max_bytes)
+                        return await _read_capped(response, self.policy.max_bytes)
+                raise ImageRejected(
+                    RejectReason.HTTP_ERROR, f"more than {self.policy.max_redirects} redirects"
+                )
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise _Transient(
                 RejectReason.TIMEOUT, f"no complete response within {self.policy.timeout_s:g}s"
@@ -149,6 +203,37 @@ class ImageFetcher:
             raise _Transient(RejectReason.CONNECTION_ERROR, f"{type(exc).__name__}: {exc}") from exc
         except (httpx.TooManyRedirects, httpx.DecodingError) as exc:
             raise ImageRejected(RejectReason.HTTP_ERROR, f"{type(exc).__name__}: {exc}") from exc
+
+    async def _check_destination(self, url: str) -> None:
+        """Refuse ``url`` before connecting when its host resolves to a non-public address."""
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ImageRejected(RejectReason.BAD_URL, f"{url!r}: {exc}") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ImageRejected(RejectReason.BAD_URL, f"{url!r}: only http(s) URLs with a host are fetched")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            addresses = [str(ipaddress.ip_address(parsed.host))]  # an address literal needs no DNS
+        except ValueError:
+            addresses = None
+        try:
+            addresses = addresses or await self._resolve(parsed.host, port)
+        except OSError as exc:  # DNS hiccups are worth a retry
+            raise _Transient(RejectReason.CONNECTION_ERROR, f"cannot resolve {parsed.host}: {exc}") from exc
+        for address in addresses:
+            why = self.policy.blocked(address)
+            if why:
+                raise ImageRejected(
+                    RejectReason.BLOCKED_ADDRESS,
+                    f"{parsed.host} resolves to {address} ({why}); refused before connecting "
+                    f"(allow a network with {ALLOWED_NETWORKS_ENV})",
+                )
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
 
 
 def _check_status(response: httpx.Response) -> None:

@@ -12,6 +12,7 @@ class RejectReason(StrEnum):
     TIMEOUT = "timeout"
     CONNECTION_ERROR = "connection_error"
     BAD_URL = "bad_url"
+    BLOCKED_ADDRESS = "blocked_address"  # resolves to a private/loopback/link-local/reserved address
     TOO_LARGE = "too_large"
     NOT_AN_IMAGE = "not_an_image"
     TRUNCATED = "truncated"
