@@ -44,7 +44,7 @@ def detections(
         shards=list(context.partition_keys),
         storage=storage.location(),
         settings=vars(config.settings()),
-        detector=detector.spec().to_dict(),
+        detector=detector.spec().for_retry(context.retry_number).to_dict(),
         skip_if_up_to_date=config.skip_if_up_to_date,
     )
     model_workers.run(context, task, storage.worker_env(secrets=True))  # metadata goes onto each shard

@@ -30,7 +30,7 @@ def masks(
         shards=list(context.partition_keys),
         storage=storage.location(),
         settings=vars(SegmentationSettings(multimask=config.multimask)),
-        segmenter=segmenter.spec().to_dict(),
+        segmenter=segmenter.spec().for_retry(context.retry_number).to_dict(),
         skip_if_up_to_date=config.skip_if_up_to_date,
     )
     model_workers.run(context, task, storage.worker_env(secrets=True))  # metadata goes onto each shard

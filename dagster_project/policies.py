@@ -1,7 +1,10 @@
 """Retry and backfill policies shared by the assets, so they are tuned in one place.
 
-``PSEUDOLABEL_STEP_RETRIES`` overrides how often a failed network/GPU step is retried (read when the
-code location loads; 0 disables step retries, as the test suite does).
+``PSEUDOLABEL_STEP_RETRIES`` overrides how often a failed network/GPU step is retried and
+``PSEUDOLABEL_STEP_RETRY_DELAY_S`` the first delay (read when the code location loads; 0 retries
+disables them, as the test suite does). Only failures a retry can fix are retried: steps raise
+``Failure(allow_retries=False)`` for configuration errors, missing or mismatched checkpoints and code
+errors (see ``resources/workers.py``). A retried GPU step runs with half the batch size per retry.
 """
 
 import os
@@ -9,6 +12,7 @@ import os
 from dagster import BackfillPolicy, Backoff, Jitter, RetryPolicy
 
 STEP_RETRIES_ENV = "PSEUDOLABEL_STEP_RETRIES"
+STEP_RETRY_DELAY_ENV = "PSEUDOLABEL_STEP_RETRY_DELAY_S"
 
 
 def _retries(default: int) -> int:
@@ -20,15 +24,23 @@ def _retries(default: int) -> int:
     return int(raw)
 
 
+def _delay(default: float) -> float:
+    raw = os.environ.get(STEP_RETRY_DELAY_ENV, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{STEP_RETRY_DELAY_ENV} must be a number of seconds, got {raw!r}") from None
+
+
 # Catalog and image hosts: transient outages get a few spaced-out retries of the whole step
 # (requests are already retried individually inside the step).
 NETWORK_RETRY = RetryPolicy(
-    max_retries=_retries(3), delay=30, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    max_retries=_retries(3), delay=_delay(30), backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
 )
 
 # GPU steps: a lost node or a transient CUDA error is worth one or two more tries, not more.
 GPU_RETRY = RetryPolicy(
-    max_retries=_retries(2), delay=60, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    max_retries=_retries(2), delay=_delay(60), backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
 )
 
 # Network-bound per-shard work: one shard per run, so a backfill spreads over processes and retries small.

@@ -11,9 +11,9 @@ runs. ``tiny`` shrinks the architecture (random weights only) for tests and the 
 
 from __future__ import annotations
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, Failure
 
-from pseudolabel.models.loading import FAKE, DetectorSpec, SegmenterSpec, _Spec
+from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec, _Spec
 
 _D, _S = DetectorSpec, SegmenterSpec
 
@@ -31,9 +31,17 @@ class _ModelResource(ConfigurableResource):
     seed: int = _Spec.seed  # random init seed (random weights only)
     image_size: int | None = _Spec.image_size
     seconds_per_image: float = _Spec.seconds_per_image  # fake backend only
+    oom_above_batch: int = _Spec.oom_above_batch  # fake backend only
 
     def _values(self) -> dict:
         return {name: getattr(self, name) for name in type(self).model_fields}
+
+    def _validated(self, spec: _Spec) -> _Spec:
+        try:
+            spec.validate()
+        except ModelConfigError as exc:  # bad configuration: fail once, before any worker starts
+            raise Failure(description=f"{type(self).__name__}: {exc}", allow_retries=False) from exc
+        return spec
 
 
 class DetectorResource(_ModelResource):
@@ -46,9 +54,7 @@ class DetectorResource(_ModelResource):
     max_boxes_per_caption: int = _D.max_boxes_per_caption  # fake backend only
 
     def spec(self) -> DetectorSpec:
-        spec = DetectorSpec(**self._values())
-        spec.validate()
-        return spec
+        return self._validated(DetectorSpec(**self._values()))
 
 
 class SegmenterResource(_ModelResource):
@@ -59,9 +65,7 @@ class SegmenterResource(_ModelResource):
     max_boxes_per_call: int = _S.max_boxes_per_call  # boxes per mask-decoder call
 
     def spec(self) -> SegmenterSpec:
-        spec = SegmenterSpec(**self._values())
-        spec.validate()
-        return spec
+        return self._validated(SegmenterSpec(**self._values()))
 
 
 def model_resources(choice: str) -> tuple[DetectorResource, SegmenterResource]:

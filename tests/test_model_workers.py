@@ -322,3 +322,57 @@ def test_workers_write_to_each_storage_backend(storage_resource, store, instance
     sidecar = store.get_json(layout.provenance(layout.masks(name)))
     assert sidecar["backend"] == "fake" and sidecar["settings"] == {"multimask": False}
     assert sidecar["fingerprint"] == shard_metadata(instance, "masks")[name]["fingerprint"]
+
+
+def test_only_what_a_retry_can_fix_is_retried(tmp_path):
+    """With step retries on: a CUDA out-of-memory error is retried with half the batch and succeeds;
+    a configuration error fails once. Through the CLI, so Dagster's own retry machinery decides."""
+    store = LocalObjectStore(tmp_path / "data")
+    (name,) = shards(store, 1, images=6)
+    home = tmp_path / "home"
+    home.mkdir()
+    instance = DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "PSEUDOLABEL_STORAGE": str(store.root),
+        "PSEUDOLABEL_MODELS": "fake",
+        "PSEUDOLABEL_GPUS": "0",
+        "PSEUDOLABEL_STEP_RETRIES": "2",
+        "PSEUDOLABEL_STEP_RETRY_DELAY_S": "0.1",
+    }
+    dagster = str(Path(sys.executable).parent / "dagster")
+
+    def materialize_detections(detector_config: dict) -> subprocess.CompletedProcess:
+        run_config = json.dumps({"resources": {"detector": {"config": detector_config}}})
+        command = [
+            dagster,
+            "asset",
+            "materialize",
+            "-m",
+            "dagster_project.definitions",
+            "--select",
+            "detections",
+        ]
+        command += ["--partition", name, "--config-json", run_config]
+        return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    def retries(run_id: str) -> int:
+        return len(instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY))
+
+    oom = materialize_detections({"backend": "fake", "batch_size": 4, "oom_above_batch": 2})
+    assert oom.returncode == 0, oom.stderr[-4000:]
+    (run,) = instance.get_run_records()
+    assert retries(run.dagster_run.run_id) == 1  # failed at batch 4, succeeded at batch 2
+    assert shard_metadata(instance, "detections")[name]["batch_size"] == 2
+    up_for_retry = [
+        e for e in instance.all_logs(run.dagster_run.run_id) if "OutOfMemoryError" in (e.message or "")
+    ]
+    assert up_for_retry, "the retried failure should name the out-of-memory error"
+
+    bad = materialize_detections({"backend": "grounding_dino", "variant": "swin_giant"})
+    assert bad.returncode != 0
+    latest = instance.get_run_records(limit=1)[0].dagster_run.run_id
+    assert retries(latest) == 0 and instance.get_run_by_id(latest).is_failure  # failed once, not retried
+    assert "unknown grounding_dino variant 'swin_giant'" in bad.stdout + bad.stderr

@@ -25,6 +25,16 @@ from pseudolabel.models.captions import normalize_caption, phrases_of
 from pseudolabel.models.interfaces import ImageDetections, ImageMasks, PreparedImage
 from pseudolabel.rle import encode_host_masks
 
+class OutOfMemoryError(RuntimeError):
+    """Named like ``torch.cuda.OutOfMemoryError``, which is how workers recognise one."""
+
+
+def _simulate(seconds_per_image: float, oom_above_batch: int, batch: Sequence[Any]) -> None:
+    if oom_above_batch and len(batch) > oom_above_batch:
+        raise OutOfMemoryError(f"fake: a batch of {len(batch)} does not fit (limit {oom_above_batch})")
+    time.sleep(seconds_per_image * len(batch))
+
+
 FAKE_WARNING = "fake model: outputs are synthetic (hash-derived), not predictions"
 
 
@@ -58,11 +68,17 @@ class FakeDetector:
     num_queries = 900  # as Grounding DINO: query indices per caption are 0..899
 
     def __init__(
-        self, *, batch_size: int = 8, max_boxes_per_caption: int = 3, seconds_per_image: float = 0.0
+        self,
+        *,
+        batch_size: int = 8,
+        max_boxes_per_caption: int = 3,
+        seconds_per_image: float = 0.0,
+        oom_above_batch: int = 0,
     ) -> None:
         self.batch_size = batch_size
         self.max_boxes_per_caption = max_boxes_per_caption
         self.seconds_per_image = seconds_per_image  # simulated model time (tests of concurrency, kills)
+        self.oom_above_batch = oom_above_batch  # simulated CUDA out-of-memory (tests of retries)
 
     def describe(self) -> dict[str, Any]:
         return _describe("fake_detector", self.batch_size)
@@ -79,7 +95,7 @@ class FakeDetector:
         text_floor: float = 0.05,
         max_candidates: int = 300,
     ) -> list[ImageDetections]:
-        time.sleep(self.seconds_per_image * len(batch))
+        _simulate(self.seconds_per_image, self.oom_above_batch, batch)
         return [self._one(item, captions, box_floor, text_floor, max_candidates) for item in batch]
 
     def _one(
@@ -127,9 +143,10 @@ class FakeDetector:
 
 
 class FakeSegmenter:
-    def __init__(self, *, batch_size: int = 8, seconds_per_image: float = 0.0) -> None:
+    def __init__(self, *, batch_size: int = 8, seconds_per_image: float = 0.0, oom_above_batch: int = 0) -> None:
         self.batch_size = batch_size
         self.seconds_per_image = seconds_per_image
+        self.oom_above_batch = oom_above_batch
 
     def describe(self) -> dict[str, Any]:
         return _describe("fake_segmenter", self.batch_size)
@@ -140,7 +157,7 @@ class FakeSegmenter:
     def segment(
         self, batch: Sequence[PreparedImage], boxes: Sequence[np.ndarray], *, multimask: bool = False
     ) -> list[ImageMasks]:
-        time.sleep(self.seconds_per_image * len(batch))
+        _simulate(self.seconds_per_image, self.oom_above_batch, batch)
         return [
             self._one(item, np.asarray(b, np.float32).reshape(-1, 4), multimask)
             for item, b in zip(batch, boxes, strict=True)

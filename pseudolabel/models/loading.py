@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class _Spec:
     seed: int = 0  # random init seed (random weights only)
     image_size: int | None = None  # model input size; None = the model's own default
     seconds_per_image: float = 0.0  # fake backend only: simulated work (tests of concurrency, kills)
+    oom_above_batch: int = 0  # fake backend only: simulate CUDA out-of-memory for larger batches
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +66,11 @@ class _Spec:
         if unknown:
             raise ModelConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+    def for_retry(self, retry_number: int):
+        """The spec for the ``retry_number``-th retry of a step: half the batch per retry (only CUDA
+        out-of-memory errors and lost workers are retried; both suggest memory pressure)."""
+        return replace(self, batch_size=max(1, self.batch_size >> retry_number)) if retry_number else self
 
     @property
     def is_fake(self) -> bool:
@@ -127,6 +133,7 @@ def load_detector(spec: DetectorSpec) -> Detector:
             batch_size=spec.batch_size,
             max_boxes_per_caption=spec.max_boxes_per_caption,
             seconds_per_image=spec.seconds_per_image,
+            oom_above_batch=spec.oom_above_batch,
         )
     from pseudolabel.models import grounding_dino, grounding_dino_build, tiny
 
@@ -164,7 +171,9 @@ def load_segmenter(spec: SegmenterSpec) -> Segmenter:
     if spec.is_fake:
         from pseudolabel.models.fakes import FakeSegmenter
 
-        return FakeSegmenter(batch_size=spec.batch_size, seconds_per_image=spec.seconds_per_image)
+        return FakeSegmenter(
+            batch_size=spec.batch_size, seconds_per_image=spec.seconds_per_image, oom_above_batch=spec.oom_above_batch
+        )
     from pseudolabel.models import sam2_segmenter, tiny
 
     resolved = _checkpoint(spec, sam2_segmenter.VARIANTS[spec.variant].checkpoint)
