@@ -1,13 +1,14 @@
 """``catalog_snapshot``: the whole image catalog as deduplicated Parquet parts behind catalog/CURRENT.json."""
 
 # No ``from __future__ import annotations``: Dagster reads the config/resource annotations at runtime.
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
 
 from dagster_project.policies import NETWORK_RETRY
 from pseudolabel import layout
 from pseudolabel.catalog import SnapshotSummary, take_snapshot
 from pseudolabel.catalog.report import label_histogram_markdown, reasons_markdown
 from pseudolabel.catalog.snapshot import DEFAULT_CHUNK_ROWS
+from pseudolabel.catalog.source import CatalogError
 from resources.catalog import CatalogResource
 from resources.storage import StorageResource
 
@@ -32,16 +33,19 @@ def catalog_snapshot(
     storage: StorageResource,
     catalog: CatalogResource,
 ) -> MaterializeResult:
-    source = catalog.catalog_source()  # first: a missing PSEUDOLABEL_CATALOG fails before any I/O
     store = storage.store()
-    summary = take_snapshot(
-        source,
-        store,
-        chunk_rows=config.chunk_rows,
-        keep_previous=config.keep_previous,
-        allow_empty=config.allow_empty,
-        log=context.log.info,
-    )
+    try:
+        source = catalog.catalog_source()  # first: a missing PSEUDOLABEL_CATALOG fails before any I/O
+        summary = take_snapshot(
+            source,
+            store,
+            chunk_rows=config.chunk_rows,
+            keep_previous=config.keep_previous,
+            allow_empty=config.allow_empty,
+            log=context.log.info,
+        )
+    except CatalogError as exc:  # step retries only for a server that kept failing, never for config
+        raise Failure(description=str(exc), allow_retries=exc.retryable) from exc
     return MaterializeResult(
         metadata=_metadata(summary, store.uri(layout.catalog_snapshot_dir(summary.snapshot_id)))
     )

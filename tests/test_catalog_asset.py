@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 from dagster import DagsterInstance, RunConfig, materialize
 
 from assets.catalog_snapshot import CatalogSnapshotConfig, catalog_snapshot
@@ -120,3 +121,25 @@ def test_catalog_from_env_reads_source_and_token_without_exposing_the_token(monk
     resource = catalog_from_env()
     assert TOKEN not in repr(resource)  # the UI shows the variable's name, not its value
     assert resource.process_config_and_initialize().fetch_total() == 1
+
+
+def test_step_retries_only_for_a_server_that_kept_failing(tmp_path, dev_server):
+    """A refused token is configuration (fail once); a catalog that kept answering 503 may recover."""
+    from dagster import Failure
+    from dagster._core.errors import DagsterMaxRetriesExceededError
+
+    from resources.storage import LocalStorageResource
+
+    storage = LocalStorageResource(root=str(tmp_path / "store"))
+    refusing = dev_server(SYNTHETIC(0, 10), required_token=TOKEN)
+    down = dev_server(SYNTHETIC(0, 10))
+    down.inject("/api/trees?offset=0&", [Fault(status=503)] * 10)
+    wrong_token = CatalogResource(source=refusing.catalog_url, token="wrong", backoff_s=0.01)
+    kept_failing = CatalogResource(source=down.catalog_url, max_retries=1, backoff_s=0.01)
+    # Not retryable: the step's Failure itself surfaces. Retryable: Dagster's retry policy takes over
+    # (the suite sets its retries to 0, so it reports that the retries ran out).
+    with pytest.raises(Failure) as caught:
+        materialize([catalog_snapshot], resources={"storage": storage, "catalog": wrong_token})
+    assert "HTTP 401" in caught.value.description and caught.value.allow_retries is False
+    with pytest.raises(DagsterMaxRetriesExceededError, match="still answers HTTP 503"):
+        materialize([catalog_snapshot], resources={"storage": storage, "catalog": kept_failing})

@@ -124,12 +124,14 @@ async def _fetch_page(client: httpx.AsyncClient, source: CatalogSource, offset: 
     except RetryableStatus as exc:
         raise CatalogError(
             f"catalog {source.redacted} still answers HTTP {exc.status} for offset={offset} "
-            f"after {source.max_retries + 1} attempts"
+            f"after {source.max_retries + 1} attempts",
+            retryable=True,
         ) from None
     except httpx.TransportError as exc:
         raise CatalogError(
             f"could not read catalog {source.redacted} at offset={offset} after "
-            f"{source.max_retries + 1} attempts: {type(exc).__name__}: {exc}"
+            f"{source.max_retries + 1} attempts: {type(exc).__name__}: {exc}",
+            retryable=True,
         ) from None
     raise AssertionError("unreachable: tenacity either returns or raises")
 

@@ -11,7 +11,13 @@ CATALOG_TOKEN_ENV = "PSEUDOLABEL_CATALOG_TOKEN"
 
 
 class CatalogError(RuntimeError):
-    """The catalog cannot be read as configured (message says what to change)."""
+    """The catalog cannot be read (the message says what to change). ``retryable`` when a later try may
+    succeed (the server kept failing with 5xx/429 or dropped connections through every attempt);
+    otherwise it is the configuration or the catalog itself, and retrying will not help."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
