@@ -16,7 +16,7 @@ from pseudolabel.images.preview import thumbnail_grid
 from pseudolabel.images.sample_items import SAMPLE_COLUMNS, shard_items
 from pseudolabel.images.shard import ShardOptions, ShardResult, preview_images, process_shard
 from pseudolabel.markdown import markdown_image
-from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import ObjectStore, read_parquet
 from resources.storage import StorageResource
 
 PREVIEW_IMAGES = 8
@@ -71,12 +71,14 @@ def normalized_images(
 ) -> MaterializeResult:
     shard = context.partition_key
     store = storage.store()
+    stale = _remove_stale_temp(context, store, shard)
     items = shard_items(read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS), shard)
     context.log.info(f"{shard}: {len(items)} sampled images")
 
+    # Writes the index (before any failure below, so a failure loses nothing) and records progress
+    # as it goes, so a rerun after a crash fetches only what was not finished.
     result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
-    write_parquet(store, layout.image_index(shard), result.index)  # first, so a failure loses nothing
-    metadata = _metadata(store, shard, result)
+    metadata = _metadata(store, shard, result, stale)
 
     stats = result.stats
     if stats.failure_rate > config.max_failure_rate:
@@ -92,7 +94,20 @@ def normalized_images(
     return MaterializeResult(metadata=metadata)
 
 
-def _metadata(store: ObjectStore, shard: str, result: ShardResult) -> dict[str, object]:
+def _remove_stale_temp(context: AssetExecutionContext, store: ObjectStore, shard: str) -> int:
+    """Clean what killed writers left half-written under this step's own keys: best effort (an S3
+    policy without ListBucketMultipartUploads / AbortMultipartUpload must not stop the shard)."""
+    try:
+        stale = sum(store.remove_stale_temp(prefix) for prefix in layout.image_step_prefixes(shard))
+    except Exception as exc:
+        context.log.warning(f"{shard}: could not look for stale temp files: {type(exc).__name__}: {exc}")
+        return 0
+    if stale:
+        context.log.info(f"{shard}: removed {stale} stale temp file(s) / incomplete upload(s)")
+    return stale
+
+
+def _metadata(store: ObjectStore, shard: str, result: ShardResult, stale_temp: int) -> dict[str, object]:
     stats = result.stats
     metadata: dict[str, object] = {
         "dagster/row_count": MetadataValue.int(result.index.num_rows),
@@ -100,6 +115,10 @@ def _metadata(store: ObjectStore, shard: str, result: ShardResult) -> dict[str, 
         "images_quarantined": MetadataValue.int(stats.quarantined),
         "images_reused": MetadataValue.int(stats.reused),
         "images_fetched": MetadataValue.int(stats.fetched),
+        # Rows taken over without a download: from the last index, or recorded by a killed run.
+        "reused_from_previous_run": MetadataValue.int(stats.reused),
+        "reused_from_unfinished_run": MetadataValue.int(result.recovered),
+        "stale_temp_files_removed": MetadataValue.int(stale_temp),
         "failure_rate": MetadataValue.float(round(stats.failure_rate, 4)),
         "quarantine_counts": MetadataValue.json(dict(stats.reasons.most_common())),
         "quarantine_reasons": MetadataValue.md(stats.reasons_markdown()),

@@ -6,6 +6,8 @@ sample/sample.parquet                     the stratified sample: image_id, url, 
 sample/CURSOR.json                        what the sample has consumed (incremental sampling)
 images/<shard>/<image_id>.jpg             EXIF-normalised RGB JPEGs
 images/<shard>.parquet                    per-shard image index (status, sha256, ...)
+images/<shard>.parts/<n>.parquet          index rows of a run still in progress (or killed); merged
+                                          into images/<shard>.parquet and deleted when it finishes
 detections/<shard>.parquet                Grounding DINO candidates, one row per box
 detections/<shard>.images.parquet         one row per image (size, candidate count)
 masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
@@ -57,6 +59,25 @@ def images_dir(shard: str) -> str:
 
 def image_index(shard: str) -> str:
     return f"images/{shard}.parquet"
+
+
+def image_index_parts_dir(shard: str) -> str:
+    return f"images/{shard}.parts/"
+
+
+def image_index_part(shard: str, number: int) -> str:
+    return f"{image_index_parts_dir(shard)}{number:06d}.parquet"
+
+
+def image_index_part_number(key: str) -> int | None:
+    """``images/shard-00000.parts/000012.parquet`` -> 12; None for anything else."""
+    stem = key.rsplit("/", 1)[-1].removesuffix(".parquet")
+    return int(stem) if stem.isdigit() and key.endswith(".parquet") else None
+
+
+def image_step_prefixes(shard: str) -> tuple[str, ...]:
+    """Every key ``normalized_images`` writes for ``shard`` starts with one of these."""
+    return (images_dir(shard), image_index_parts_dir(shard), image_index(shard))
 
 
 def detections(shard: str) -> str:

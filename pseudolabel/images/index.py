@@ -1,19 +1,43 @@
-"""The per-shard image index (``schemas.IMAGE_INDEX``): building rows, and what a rerun may reuse."""
+"""The per-shard image index (``schemas.IMAGE_INDEX``) and its parts: rows, progress, and what a rerun reuses.
+
+A run records each finished row (``ok`` or quarantined) in small index parts,
+``images/<shard>.parts/<n>.parquet``, as it goes: every ``every`` rows, or once the oldest unrecorded
+row is ``interval_s`` old (:class:`IndexJournal`). When the run finishes it writes the whole index,
+``images/<shard>.parquet``, and then deletes the parts. So parts only exist while a run is in
+progress or after one was killed, and a rerun takes over (:func:`read_progress`, :func:`reusable_rows`):
+
+- an ``ok`` row (of the index or of a part) is reused when its JPEG is still stored with the
+  recorded size;
+- a quarantined row of a part is reused as it is: the killed run had finished that image. A
+  quarantined row of the complete index is tried again: re-materializing is how a fixed cause is retried.
+
+Where an image has several rows, the newest wins: a part over the index, a higher part number over
+a lower one, a later row of a part over an earlier one. A part that cannot be read (empty, cut short,
+not an index) is skipped with a warning and its images are fetched again. A crash between writing the
+index and deleting the parts leaves parts whose rows the index already holds; the only effect is that
+the next run keeps their quarantined rows instead of retrying them.
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
+import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pseudolabel import layout
 from pseudolabel.images.errors import ImageRejected
 from pseudolabel.images.normalize import NormalizedImage
 from pseudolabel.images.sample_items import SampleItem
 from pseudolabel.schemas import IMAGE_INDEX
-from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
+from pseudolabel.storage import ObjectNotFound, ObjectStore, write_parquet
 
 logger = logging.getLogger(__name__)
 
@@ -57,34 +81,169 @@ def index_table(rows: Iterable[IndexRow]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=IMAGE_INDEX)
 
 
-def read_previous_index(store: ObjectStore, shard: str) -> pa.Table | None:
-    """The index an earlier run wrote, or None (first run, or an unreadable file: then refetch all)."""
+# -- what earlier runs left ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredProgress:
+    """What earlier runs of a shard left behind."""
+
+    index: list[IndexRow]  # rows of the last complete index ([] if none, or unreadable)
+    parts: list[list[IndexRow]]  # rows of each readable part, oldest part first
+    next_part: int  # the number this run's first part gets (after every existing one)
+    unreadable: list[str]  # keys of parts (or the index) that could not be read, ignored
+
+    @property
+    def empty(self) -> bool:
+        return not self.index and not any(self.parts)
+
+
+def read_progress(store: ObjectStore, shard: str, workers: int = 8) -> StoredProgress:
+    """The shard's complete index and the parts of unfinished runs (parts read ``workers`` at a time).
+
+    A storage error propagates (retrying the step is the answer); an object that is there but is not
+    a readable index is ignored and named in ``unreadable``.
+    """
+    index_key = layout.image_index(shard)
     try:
-        return read_parquet(store, layout.image_index(shard))
+        index = _read_rows(store, index_key)
     except ObjectNotFound:
+        index = []
+    numbered = sorted(
+        (number, info.key)
+        for info in store.list(layout.image_index_parts_dir(shard))
+        if (number := layout.image_index_part_number(info.key)) is not None
+    )
+    keys = [key for _number, key in numbered]
+    with ThreadPoolExecutor(max(1, min(workers, len(keys))), thread_name_prefix="index-parts") as pool:
+        parts = list(pool.map(lambda key: _read_rows(store, key, missing_ok=True), keys))
+    unreadable = ([index_key] if index is None else []) + [
+        key for key, rows in zip(keys, parts, strict=True) if rows is None
+    ]
+    return StoredProgress(
+        index=index or [],
+        parts=[rows for rows in parts if rows],
+        next_part=numbered[-1][0] + 1 if numbered else 0,
+        unreadable=unreadable,
+    )
+
+
+def _read_rows(store: ObjectStore, key: str, missing_ok: bool = False) -> list[IndexRow] | None:
+    """The rows of an index (or part) object; None if it is not a readable index.
+
+    A missing object raises :class:`ObjectNotFound` (or gives [] with ``missing_ok``); a storage
+    outage raises whatever the store raises: neither is the file's fault.
+    """
+    try:
+        data = store.get_bytes(key)
+    except ObjectNotFound:
+        if missing_ok:  # deleted since it was listed
+            return []
+        raise
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        return table.select(IMAGE_INDEX.names).cast(IMAGE_INDEX).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, KeyError... for a bad file
+        logger.warning("ignoring unreadable image index %s (%d bytes): %s", key, len(data), exc)
         return None
-    except Exception as exc:
-        logger.warning("ignoring unreadable image index for %s: %s", shard, exc)
-        return None
+
+
+@dataclass(frozen=True)
+class Reuse:
+    rows: dict[str, IndexRow]  # image_id -> row that needs no download
+    from_parts: int  # how many of them an unfinished (killed) run had recorded
 
 
 def reusable_rows(
-    previous: pa.Table | None, stored_sizes: Mapping[str, int], shard: str, items: Iterable[SampleItem]
-) -> dict[str, IndexRow]:
-    """Rows of ``items`` that need no download: "ok" before, JPEG still stored with the recorded size.
+    progress: StoredProgress, stored_sizes: Mapping[str, int], shard: str, items: Iterable[SampleItem]
+) -> Reuse:
+    """Rows of ``items`` that need no download (the rules are in the module docstring).
 
     ``stored_sizes`` maps keys to sizes from one listing of the shard's image prefix, so
     checking a shard costs one LIST, not one request per image.
     """
-    if previous is None or previous.num_rows == 0:
-        return {}
-    wanted = {item.image_id: item for item in items}
+    newest: dict[str, tuple[IndexRow, bool]] = {row["image_id"]: (row, False) for row in progress.index}
+    for part in progress.parts:
+        newest.update((row["image_id"], (row, True)) for row in part)
     reusable: dict[str, IndexRow] = {}
-    for row in previous.to_pylist():
-        item = wanted.get(row["image_id"])
-        if item is None or row["status"] != OK or row["url"] != item.url:
+    from_parts = 0
+    for item in items:
+        found = newest.get(item.image_id)
+        if found is None:
             continue
-        if stored_sizes.get(layout.image(shard, item.image_id)) != row["bytes"]:
+        row, in_part = found
+        if row["url"] != item.url:
+            continue
+        if row["status"] == OK:
+            if stored_sizes.get(layout.image(shard, item.image_id)) != row["bytes"]:
+                continue
+        elif row["status"] != QUARANTINED or not in_part:
             continue
         reusable[item.image_id] = {**row, "label": item.label}  # the sample's label is authoritative
-    return reusable
+        from_parts += in_part
+    return Reuse(rows=reusable, from_parts=from_parts)
+
+
+# -- recording this run's progress -------------------------------------------------------------------
+
+
+class IndexJournal:
+    """This run's finished rows, written as index parts so that a killed run's work survives.
+
+    ``add`` buffers a row; ``due`` says the buffer should be written; ``take`` hands out the next part
+    (key and rows) and ``write`` stores it (blocking; any thread); ``flush`` does both. ``commit``
+    writes the complete index and then deletes every part of the shard.
+    """
+
+    def __init__(
+        self, store: ObjectStore, shard: str, first_part: int, every: int = 25, interval_s: float = 0.5
+    ):
+        if every < 1 or interval_s <= 0:
+            raise ValueError(f"index parts need every >= 1 and interval_s > 0, got {every}, {interval_s}")
+        self.store = store
+        self.shard = shard
+        self.every = every
+        self.interval_s = interval_s
+        self.recorded = 0  # rows this run has written to parts
+        self._next_part = first_part
+        self._buffer: list[IndexRow] = []
+        self._oldest = 0.0  # monotonic time the oldest buffered row was added
+        self._lock = threading.Lock()
+
+    def add(self, row: IndexRow) -> None:
+        if not self._buffer:
+            self._oldest = time.monotonic()
+        self._buffer.append(row)
+
+    def seconds_until_due(self) -> float:
+        if not self._buffer:
+            return self.interval_s
+        if len(self._buffer) >= self.every:
+            return 0.0
+        return max(0.0, self._oldest + self.interval_s - time.monotonic())
+
+    def due(self) -> bool:
+        return bool(self._buffer) and self.seconds_until_due() == 0.0
+
+    def take(self) -> tuple[str, list[IndexRow]] | None:
+        if not self._buffer:
+            return None
+        key = layout.image_index_part(self.shard, self._next_part)
+        self._next_part += 1
+        rows, self._buffer = self._buffer, []
+        return key, rows
+
+    def write(self, part: tuple[str, list[IndexRow]]) -> None:
+        key, rows = part
+        write_parquet(self.store, key, index_table(rows))
+        with self._lock:
+            self.recorded += len(rows)
+
+    def flush(self) -> None:
+        if (part := self.take()) is not None:
+            self.write(part)
+
+    def commit(self, index: pa.Table) -> None:
+        """Write ``images/<shard>.parquet`` (atomically), then drop the parts it supersedes."""
+        write_parquet(self.store, layout.image_index(self.shard), index)
+        self.store.delete_prefix(layout.image_index_parts_dir(self.shard))

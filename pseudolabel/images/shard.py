@@ -2,8 +2,10 @@
 
 Downloads are async (one event loop, bounded by the download policy); decoding/encoding runs in
 a thread pool and object-store writes in another, so CPU work, network waits and storage
-latency all overlap. A bad image becomes a quarantined row; storage failures propagate (they
-are not the image's fault, and retrying the shard is the right response).
+latency all overlap. A bad image becomes a quarantined row; storage failures propagate as
+:class:`ShardStorageError` (they are not the image's fault, and retrying the shard is the right
+response). Finished rows are recorded in index parts as the run goes (:mod:`pseudolabel.images.index`),
+so a rerun after a crash or a failure fetches only what was not finished.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pseudolabel.images.download import DownloadPolicy, ImageFetcher
 from pseudolabel.images.errors import ImageRejected
 from pseudolabel.images.index import (
     OK,
+    IndexJournal,
     IndexRow,
     index_table,
     ok_row,
     quarantined_row,
-    read_previous_index,
+    read_progress,
     reusable_rows,
 )
 from pseudolabel.images.normalize import NormalizeOptions, normalize_image
@@ -47,9 +50,15 @@ class ShardOptions:
     decode_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     store_workers: int = 8  # threads for blocking object-store writes (S3 PUT latency)
     progress_every: int = 100
+    # Finished rows go to an index part every `record_every` rows, or once the oldest unrecorded one
+    # is `record_interval_s` old: a crash loses at most that much finished work.
+    record_every: int = 25
+    record_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.decode_workers < 1 or self.store_workers < 1 or self.progress_every < 1:
+            raise ValueError(f"invalid shard options: {self}")
+        if self.record_every < 1 or self.record_interval_s <= 0:
             raise ValueError(f"invalid shard options: {self}")
 
 
@@ -57,6 +66,11 @@ class ShardOptions:
 class ShardResult:
     index: pa.Table  # schemas.IMAGE_INDEX, one row per sample item, in sample order
     stats: ShardStats
+    recovered: int = 0  # reused rows that an unfinished (killed or failed) run had recorded
+
+
+class ShardStorageError(RuntimeError):
+    """Storing the shard's images or progress failed; what was recorded is reused by a rerun."""
 
 
 def process_shard(
@@ -66,36 +80,66 @@ def process_shard(
     options: ShardOptions | None = None,
     progress: ProgressCallback | None = None,
 ) -> ShardResult:
-    """Make every item of ``shard`` either a stored JPEG or a quarantined row; returns the index.
+    """Make every item of ``shard`` either a stored JPEG or a quarantined row; write and return the index.
 
-    The caller writes the index (``layout.image_index(shard)``); images are written here.
+    The index (``layout.image_index(shard)``) is written before this returns, also when many images
+    are quarantined: the caller decides whether that fails the shard.
     """
     options = options or ShardOptions()
     started = time.monotonic()
     stats = ShardStats(shard)
 
-    previous = read_previous_index(store, shard)
-    # One LIST of the shard's prefix checks every previous image (no per-image HEAD requests).
-    listing = store.list(layout.images_dir(shard)) if previous is not None else []
-    stored_sizes = {info.key: info.size for info in listing}
-    rows = reusable_rows(previous, stored_sizes, shard, items)
+    stored = read_progress(store, shard, workers=options.store_workers)
+    if stored.unreadable and progress is not None:
+        progress(
+            f"{shard}: ignoring unreadable index files (their images are fetched again): {stored.unreadable}"
+        )
+    # One LIST of the shard's prefix checks every earlier image (no per-image HEAD requests).
+    listing = store.list(layout.images_dir(shard)) if not stored.empty else []
+    reuse = reusable_rows(stored, {info.key: info.size for info in listing}, shard, items)
+    rows = dict(reuse.rows)
     for row in rows.values():
         stats.record(row, reused=True)
 
+    journal = IndexJournal(store, shard, stored.next_part, options.record_every, options.record_interval_s)
     missing = [item for item in items if item.image_id not in rows]
     if missing:
-        run = _DownloadRun(store, shard, options, stats, progress, planned=len(items))
-        # Pillow's guard is process-global: set once here, around all the worker threads.
-        with decompression_bomb_guard(options.normalize.max_pixels):
-            rows.update(asyncio.run(run.run(missing)))
+        run = _DownloadRun(store, shard, options, stats, progress, journal, planned=len(items))
+        try:
+            # Pillow's guard is process-global: set once here, around all the worker threads.
+            with decompression_bomb_guard(options.normalize.max_pixels):
+                rows.update(asyncio.run(run.run(missing)))
+        except ShardStorageError as exc:
+            _record_what_finished(journal, progress)
+            parts = store.uri(layout.image_index_parts_dir(shard)).rstrip("/") + "/"
+            raise ShardStorageError(
+                f"{exc}; {journal.recorded} of the {stats.fetched} images this run finished are recorded "
+                f"in {parts}, and a rerun reuses them"
+            ) from exc.__cause__
+        except BaseException:
+            _record_what_finished(journal, progress)
+            raise
 
+    index = index_table(rows[item.image_id] for item in items)
+    journal.commit(index)
     stats.elapsed_s = time.monotonic() - started
     if progress is not None:
         progress(
             stats.progress_line(len(items))
             + f" in {stats.elapsed_s:.1f}s ({stats.images_per_s:.1f} images/s)"
         )
-    return ShardResult(index=index_table(rows[item.image_id] for item in items), stats=stats)
+    return ShardResult(index=index, stats=stats, recovered=reuse.from_parts)
+
+
+def _record_what_finished(journal: IndexJournal, progress: ProgressCallback | None) -> None:
+    """Best effort on the way out of a failed run: storage may be what failed."""
+    try:
+        journal.flush()
+    except Exception as exc:
+        if progress is not None:
+            progress(
+                f"{journal.shard}: could not record the last finished images: {type(exc).__name__}: {exc}"
+            )
 
 
 class _DownloadRun:
@@ -106,6 +150,7 @@ class _DownloadRun:
         options: ShardOptions,
         stats: ShardStats,
         progress: ProgressCallback | None,
+        journal: IndexJournal,
         planned: int,
     ):
         self.store = store
@@ -113,6 +158,7 @@ class _DownloadRun:
         self.options = options
         self.stats = stats
         self.progress = progress
+        self.journal = journal
         self.planned = planned
 
     async def run(self, items: Sequence[SampleItem]) -> dict[str, IndexRow]:
@@ -134,10 +180,16 @@ class _DownloadRun:
                         rows[item.image_id] = row
                         self.stats.record(row, reused=False)
                         self._report()
+                        self.journal.add(row)
+                        if self.journal.due():
+                            await self._record(writes)
 
-                async with asyncio.TaskGroup() as group:  # a storage error cancels the rest
-                    for _ in range(workers):
-                        group.create_task(worker())
+                try:
+                    async with asyncio.TaskGroup() as group:  # a storage error cancels the rest
+                        tasks = [group.create_task(worker()) for _ in range(workers)]
+                        group.create_task(self._record_on_time(tasks, writes))
+                except BaseExceptionGroup as failed:
+                    raise failed.exceptions[0] from None  # the first failure; the rest were cancelled
         return rows
 
     async def _one(
@@ -152,9 +204,33 @@ class _DownloadRun:
             return quarantined_row(item, rejection)
         del data  # let the raw body go before waiting on storage
         key = layout.image(self.shard, item.image_id)
-        await loop.run_in_executor(writes, self.store.put_bytes, key, image.jpeg)
+        await self._store(writes, key, self.store.put_bytes, key, image.jpeg)
         self.stats.bytes_stored += len(image.jpeg)
         return ok_row(item, image)
+
+    async def _record(self, writes: ThreadPoolExecutor) -> None:
+        """Write the buffered rows as the next index part."""
+        if (part := self.journal.take()) is not None:
+            await self._store(writes, part[0], self.journal.write, part)
+
+    async def _record_on_time(self, workers: list[asyncio.Task[None]], writes: ThreadPoolExecutor) -> None:
+        """Record rows that wait longer than the interval (downloads stalled), until the workers are done."""
+        while True:
+            _done, running = await asyncio.wait(workers, timeout=self.journal.seconds_until_due())
+            if not running:
+                return
+            if self.journal.due():
+                await self._record(writes)
+
+    async def _store(
+        self, writes: ThreadPoolExecutor, key: str, call: Callable[..., None], *args: object
+    ) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(writes, call, *args)
+        except Exception as exc:
+            raise ShardStorageError(
+                f"{self.shard}: storing {self.store.uri(key)} failed ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def _report(self) -> None:
         if self.progress is not None and self.stats.fetched % self.options.progress_every == 0:

@@ -25,6 +25,7 @@ from pseudolabel.models.captions import normalize_caption, phrases_of
 from pseudolabel.models.interfaces import ImageDetections, ImageMasks, PreparedImage
 from pseudolabel.rle import encode_host_masks
 
+
 class OutOfMemoryError(RuntimeError):
     """Named like ``torch.cuda.OutOfMemoryError``, which is how workers recognise one."""
 
@@ -143,7 +144,9 @@ class FakeDetector:
 
 
 class FakeSegmenter:
-    def __init__(self, *, batch_size: int = 8, seconds_per_image: float = 0.0, oom_above_batch: int = 0) -> None:
+    def __init__(
+        self, *, batch_size: int = 8, seconds_per_image: float = 0.0, oom_above_batch: int = 0
+    ) -> None:
         self.batch_size = batch_size
         self.seconds_per_image = seconds_per_image
         self.oom_above_batch = oom_above_batch

@@ -17,6 +17,7 @@ def open_store(location: str) -> ObjectStore:
         return S3ObjectStore(boto3.client("s3"), bucket, prefix)
     return LocalObjectStore(location)
 
+
 __all__ = [
     "LocalObjectStore",
     "ObjectInfo",

@@ -2,7 +2,9 @@
 
 Keys are always relative, '/'-separated paths (built by :mod:`pseudolabel.layout`); a backend
 maps them onto a directory or an S3 prefix. Writes are atomic: a reader sees the old object or
-the new one, never half of one.
+the new one, never half of one. What a killed writer leaves behind (a local temp file, an
+incomplete S3 multipart upload) is never visible under a key; :meth:`ObjectStore.remove_stale_temp`
+removes it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def remove_stale_temp(self, prefix: str) -> int:
+        """Remove what dead writers left half-written under ``prefix``; returns how many were removed.
+
+        Only leftovers whose writer is gone are touched, so calling this while other processes write
+        under the same prefix is safe. A step calls it for its own prefixes when it starts.
+        """
 
     @abstractmethod
     def uri(self, key: str = "") -> str:

@@ -69,5 +69,30 @@ class S3ObjectStore(ObjectStore):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
 
+    def remove_stale_temp(self, prefix: str) -> int:
+        """Abort the incomplete multipart uploads under ``prefix``; returns how many were aborted.
+
+        A single PUT (all this store does) is atomic, so S3 has no temp keys; what a killed writer
+        can leave is a multipart upload (from tools that stream large objects) that never completed:
+        invisible under its key, but its parts are stored and billed until aborted. This store starts
+        none itself, so any under a step's own prefix belongs to a writer that is gone.
+        """
+        relative = clean_prefix(prefix)
+        full_prefix = f"{self.prefix}/{relative}" if self.prefix else relative
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        uploads = [
+            (upload["Key"], upload["UploadId"])
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
+            for upload in page.get("Uploads", [])
+        ]
+        aborted = 0
+        for key, upload_id in uploads:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except self.client.exceptions.NoSuchUpload:
+                continue  # completed or aborted meanwhile
+            aborted += 1
+        return aborted
+
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(key)}" if key else f"s3://{self.bucket}/{self.prefix}"
