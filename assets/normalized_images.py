@@ -116,7 +116,6 @@ def _metadata(store: ObjectStore, shard: str, result: ShardResult, stale_temp: i
         "images_reused": MetadataValue.int(stats.reused),
         "images_fetched": MetadataValue.int(stats.fetched),
         # Rows taken over without a download: from the last index, or recorded by a killed run.
-        "reused_from_previous_run": MetadataValue.int(stats.reused),
         "reused_from_unfinished_run": MetadataValue.int(result.recovered),
         "stale_temp_files_removed": MetadataValue.int(stale_temp),
         "failure_rate": MetadataValue.float(round(stats.failure_rate, 4)),

@@ -189,7 +189,7 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         event = instance.get_latest_materialization_event(AssetKey("normalized_images"))
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    assert metadata["reused_from_previous_run"] == metadata["reused_from_unfinished_run"] == 120 - len(again)
+    assert metadata["images_reused"] == metadata["reused_from_unfinished_run"] == 120 - len(again)
     assert metadata["stale_temp_files_removed"] == len(left_by_kill) + 1
     assert metadata["images_fetched"] == len(again)
 
