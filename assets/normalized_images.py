@@ -4,11 +4,19 @@
 # annotations at decoration time and cannot resolve them from strings.
 import os
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetMaterialization,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from dagster_project.partitions import shard_partitions
-from dagster_project.policies import NETWORK_RETRY, ONE_SHARD_PER_RUN
+from dagster_project.policies import NETWORK_RETRY, SHARDS_PER_RUN
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.normalize import NormalizeOptions
@@ -58,7 +66,7 @@ class NormalizedImagesConfig(Config):
 @asset(
     partitions_def=shard_partitions,
     retry_policy=NETWORK_RETRY,
-    backfill_policy=ONE_SHARD_PER_RUN,
+    backfill_policy=SHARDS_PER_RUN,
     deps=["stratified_sample"],
     group_name="images",
     description=(
@@ -69,29 +77,43 @@ class NormalizedImagesConfig(Config):
 def normalized_images(
     context: AssetExecutionContext, config: NormalizedImagesConfig, storage: StorageResource
 ) -> MaterializeResult:
-    shard = context.partition_key
+    """One shard per partition; a backfill run takes a range of shards, one after the other, each with
+    its own materialization."""
     store = storage.store()
-    stale = _remove_stale_temp(context, store, shard)
-    items = shard_items(read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS), shard)
-    context.log.info(f"{shard}: {len(items)} sampled images")
-
-    # Writes the index (before any failure below, so a failure loses nothing) and records progress
-    # as it goes, so a rerun after a crash fetches only what was not finished.
-    result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
-    metadata = _metadata(store, shard, result, stale)
-
-    stats = result.stats
-    if stats.failure_rate > config.max_failure_rate:
-        raise Failure(
-            description=(
-                f"{shard}: {stats.quarantined} of {stats.total} images quarantined "
-                f"({stats.failure_rate:.0%} > max_failure_rate {config.max_failure_rate:.0%}); the index was "
-                f"written, see the quarantine reasons. Fix the cause and re-materialize: stored images are reused."
-            ),
-            metadata=metadata,
-            allow_retries=False,  # the same inputs would fail the same way
-        )
-    return MaterializeResult(metadata=metadata)
+    sample = read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS)
+    shards = list(context.partition_keys)
+    done: dict[str, dict[str, object]] = {}
+    for shard in shards:
+        stale = _remove_stale_temp(context, store, shard)
+        items = shard_items(sample, shard)
+        context.log.info(f"{shard}: {len(items)} sampled images")
+        try:
+            # Writes the index (before any failure below, so a failure loses nothing) and records
+            # progress as it goes, so a rerun after a crash fetches only what was not finished.
+            result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
+            metadata = _metadata(store, shard, result, stale)
+            stats = result.stats
+            if stats.failure_rate > config.max_failure_rate:
+                raise Failure(
+                    description=(
+                        f"{shard}: {stats.quarantined} of {stats.total} images quarantined "
+                        f"({stats.failure_rate:.0%} > max_failure_rate {config.max_failure_rate:.0%}); the "
+                        "index was written, see the quarantine reasons. Fix the cause and re-materialize: "
+                        "stored images are reused."
+                    ),
+                    metadata=metadata,
+                    allow_retries=False,  # the same inputs would fail the same way
+                )
+        except BaseException:
+            for finished, finished_metadata in done.items():  # finished shards count even so
+                context.log_event(
+                    AssetMaterialization(context.asset_key, partition=finished, metadata=finished_metadata)
+                )
+            raise
+        done[shard] = metadata
+    for shard, metadata in done.items():
+        context.add_asset_metadata(metadata, partition_key=shard)
+    return MaterializeResult()
 
 
 def _remove_stale_temp(context: AssetExecutionContext, store: ObjectStore, shard: str) -> int:

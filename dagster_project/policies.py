@@ -43,14 +43,13 @@ GPU_RETRY = RetryPolicy(
     max_retries=_retries(2), delay=_delay(60), backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
 )
 
-# Network-bound per-shard work: one shard per run, so a backfill spreads over processes and retries small.
-ONE_SHARD_PER_RUN = BackfillPolicy.multi_run(max_partitions_per_run=1)
-
-# GPU work: a run takes up to this many shards, so its model worker loads the models once for all of
-# them (each shard is still its own partition and materialization); runs spread over the GPUs.
-GPU_SHARDS_PER_RUN_ENV = "PSEUDOLABEL_GPU_SHARDS_PER_RUN"
-GPU_SHARDS_PER_RUN = BackfillPolicy.multi_run(
-    max_partitions_per_run=int(os.environ.get(GPU_SHARDS_PER_RUN_ENV, "").strip() or 10)
+# Per-shard work: a backfill run takes up to this many shards (each still its own partition and
+# materialization), so a GPU step's model worker loads the models once for all of them, and the
+# chain job (images -> detections -> masks -> labels) keeps that range end to end; runs spread over
+# processes, pods and GPUs.
+SHARDS_PER_RUN_ENV = "PSEUDOLABEL_SHARDS_PER_RUN"
+SHARDS_PER_RUN = BackfillPolicy.multi_run(
+    max_partitions_per_run=int(os.environ.get(SHARDS_PER_RUN_ENV, "").strip() or 10)
 )
 
 # Cheap CPU-only work: a backfill over many shards is one run.
@@ -67,5 +66,5 @@ def gpu_shard_asset_args() -> dict:
         "group_name": "models",
         "pool": "gpu",
         "retry_policy": GPU_RETRY,
-        "backfill_policy": GPU_SHARDS_PER_RUN,
+        "backfill_policy": SHARDS_PER_RUN,
     }

@@ -108,10 +108,10 @@ def test_network_and_gpu_assets_declare_retry_and_backfill_policies(monkeypatch)
     importlib.reload(policies)
     for name in ("catalog_snapshot", "normalized_images", "detections", "masks"):
         assert defs.get_assets_def(name).op.retry_policy is not None, name
-    assert defs.get_assets_def("normalized_images").backfill_policy.max_partitions_per_run == 1
-    gpu_shards = policies.GPU_SHARDS_PER_RUN.max_partitions_per_run
-    for name in ("detections", "masks"):
-        assert defs.get_assets_def(name).backfill_policy.max_partitions_per_run == gpu_shards, name
+    shards_per_run = policies.SHARDS_PER_RUN.max_partitions_per_run
+    assert shards_per_run == 10
+    for name in ("normalized_images", "detections", "masks"):
+        assert defs.get_assets_def(name).backfill_policy.max_partitions_per_run == shards_per_run, name
     assert defs.get_assets_def("pseudo_labels").backfill_policy.max_partitions_per_run is None  # single run
     assert defs.get_assets_def("detections").op.pool == "gpu"
 
