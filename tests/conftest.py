@@ -171,7 +171,10 @@ class PostgresServer:
 
 
 def _postgres_binaries() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: p.parts[-3])
+    def version(initdb: Path) -> list[int]:
+        return [int(part) for part in initdb.parts[-3].split(".") if part.isdigit()]
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=version)
     return found[-1].parent if found else None
 
 
