@@ -1,8 +1,9 @@
 """The resources the code location runs with, chosen from the environment.
 
-``PSEUDOLABEL_MODELS`` picks the model weights: ``official`` (default; checkpoints from the release
-URLs, verified and cached), ``random`` (SMOKE RUN: the real architectures at tiny size with random
-weights, no downloads, says nothing about quality) or ``fake`` (instant deterministic stand-ins).
+``PSEUDOLABEL_MODELS`` picks the model preset when a GPU step runs (see :mod:`resources.models`):
+``official`` (default; checkpoints from the release URLs, verified and cached), ``random`` (SMOKE RUN:
+the real architectures at tiny size with random weights, no downloads, says nothing about quality) or
+``fake`` (instant deterministic stand-ins).
 ``PSEUDOLABEL_EXECUTOR=k8s`` runs model workers as GPU pods from ``PSEUDOLABEL_WORKER_IMAGE``;
 otherwise they are local subprocesses, one per leased GPU.
 """
@@ -19,7 +20,6 @@ from resources.models import model_resources
 from resources.storage import storage_from_env
 from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
 
-MODELS_ENV = "PSEUDOLABEL_MODELS"
 WORKER_IMAGE_ENV = "PSEUDOLABEL_WORKER_IMAGE"
 WORKER_SECRETS_ENV = "PSEUDOLABEL_WORKER_SECRETS"  # comma-separated Kubernetes secret names
 WORKER_NAMESPACE_ENV = "PSEUDOLABEL_WORKER_NAMESPACE"
@@ -41,7 +41,7 @@ def model_workers_from_env(environ: Mapping[str, str]) -> ModelWorkersResource:
 
 def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
-    detector, segmenter = model_resources(environ.get(MODELS_ENV, "official").strip().lower() or "official")
+    detector, segmenter = model_resources()  # the preset is read from the environment when a step runs
     return {
         "storage": storage_from_env(dict(environ)),
         "catalog": catalog_from_env(),

@@ -2,7 +2,12 @@
 
 They are configuration only: each turns its typed, launchpad-editable config into a spec
 (:mod:`pseudolabel.models.loading`) that a model worker builds the model from. Nothing here imports
-torch; the defaults live in the spec classes, so they are written once.
+torch, and the defaults live only in the spec classes.
+
+A resource starts from a preset, ``models``: ``official`` (release checkpoints), ``random`` (SMOKE RUN:
+the real architectures at tiny size with random weights) or ``fake`` (instant stand-ins); empty means
+``$PSEUDOLABEL_MODELS``, read when the step runs. Every other field overrides the preset when set,
+so changing one knob in the launchpad (say ``batch_size``) keeps the rest of the preset.
 
 Checkpoint sources (``checkpoint``): "" = the official release URL, downloaded once into the cache and
 verified by sha256; a local path; an ``s3://`` URI; or "random" = untrained weights for offline smoke
@@ -11,32 +16,60 @@ runs. ``tiny`` shrinks the architecture (random weights only) for tests and the 
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 from dagster import ConfigurableResource, Failure
 
-from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec, _Spec
+from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec
 
-_D, _S = DetectorSpec, SegmenterSpec
+MODELS_ENV = "PSEUDOLABEL_MODELS"
+OFFICIAL, RANDOM = "official", "random"
+PRESETS: dict[str, tuple[DetectorSpec, SegmenterSpec]] = {
+    OFFICIAL: (DetectorSpec(), SegmenterSpec()),
+    RANDOM: (
+        DetectorSpec(checkpoint="random", tiny=True, text_encoder="tiny-random"),
+        SegmenterSpec(checkpoint="random", tiny=True, variant="tiny"),
+    ),
+    FAKE: (DetectorSpec(backend=FAKE), SegmenterSpec(backend=FAKE)),
+}
 
 
 class _ModelResource(ConfigurableResource):
-    checkpoint: str = _Spec.checkpoint  # "" (official URL) | local path | s3://bucket/key | "random"
-    checkpoint_sha256: str = _Spec.checkpoint_sha256  # expected digest; overrides the pinned table
-    cache_dir: str = _Spec.cache_dir  # "" = $PSEUDOLABEL_MODEL_CACHE or ~/.cache/pseudolabel
-    allow_download: bool = _Spec.allow_download
-    device: str = _Spec.device  # auto = the step's leased GPU; pretrained weights never fall back to CPU
-    precision: str = _Spec.precision  # auto = bf16 autocast on CUDA, fp32 on CPU
-    batch_size: int = _Spec.batch_size
-    num_workers: int = _Spec.num_workers  # CPU threads decoding images ahead of the GPU
-    tiny: bool = _Spec.tiny  # tiny random architecture (requires checkpoint="random")
-    seed: int = _Spec.seed  # random init seed (random weights only)
-    image_size: int | None = _Spec.image_size
-    seconds_per_image: float = _Spec.seconds_per_image  # fake backend only
-    oom_above_batch: int = _Spec.oom_above_batch  # fake backend only
+    models: str = ""  # preset: official | random | fake; "" = $PSEUDOLABEL_MODELS (default official)
+    # Overrides of the preset; None keeps the preset's value (see pseudolabel.models.loading for defaults).
+    backend: str | None = None
+    variant: str | None = None
+    checkpoint: str | None = None  # "" (official URL) | local path | s3://bucket/key | "random"
+    checkpoint_sha256: str | None = None  # expected digest; overrides the pinned table
+    cache_dir: str | None = None  # "" = $PSEUDOLABEL_MODEL_CACHE or ~/.cache/pseudolabel
+    allow_download: bool | None = None
+    device: str | None = None  # auto = the step's leased GPU; pretrained weights never fall back to CPU
+    precision: str | None = None  # auto = bf16 autocast on CUDA, fp32 on CPU
+    batch_size: int | None = None
+    num_workers: int | None = None  # CPU threads decoding images ahead of the GPU
+    tiny: bool | None = None  # tiny random architecture (requires checkpoint="random")
+    seed: int | None = None  # random init seed (random weights only)
+    image_size: int | None = None
+    seconds_per_image: float | None = None  # fake backend only
+    oom_above_batch: int | None = None  # fake backend only
 
-    def _values(self) -> dict:
-        return {name: getattr(self, name) for name in type(self).model_fields}
+    def preset(self) -> str:
+        name = (self.models or os.environ.get(MODELS_ENV, "") or OFFICIAL).strip().lower()
+        if name not in PRESETS:
+            raise Failure(
+                description=f"models / {MODELS_ENV} must be one of {', '.join(PRESETS)}; got {name!r}",
+                allow_retries=False,
+            )
+        return name
 
-    def _validated(self, spec: _Spec) -> _Spec:
+    def _spec(self, base):
+        overrides = {
+            name: value
+            for name in type(self).model_fields
+            if name != "models" and (value := getattr(self, name)) is not None
+        }
+        spec = replace(base, **overrides)
         try:
             spec.validate()
         except ModelConfigError as exc:  # bad configuration: fail once, before any worker starts
@@ -47,37 +80,23 @@ class _ModelResource(ConfigurableResource):
 class DetectorResource(_ModelResource):
     """Grounding DINO (``backend="grounding_dino"``; variants swint_ogc, swinb_cogcoor) or ``"fake"``."""
 
-    backend: str = _D.backend
-    variant: str = _D.variant
-    text_encoder: str = _D.text_encoder  # local dir or hub name; "tiny-random" for smoke runs
-    max_size: int | None = _D.max_size  # input long-side cap; image_size is the short side
-    max_boxes_per_caption: int = _D.max_boxes_per_caption  # fake backend only
+    text_encoder: str | None = None  # local dir or hub name; "tiny-random" for smoke runs
+    max_size: int | None = None  # input long-side cap; image_size is the short side
+    max_boxes_per_caption: int | None = None  # fake backend only
 
     def spec(self) -> DetectorSpec:
-        return self._validated(DetectorSpec(**self._values()))
+        return self._spec(PRESETS[self.preset()][0])
 
 
 class SegmenterResource(_ModelResource):
     """SAM2.1 (``backend="sam2"``; variants tiny, small, base_plus, large) or ``"fake"``."""
 
-    backend: str = _S.backend
-    variant: str = _S.variant
-    max_boxes_per_call: int = _S.max_boxes_per_call  # boxes per mask-decoder call
+    max_boxes_per_call: int | None = None  # boxes per mask-decoder call
 
     def spec(self) -> SegmenterSpec:
-        return self._validated(SegmenterSpec(**self._values()))
+        return self._spec(PRESETS[self.preset()][1])
 
 
-def model_resources(choice: str) -> tuple[DetectorResource, SegmenterResource]:
-    """``official`` checkpoints, ``random`` (SMOKE RUN: tiny real architectures, random weights) or
-    ``fake`` (instant deterministic stand-ins, no model stack)."""
-    if choice == "official":
-        return DetectorResource(), SegmenterResource()
-    if choice == "random":
-        return (
-            DetectorResource(checkpoint="random", tiny=True, text_encoder="tiny-random"),
-            SegmenterResource(checkpoint="random", tiny=True, variant="tiny"),
-        )
-    if choice == FAKE:
-        return DetectorResource(backend=FAKE), SegmenterResource(backend=FAKE)
-    raise ValueError(f"models must be one of official, random, fake; got {choice!r}")
+def model_resources(choice: str = "") -> tuple[DetectorResource, SegmenterResource]:
+    """Both resources on one preset ("" = ``$PSEUDOLABEL_MODELS`` when a step runs)."""
+    return DetectorResource(models=choice), SegmenterResource(models=choice)

@@ -292,7 +292,9 @@ def record_worker_results(
     partitioned = context.assets_def.partitions_def is not None
     failed = next((m for m in events if m.get("event") == FAILED), None)
     missing = [shard for shard in task.shards if shard not in done]
-    if problem is None and failed is None and not missing:
+    if failed is None and not missing:
+        if problem is not None:  # e.g. a crash in interpreter teardown: every shard is written and reported
+            context.log.warning(f"{problem} after it reported every shard; their results are kept")
         for shard, metadata in done.items():
             metadata["model_loads_in_step"] = MetadataValue.int(loads)
             if partitioned:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from dagster import (
@@ -347,3 +348,19 @@ def test_a_pod_that_cannot_be_created_fails_once_with_a_clear_message(fake_kuber
     (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     message = failure.step_failure_data.user_failure_data.description
     assert IMAGE in message and "Forbidden" in message and "Retrying will not help" in message
+
+
+def test_helm_values_put_postgres_where_the_chart_reads_it():
+    """The official chart reads .Values.postgresql.* and .Values.global.postgresqlSecretName; the scheme
+    names psycopg2 (dagster-postgres' driver), as the PostgreSQL `dagster dev` test uses."""
+    import yaml
+
+    values = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "values.yaml").read_text())
+    postgres = values["postgresql"]
+    assert postgres["enabled"] is False and postgres["postgresqlScheme"] == "postgresql+psycopg2"
+    assert {"postgresqlHost", "postgresqlUsername", "postgresqlDatabase"} <= postgres.keys()
+    assert values["global"]["postgresqlSecretName"]
+    assert not {k for k in values if k.startswith("postgresql") and k != "postgresql"} | {
+        k for k in values if k.startswith("global_")
+    }
+    assert "password" not in yaml.safe_dump(postgres).lower()

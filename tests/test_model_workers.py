@@ -376,3 +376,62 @@ def test_only_what_a_retry_can_fix_is_retried(tmp_path):
     latest = instance.get_run_records(limit=1)[0].dagster_run.run_id
     assert retries(latest) == 0 and instance.get_run_by_id(latest).is_failure  # failed once, not retried
     assert "unknown grounding_dino variant 'swin_giant'" in bad.stdout + bad.stderr
+
+
+def test_a_worker_dying_after_reporting_every_shard_keeps_the_results():
+    """E.g. an abort in interpreter teardown: every shard is written and reported, so nothing is lost."""
+    from types import SimpleNamespace
+
+    from pseudolabel.workers.task import WorkerTask, meta
+    from resources.workers import record_worker_results
+
+    attached, warnings = {}, []
+    context = SimpleNamespace(
+        assets_def=SimpleNamespace(partitions_def=object()),
+        asset_key=AssetKey("detections"),
+        add_asset_metadata=lambda metadata, partition_key: attached.update({partition_key: metadata}),
+        log=SimpleNamespace(warning=warnings.append),
+    )
+    task = WorkerTask(stage="detections", shards=["shard-00000", "shard-00001"], storage="/tmp/x")
+    messages = [{"event": "models_loaded", "models": {}, "seconds": 0.1}] + [
+        {"event": "shard_done", "shard": s, "metadata": {"candidates": meta(3)}} for s in task.shards
+    ]
+    results = record_worker_results(
+        context, task, messages, "the model worker was killed by signal 6 (SIGABRT)"
+    )
+    assert sorted(results) == sorted(attached) == task.shards
+    assert attached["shard-00001"]["candidates"].value == 3
+    assert warnings and "SIGABRT" in warnings[0] and "results are kept" in warnings[0]
+
+    # A shard missing from the reports is a failure, naming what was finished.
+    with pytest.raises(Exception, match="finished shards recorded: shard-00000") as caught:
+        record_worker_results(
+            SimpleNamespace(**{**vars(context), "log_event": lambda event: None}),
+            task,
+            messages[:2],
+            "the model worker was killed by signal 9 (SIGKILL)",
+        )
+    assert caught.value.allow_retries is True
+
+
+def test_one_launchpad_knob_keeps_the_models_preset(tmp_path, instance, monkeypatch):
+    """Run config for one field replaces the resource's code-given values; the preset must survive
+    (it is read from PSEUDOLABEL_MODELS when the step runs), or one edited batch size would switch a
+    smoke run to the official checkpoints."""
+    from dagster_project.resource_defs import resources_from_env
+
+    monkeypatch.setenv("PSEUDOLABEL_MODELS", "fake")
+    store = LocalObjectStore(tmp_path / "data")
+    (name,) = shards(store, 1)
+    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+    resources = {**resources_from_env(), "storage": LocalStorageResource(root=str(store.root))}
+    result = materialize(
+        [detections],
+        partition_key=name,
+        instance=instance,
+        resources=resources,
+        run_config={"resources": {"detector": {"config": {"batch_size": 2}}}},
+    )
+    assert result.success
+    metadata = shard_metadata(instance, "detections")[name]
+    assert metadata["model"] == "fake_detector" and metadata["batch_size"] == 2
