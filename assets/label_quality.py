@@ -15,20 +15,17 @@ from datetime import UTC, datetime
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from PIL import Image
 
-from assets.detections import DetectionsConfig
-from assets.masks import MasksConfig
 from assets.pseudo_labels import CODE_VERSION, THRESHOLDS
 from pseudolabel import layout
 from pseudolabel.labels.relabel import Candidates
 from pseudolabel.labels.thresholds import PickPolicy
 from pseudolabel.markdown import markdown_table
-from pseudolabel.models.segment_stage import SegmentationSettings
 from pseudolabel.quality.gold import load_gold_set
 from pseudolabel.quality.plot import plot_sweep
 from pseudolabel.quality.sweep import best_per_policy, make_scorer, scores_by_policy, threshold_sweep
 from pseudolabel.storage import read_parquet, write_parquet
 from pseudolabel.workers.task import GOLD_CANDIDATES, WorkerTask
-from resources.models import DetectorResource, SegmenterResource
+from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import StorageResource
 from resources.workers import ModelWorkersResource
 
@@ -40,10 +37,6 @@ class LabelQualityConfig(Config):
     policies: list[str] = [p.value for p in PickPolicy]
     contour_factor: float = 0.5  # weight of the GT contour band is (1 - factor); 0 = plain IoU
     contour_band_px: int = 3  # band reaches this many pixels either side of the GT edge
-    # The chain's stage settings (same fields and defaults as the detections / masks config): set them
-    # as you run the chain, so the evaluation measures the labels the chain produces.
-    detections: DetectionsConfig = DetectionsConfig()
-    masks: MasksConfig = MasksConfig()
 
 
 @asset(
@@ -58,6 +51,7 @@ def label_quality(
     storage: StorageResource,
     detector: DetectorResource,
     segmenter: SegmenterResource,
+    stage_settings: StageSettingsResource,
     model_workers: ModelWorkersResource,
 ) -> MaterializeResult:
     store = storage.store()
@@ -69,8 +63,8 @@ def label_quality(
         buffer = io.BytesIO()
         Image.fromarray(image.pixels).save(buffer, format="PNG")
         store.put_bytes(layout.label_quality_gold_image(prefix, image.image_id), buffer.getvalue())
-    detection = config.detections.settings()
-    segmentation = SegmentationSettings(multimask=config.masks.multimask)
+    # The chain's own models and stage settings (the resources detections and masks use).
+    detection, segmentation = stage_settings.detection(), stage_settings.segmentation()
     task = WorkerTask(
         stage=GOLD_CANDIDATES,
         shards=[prefix],

@@ -3,15 +3,13 @@
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
 
 from dagster_project.policies import gpu_shard_asset_args
-from pseudolabel.models.segment_stage import SegmentationSettings
 from pseudolabel.workers.task import MASKS, WorkerTask
-from resources.models import SegmenterResource
+from resources.models import SegmenterResource, StageSettingsResource
 from resources.storage import StorageResource
 from resources.workers import ModelWorkersResource
 
 
 class MasksConfig(Config):
-    multimask: bool = False  # 3 masks per box; keep the best predicted IoU, store all 3 scores
     skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
 
 
@@ -21,15 +19,17 @@ def masks(
     config: MasksConfig,
     storage: StorageResource,
     segmenter: SegmenterResource,
+    stage_settings: StageSettingsResource,
     model_workers: ModelWorkersResource,
 ) -> MaterializeResult:
     """One SAM2 mask per detection candidate (box prompt), as COCO RLE with area, bbox and predicted IoU
-    (masks/<shard>.parquet). One model load serves every shard of the run."""
+    (masks/<shard>.parquet); ``multimask`` from the ``stage_settings`` resource. One model load serves
+    every shard of the run."""
     task = WorkerTask(
         stage=MASKS,
         shards=list(context.partition_keys),
         storage=storage.location(),
-        settings=vars(SegmentationSettings(multimask=config.multimask)),
+        settings=vars(stage_settings.segmentation()),
         segmenter=segmenter.spec().for_retry(context.retry_number).to_dict(),
         skip_if_up_to_date=config.skip_if_up_to_date,
     )

@@ -44,7 +44,7 @@ from pseudolabel import layout, schemas  # noqa: E402
 from pseudolabel.ids import sha256_hex  # noqa: E402
 from pseudolabel.storage import LocalObjectStore, write_parquet  # noqa: E402
 from pseudolabel.workers.environment import built_worker_python  # noqa: E402
-from resources.models import DetectorResource, SegmenterResource  # noqa: E402
+from resources.models import DetectorResource, SegmenterResource, StageSettingsResource  # noqa: E402
 from resources.storage import LocalStorageResource  # noqa: E402
 from resources.workers import LocalModelWorkers  # noqa: E402
 
@@ -96,6 +96,7 @@ def backfill(store: LocalObjectStore, detector, shards: list[str], runs: list[tu
         "storage": LocalStorageResource(root=str(store.root)),
         "detector": detector,
         "segmenter": SegmenterResource(backend="fake"),
+        "stage_settings": StageSettingsResource(),
         "model_workers": LocalModelWorkers(gpus="0"),
     }
     with DagsterInstance.ephemeral() as instance:

@@ -29,7 +29,7 @@ from pseudolabel.devserver import DevServer
 from pseudolabel.images.download import ALLOWED_NETWORKS_ENV
 from pseudolabel.workers.environment import ensure_worker_python
 from resources.catalog import CatalogResource
-from resources.models import model_resources
+from resources.models import StageSettingsResource, model_resources
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers
 
@@ -146,6 +146,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
             "catalog": CatalogResource(source=server.catalog_url, page_size=16),
             "detector": detector,
             "segmenter": segmenter,
+            "stage_settings": StageSettingsResource(),
             "model_workers": LocalModelWorkers(),
         }
         # Sample every item (URLs carry the server's random port, so a partial sample would vary).

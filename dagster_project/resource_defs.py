@@ -16,7 +16,7 @@ from typing import Any
 
 from dagster_project.k8s import EXECUTOR_ENV
 from resources.catalog import catalog_from_env
-from resources.models import model_resources
+from resources.models import StageSettingsResource, model_resources
 from resources.storage import storage_from_env
 from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
 
@@ -47,5 +47,6 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, An
         "catalog": catalog_from_env(),
         "detector": detector,
         "segmenter": segmenter,
+        "stage_settings": StageSettingsResource(),
         "model_workers": model_workers_from_env(environ),
     }

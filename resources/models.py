@@ -21,7 +21,9 @@ from dataclasses import replace
 
 from dagster import ConfigurableResource, Failure
 
+from pseudolabel.models.detect_stage import DetectionSettings
 from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec
+from pseudolabel.models.segment_stage import SegmentationSettings
 
 MODELS_ENV = "PSEUDOLABEL_MODELS"
 OFFICIAL, RANDOM = "official", "random"
@@ -100,3 +102,28 @@ class SegmenterResource(_ModelResource):
 def model_resources(choice: str = "") -> tuple[DetectorResource, SegmenterResource]:
     """Both resources on one preset ("" = ``$PSEUDOLABEL_MODELS`` when a step runs)."""
     return DetectorResource(models=choice), SegmenterResource(models=choice)
+
+
+class StageSettingsResource(ConfigurableResource):
+    """What the GPU stages are asked, shared by ``detections``, ``masks`` and ``label_quality``, so the
+    evaluation measures exactly the candidates the chain produces. Floors are deliberately low: the
+    thresholds applied downstream can then move anywhere above them without touching the GPU."""
+
+    prompt: str = DetectionSettings.prompt  # Grounding DINO caption, classes separated by " ."
+    one_prompt_per_class: bool = DetectionSettings.one_prompt_per_class  # "a . b ." as "a ." and "b ."
+    box_floor: float = DetectionSettings.box_floor  # keep candidates above these scores
+    text_floor: float = DetectionSettings.text_floor
+    max_candidates: int = DetectionSettings.max_candidates  # per image
+    multimask: bool = SegmentationSettings.multimask  # 3 masks per box; keep the best predicted IoU
+
+    def detection(self) -> DetectionSettings:
+        return DetectionSettings(
+            prompt=self.prompt,
+            one_prompt_per_class=self.one_prompt_per_class,
+            box_floor=self.box_floor,
+            text_floor=self.text_floor,
+            max_candidates=self.max_candidates,
+        )
+
+    def segmentation(self) -> SegmentationSettings:
+        return SegmentationSettings(multimask=self.multimask)

@@ -7,6 +7,7 @@ def test_z(dev_server): server = dev_server(catalog=[...], images={...})
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 # Failing steps in tests must fail now, not after Dagster's spaced-out step retries (tests that check
@@ -132,22 +133,30 @@ def worker_python() -> str:
 
 
 class PostgresServer:
-    """A throw-away PostgreSQL server on 127.0.0.1 (trust auth, user ``postgres``)."""
+    """A throw-away PostgreSQL server on 127.0.0.1 (trust auth, user ``postgres``).
 
-    def __init__(self, host: str, port: int, user: str):
-        self.host, self.port, self.user = host, port, user
+    Nothing here imports psycopg2: its wheel bundles its own OpenSSL, and loading that into the pytest
+    process made a later ``ssl.create_default_context`` abort the whole run. Only the Dagster processes
+    (code server, daemon, runs) load it; databases are made with the server's own ``createdb``."""
+
+    def __init__(self, host: str, port: int, user: str, bindir: Path):
+        self.host, self.port, self.user, self.bindir = host, port, user, bindir
 
     def create_database(self, name: str) -> str:
         """A fresh, empty database; returns its name."""
-        import psycopg2
-
-        connection = psycopg2.connect(host=self.host, port=self.port, user=self.user, dbname="postgres")
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+        command = [
+            str(self.bindir / "createdb"),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            name,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"createdb {name} failed: {done.stderr[-2000:]}")
         return name
 
     def instance_storage(self, database: str) -> dict[str, Any]:
@@ -190,9 +199,7 @@ def postgres_server() -> Iterator[PostgresServer]:
             "PostgreSQL SERVER NOT INSTALLED: no /usr/lib/postgresql/*/bin/initdb; install Debian's "
             "`postgresql` package (.ci/run does) to run the tests on Postgres instance storage"
         )
-    try:
-        import psycopg2  # noqa: F401  (what dagster-postgres connects with)
-    except ImportError:
+    if importlib.util.find_spec("psycopg2") is None:  # found, not imported (see PostgresServer)
         pytest.skip("dagster-postgres / psycopg2 not installed: `pip install -e '.[dev]'`")
     # The server refuses to run as root: run it as `postgres`, in a directory that user can reach
     # (pytest's tmp dirs live under a 0700 directory of the current user).
@@ -224,7 +231,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     )
     pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
     try:
-        yield PostgresServer("127.0.0.1", port, "postgres")
+        yield PostgresServer("127.0.0.1", port, "postgres", bindir)
     finally:
         try:
             pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "30", "stop")

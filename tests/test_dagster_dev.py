@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -142,7 +145,28 @@ def overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def ui_workflow(tmp_path: Path, catalog: Path, storage: dict[str, Any] | None = None) -> dict[str, float]:
+def readme_cli_backfill(server: DagsterDev, job: str, shards: list[str]) -> list[dict]:
+    """The README's `dagster job backfill ... --all --noprompt`, exactly as written, against the running
+    instance: the CLI submits one run per shard to the queue and `dagster dev`'s daemon launches them."""
+    dagster = str(Path(sys.executable).parent / "dagster")
+    command = f"dagster job backfill -w workspace.yaml -j {job} --all --noprompt"
+    assert command in (REPO / "README.md").read_text(), command
+    done = subprocess.run(
+        [dagster, *command.split()[1:]],
+        cwd=REPO,
+        env={**server.env, "DAGSTER_HOME": str(server.home)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (backfill_id,) = re.findall(r"Launched backfill job `([^`]+)`", done.stdout + done.stderr)
+    return server.wait_backfill_runs(backfill_id, len(shards), timeout_s=240)
+
+
+def ui_workflow(
+    tmp_path: Path, catalog: Path, storage: dict[str, Any] | None = None, *, readme_cli: bool = False
+) -> dict[str, float]:
     timings: dict[str, float] = {}
     clock = time.monotonic()
 
@@ -232,13 +256,27 @@ def ui_workflow(tmp_path: Path, catalog: Path, storage: dict[str, Any] | None = 
         server.wait_backfill(chain, timeout_s=90)
         server.wait_backfill(relabel, timeout_s=90)
         lap("backfills complete")
+
+        if readme_cli:  # 4. The same from the README's CLI lines, while `dagster dev` runs.
+            runs = readme_cli_backfill(server, "relabel_job", shards)
+            assert len(runs) == len(shards)  # the CLI makes one run per shard
+            for run in runs:
+                events = server.events(run["runId"])
+                assert {e["stepKey"] for e in events if e.get("eventType") == "STEP_START"} == {
+                    "pseudo_labels"
+                }
+                assert not [e for e in events if WORKER_LINE in (e.get("message") or "")]
+            runs = readme_cli_backfill(server, "shard_chain_job", shards)
+            partitions = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition"}
+            assert partitions == set(shards) and len(runs) == len(shards)
+            lap("README CLI backfills")
     lap("stop")
     print(f"timings (s): {timings}, total {sum(timings.values()):.1f}")
     return timings
 
 
 def test_ui_workflow_on_sqlite_instance_storage(tmp_path, catalog):
-    ui_workflow(tmp_path, catalog)
+    ui_workflow(tmp_path, catalog, readme_cli=True)
 
 
 def test_ui_workflow_on_postgres_instance_storage(tmp_path, catalog, postgres_server):

@@ -21,7 +21,7 @@ from pseudolabel.models.detect_stage import ok_images
 from pseudolabel.models.prefetch import prefetched_batches
 from pseudolabel.rle import decode_rle
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
-from resources.models import DetectorResource, SegmenterResource
+from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers
 
@@ -71,6 +71,12 @@ def shard_store(tmp_path):
 
 
 def _materialize(store, detector, segmenter, *, det_config=None, mask_config=None):
+    """``det_config`` / ``mask_config`` mix op config (skip_if_up_to_date) and stage settings (the
+    ``stage_settings`` resource: prompt, floors, max_candidates, multimask)."""
+    given = {**(det_config or {}), **(mask_config or {})}
+    settings = {k: v for k, v in given.items() if k in StageSettingsResource.model_fields}
+    det_config = {k: v for k, v in (det_config or {}).items() if k not in settings}
+    mask_config = {k: v for k, v in (mask_config or {}).items() if k not in settings}
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [SHARD])
     return materialize(
@@ -81,6 +87,7 @@ def _materialize(store, detector, segmenter, *, det_config=None, mask_config=Non
             "storage": LocalStorageResource(root=str(store.root)),
             "detector": detector,
             "segmenter": segmenter,
+            "stage_settings": StageSettingsResource(**settings),
             "model_workers": LocalModelWorkers(),
         },
         run_config={

@@ -28,7 +28,7 @@ from pseudolabel.labels.thresholds import (
 )
 from pseudolabel.models.fakes import FakeDetector
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
-from resources.models import DetectorResource, SegmenterResource
+from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers
 
@@ -308,6 +308,8 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
             "storage": LocalStorageResource(root=str(tmp_path / "store")),
             "detector": DetectorResource(backend="fake", max_boxes_per_caption=4),
             "segmenter": SegmenterResource(backend="fake"),
+            # The chain's stage settings: the same resource detections and masks read.
+            "stage_settings": StageSettingsResource(**detection, multimask=True),
             "model_workers": LocalModelWorkers(),
         },
         run_config={
@@ -318,8 +320,6 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
                         "box_score_grid": [0.0, 0.99],
                         "mask_score_grid": [0.5],
                         "contour_factor": 0.0,
-                        "detections": detection,
-                        "masks": {"multimask": True},
                     }
                 }
             }

@@ -24,7 +24,7 @@ from pseudolabel import layout, schemas
 from pseudolabel.ids import sha256_hex
 from pseudolabel.rle import decode_rle
 from pseudolabel.storage import LocalObjectStore, ObjectStore, read_parquet, write_parquet
-from resources.models import DetectorResource, SegmenterResource
+from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers, visible_gpus
 
@@ -72,7 +72,7 @@ def run(
     workers=None,
     shard=None,
     tags=None,
-    config=None,
+    settings=None,
 ):
     return materialize(
         assets,
@@ -84,9 +84,9 @@ def run(
             "storage": LocalStorageResource(root=str(store.root)),
             "detector": detector or DetectorResource(backend="fake"),
             "segmenter": segmenter or SegmenterResource(backend="fake"),
+            "stage_settings": StageSettingsResource(**(settings or {})),
             "model_workers": workers or LocalModelWorkers(),
         },
-        run_config={"ops": config or {}},
     )
 
 
@@ -123,17 +123,20 @@ def test_one_run_over_a_range_of_shards_loads_the_models_once(tmp_path, instance
         assert metadata[name]["path"].endswith(layout.detections(name))
 
 
-def test_concurrent_gpu_steps_each_lease_their_own_gpu(tmp_path, instance):
-    """Two GPU steps started together on a host with 2 (pretend) GPUs: the workers see different devices."""
+def test_concurrent_gpu_steps_each_lease_their_own_gpu(tmp_path):
+    """Two GPU steps started together on a host with 2 (pretend) GPUs: the workers see different devices.
+    (Each step in its own instance: two in-process runs on one in-memory SQLite lock each other out.)"""
     store = LocalObjectStore(tmp_path / "data")
     names = shards(store, 2, images=6)
-    instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, names)
     workers = LocalModelWorkers(gpus="2", lease_dir=str(tmp_path / "locks"))
     slow = DetectorResource(backend="fake", seconds_per_image=0.25, batch_size=1)
-    results = {}
+    results, instances = {}, {}
 
     def step(name):
-        results[name] = run(store, [detections], instance, detector=slow, workers=workers, shard=name)
+        with DagsterInstance.ephemeral() as instance:
+            instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
+            results[name] = run(store, [detections], instance, detector=slow, workers=workers, shard=name)
+            instances[name] = shard_metadata(instance, "detections")[name]
 
     threads = [threading.Thread(target=step, args=(name,)) for name in names]
     for thread in threads:
@@ -141,7 +144,7 @@ def test_concurrent_gpu_steps_each_lease_their_own_gpu(tmp_path, instance):
     for thread in threads:
         thread.join(timeout=120)
     assert all(results[name].success for name in names)
-    seen = {name: m["worker"] for name, m in shard_metadata(instance, "detections").items()}
+    seen = {name: m["worker"] for name, m in instances.items()}
     assert {w["cuda_visible_devices"] for w in seen.values()} == {"0", "1"}
     (a, b) = seen.values()
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they did overlap
@@ -220,8 +223,8 @@ def test_masks_of_crowded_images_any_candidate_count(tmp_path, instance):
     write_shard(store, name, [(640, 480)] * 3)
     instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
     crowded = DetectorResource(backend="fake", max_boxes_per_caption=300)
-    config = {"detections": {"config": {"box_floor": 0.0, "text_floor": 0.0}}}
-    result = run(store, [detections, masks], instance, detector=crowded, shard=name, config=config)
+    settings = {"box_floor": 0.0, "text_floor": 0.0}
+    result = run(store, [detections, masks], instance, detector=crowded, shard=name, settings=settings)
     assert result.success
     per_image = read_parquet(store, layout.masks(name)).to_pandas().groupby("image_id").size()
     assert per_image.max() >= 256, per_image.to_dict()
@@ -311,6 +314,7 @@ def test_workers_write_to_each_storage_backend(storage_resource, store, instance
             "storage": storage_resource,
             "detector": DetectorResource(backend="fake"),
             "segmenter": SegmenterResource(backend="fake"),
+            "stage_settings": StageSettingsResource(),
             "model_workers": LocalModelWorkers(),
         },
     )

@@ -172,7 +172,9 @@ def load_segmenter(spec: SegmenterSpec) -> Segmenter:
         from pseudolabel.models.fakes import FakeSegmenter
 
         return FakeSegmenter(
-            batch_size=spec.batch_size, seconds_per_image=spec.seconds_per_image, oom_above_batch=spec.oom_above_batch
+            batch_size=spec.batch_size,
+            seconds_per_image=spec.seconds_per_image,
+            oom_above_batch=spec.oom_above_batch,
         )
     from pseudolabel.models import sam2_segmenter, tiny
 
