@@ -7,20 +7,18 @@ import re
 import threading
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from dagster import DagsterInstance, materialize
-from images import random_jpeg
+from images import write_image_shard
 
 from assets.detections import detections
 from assets.masks import masks
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout, schemas
-from pseudolabel.ids import sha256_hex
 from pseudolabel.models.detect_stage import ok_images
 from pseudolabel.models.prefetch import prefetched_batches
 from pseudolabel.rle import decode_rle
-from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import LocalObjectStore, read_parquet
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers
@@ -33,40 +31,7 @@ SIZES = [(160, 120), (96, 128), (200, 100), (64, 64), (120, 90), (80, 140)]
 def shard_store(tmp_path):
     """A store holding one shard: 6 "ok" JPEGs of mixed sizes + 1 quarantined row, and its IMAGE_INDEX."""
     store = LocalObjectStore(tmp_path / "data")
-    rows = []
-    for i, (width, height) in enumerate(SIZES):
-        image_id = f"{i:016x}"
-        data = random_jpeg(width, height, seed=i)
-        store.put_bytes(layout.image(SHARD, image_id), data)
-        rows.append(
-            dict(
-                image_id=image_id,
-                url=f"http://x/{i}.jpg",
-                label="plant",
-                width=width,
-                height=height,
-                original_orientation=1,
-                bytes=len(data),
-                sha256=sha256_hex(data),
-                status="ok",
-                error=None,
-            )
-        )
-    rows.append(
-        dict(
-            image_id="f" * 16,
-            url="http://x/bad.jpg",
-            label="plant",
-            width=0,
-            height=0,
-            original_orientation=1,
-            bytes=0,
-            sha256="",
-            status="quarantined",
-            error="not an image",
-        )
-    )
-    write_parquet(store, layout.image_index(SHARD), pa.Table.from_pylist(rows, schema=schemas.IMAGE_INDEX))
+    write_image_shard(store, SHARD, SIZES, quarantined=1)
     return store
 
 

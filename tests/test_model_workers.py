@@ -12,18 +12,17 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
+from cli import dagster as dagster_cli
 from dagster import AssetKey, DagsterEventType, DagsterInstance, materialize
-from images import random_jpeg
+from images import random_jpeg, write_image_shard
 
 from assets.detections import detections
 from assets.masks import masks
 from dagster_project.partitions import SHARDS_PARTITIONS_NAME
-from pseudolabel import layout, schemas
-from pseudolabel.ids import sha256_hex
+from pseudolabel import layout
 from pseudolabel.rle import decode_rle
-from pseudolabel.storage import LocalObjectStore, ObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import LocalObjectStore, read_parquet
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.workers import LocalModelWorkers, visible_gpus
@@ -32,27 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 RANGE_TAGS = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
-def write_shard(store: ObjectStore, shard: str, sizes: list[tuple[int, int]], seed: int = 0) -> None:
-    rows = []
-    for i, (width, height) in enumerate(sizes):
-        image_id = f"{seed:04x}{i:012x}"
-        data = random_jpeg(width, height, seed=seed * 100 + i)
-        store.put_bytes(layout.image(shard, image_id), data)
-        rows.append(
-            dict(
-                image_id=image_id,
-                url=f"http://x/{image_id}.jpg",
-                label="plant",
-                width=width,
-                height=height,
-                original_orientation=1,
-                bytes=len(data),
-                sha256=sha256_hex(data),
-                status="ok",
-                error=None,
-            )
-        )
-    write_parquet(store, layout.image_index(shard), pa.Table.from_pylist(rows, schema=schemas.IMAGE_INDEX))
+write_shard = write_image_shard
 
 
 def shards(store: LocalObjectStore, count: int, images: int = 4) -> list[str]:
@@ -252,14 +231,9 @@ def test_the_readme_cli_materializes_a_shard_in_the_orchestrator_environment(tmp
         "PSEUDOLABEL_MODELS": "fake",
         "PSEUDOLABEL_GPUS": "0",
     }
-    dagster = str(Path(sys.executable).parent / "dagster")
 
     def cli(*args):
-        done = subprocess.run(
-            [dagster, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        return done
+        return dagster_cli(*args, env=env)
 
     cli(
         "asset",
@@ -346,21 +320,12 @@ def test_only_what_a_retry_can_fix_is_retried(tmp_path):
         "PSEUDOLABEL_STEP_RETRIES": "2",
         "PSEUDOLABEL_STEP_RETRY_DELAY_S": "0.1",
     }
-    dagster = str(Path(sys.executable).parent / "dagster")
 
     def materialize_detections(detector_config: dict) -> subprocess.CompletedProcess:
         run_config = json.dumps({"resources": {"detector": {"config": detector_config}}})
-        command = [
-            dagster,
-            "asset",
-            "materialize",
-            "-m",
-            "dagster_project.definitions",
-            "--select",
-            "detections",
-        ]
+        command = ["asset", "materialize", "-m", "dagster_project.definitions", "--select", "detections"]
         command += ["--partition", name, "--config-json", run_config]
-        return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        return dagster_cli(*command, env=env, check=False)
 
     def retries(run_id: str) -> int:
         return len(instance.all_logs(run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY))

@@ -9,10 +9,10 @@ import numpy as np
 import piexif
 import pyarrow as pa
 import pytest
-from dagster import DagsterInstance, RunConfig, materialize
+from images import images_metadata, materialize_images
 from PIL import Image
 
-from assets.normalized_images import NormalizedImagesConfig, normalized_images
+from assets.normalized_images import NormalizedImagesConfig
 from pseudolabel import layout
 from pseudolabel.devserver import Fault
 from pseudolabel.ids import image_id_for_url
@@ -73,24 +73,10 @@ def write_sample(store, rows: list[tuple[str, str, str]]) -> None:
 
 
 def run(storage_resource, **config):
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shards", [SHARD, OTHER_SHARD])
-    return materialize(
-        [normalized_images],
-        partition_key=SHARD,
-        resources={"storage": storage_resource},
-        instance=instance,
-        # No retries unless a test asks: keeps failing items from sleeping through backoff.
-        run_config=RunConfig(
-            ops={"normalized_images": NormalizedImagesConfig(**{"max_retries": 0, **config})}
-        ),
-        raise_on_error=False,
-    )
+    return materialize_images(storage_resource, SHARD, OTHER_SHARD, **config)
 
 
-def metadata_of(result) -> dict:
-    (materialization,) = result.asset_materializations_for_node("normalized_images")
-    return {key: value.value for key, value in materialization.metadata.items()}
+metadata_of = images_metadata
 
 
 def index_rows(store) -> dict[str, dict]:

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,13 +23,14 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 from botocore.config import Config
-from dagster import AssetKey, DagsterInstance, RunConfig, materialize
+from cli import DAGSTER
+from cli import dagster as dagster_cli
+from dagster import AssetKey, DagsterInstance
 from dagster._core.instance.ref import InstanceRef
-from images import random_jpeg
+from images import images_metadata, materialize_images, random_jpeg
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-from assets.normalized_images import NormalizedImagesConfig, normalized_images
 from pseudolabel import layout
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.download import DownloadPolicy
@@ -105,26 +105,19 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
         "PSEUDOLABEL_MODELS": "fake",
         "PSEUDOLABEL_GPUS": "0",
     }
-    dagster = str(Path(sys.executable).parent / "dagster")
     config = {"ops": {"normalized_images": {"config": {"concurrency": 2, "max_retries": 0}}}}
     materialize_shard = [
-        dagster,
         *("asset", "materialize", "-m", "dagster_project.definitions", "--select", "normalized_images"),
         *("--partition", SHARD, "--config-json", json.dumps(config)),
     ]
-
-    def cli(*args: str) -> None:
-        done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-    cli(
-        dagster,
+    dagster_cli(
         "asset",
         "materialize",
         "-m",
         "dagster_project.definitions",
         "--select",
         "catalog_snapshot,stratified_sample",
+        env=env,
     )
     sample = read_parquet(LocalObjectStore(data), layout.SAMPLE).to_pylist()
     assert len(sample) == 120 and {r["shard"] for r in sample} == {SHARD}
@@ -133,7 +126,12 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
     stored_dir = data / "images" / SHARD
     with (tmp_path / "killed.log").open("w") as log:
         killed = subprocess.Popen(
-            materialize_shard, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [DAGSTER, *materialize_shard],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 180
@@ -165,7 +163,7 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
 
     # 2. The same command again.
     before = len(server.paths("/images/"))
-    cli(*materialize_shard)
+    dagster_cli(*materialize_shard, env=env)
     again = Counter(server.paths("/images/")[before:])
 
     refetched = answered & set(again)
@@ -323,20 +321,7 @@ def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work
 
 
 def run(storage_resource, **config):
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("shards", [SHARD])
-    return materialize(
-        [normalized_images],
-        partition_key=SHARD,
-        resources={"storage": storage_resource},
-        instance=instance,
-        run_config=RunConfig(
-            ops={"normalized_images": NormalizedImagesConfig(**{"max_retries": 0, **config})}
-        ),
-        raise_on_error=False,
-    )
+    return materialize_images(storage_resource, SHARD, **config)
 
 
-def metadata_of(result) -> dict:
-    (materialization,) = result.asset_materializations_for_node("normalized_images")
-    return {key: value.value for key, value in materialization.metadata.items()}
+metadata_of = images_metadata
