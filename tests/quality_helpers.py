@@ -7,14 +7,12 @@ known offsets with known scores, so every IoU and CD-IoU has an exact expected v
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pandas as pd
 
+from pseudolabel.labels.relabel import Candidates
 from pseudolabel.labels.synthetic import encode_mask
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
-from pseudolabel.quality.candidates import EvalImage
 
 H, W = 60, 80
 GT = (20, 15, 60, 45)  # x0, y0, x1, y1: a 40 x 30 rectangle well inside the image
@@ -62,60 +60,46 @@ FAKE = {
 }
 
 
-class FakeDetector:
-    def __init__(self):
-        self.calls: list[list[str]] = []
-
-    def detect(self, images: Sequence[EvalImage]) -> list[pd.DataFrame]:
-        self.calls.append([i.image_id for i in images])
-        frames = []
-        for image in images:
-            rows = []
-            for dx, dy, box_score, mask_score in FAKE[image.image_id]:
-                x0, y0, x1, y1 = shifted(GT, dx, dy)
-                rows.append(
-                    {
-                        "x0": x0,
-                        "y0": y0,
-                        "x1": x1,
-                        "y1": y1,
-                        "box_score": box_score,
-                        "text_score": 0.9,
-                        "phrase": f"thing{len(rows)}",
-                        "fake_mask_score": mask_score,
-                    }
-                )
-            frames.append(
-                pd.DataFrame(
-                    rows,
-                    columns=["x0", "y0", "x1", "y1", "box_score", "text_score", "phrase", "fake_mask_score"],
+def known_candidates() -> Candidates:
+    """The chain's three candidate tables for ``FAKE``: every mask is exactly its box, a shifted GT."""
+    images, detections, masks = [], [], []
+    for image_id, found in FAKE.items():
+        images.append({"image_id": image_id, "width": W, "height": H, "num_candidates": len(found)})
+        for candidate_id, (dx, dy, box_score, mask_score) in enumerate(found):
+            box = shifted(GT, dx, dy)
+            mask = rect_mask(box)
+            x0, y0, x1, y1 = (float(v) for v in box)
+            detections.append(
+                dict(
+                    image_id=image_id,
+                    candidate_id=candidate_id,
+                    x0=x0,
+                    y0=y0,
+                    x1=x1,
+                    y1=y1,
+                    box_score=box_score,
+                    text_score=0.9,
+                    phrase=f"thing{candidate_id}",
                 )
             )
-        return frames
-
-
-class FakeSegmenter:
-    """The mask of a box is exactly the box, with the score the fake detector planted."""
-
-    def segment(self, image: EvalImage, boxes: pd.DataFrame) -> pd.DataFrame:
-        rows = []
-        for box in boxes.itertuples():
-            mask = rect_mask((int(box.x0), int(box.y0), int(box.x1), int(box.y1)), image.height, image.width)
-            rows.append(
-                {
-                    "candidate_id": box.candidate_id,
-                    "rle_counts": encode_mask(mask)["counts"],
-                    "height": image.height,
-                    "width": image.width,
-                    "mask_area": int(mask.sum()),
-                    "mask_score": box.fake_mask_score,
-                }
+            masks.append(
+                dict(
+                    image_id=image_id,
+                    candidate_id=candidate_id,
+                    rle_counts=encode_mask(mask)["counts"],
+                    height=H,
+                    width=W,
+                    mask_area=int(mask.sum()),
+                    mask_score=mask_score,
+                    mask_x=np.nan,
+                    mask_y=np.nan,
+                    mask_w=np.nan,
+                    mask_h=np.nan,
+                )
             )
-        return pd.DataFrame(rows)
-
-
-def eval_images() -> list[EvalImage]:
-    return [EvalImage(image_id=i, data=b"", pixels=np.zeros((H, W, 3), np.uint8)) for i in FAKE]
+    return Candidates(
+        detections=pd.DataFrame(detections), images=pd.DataFrame(images), masks=pd.DataFrame(masks)
+    )
 
 
 BASE = Thresholds(

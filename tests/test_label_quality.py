@@ -15,20 +15,17 @@ from quality_helpers import (
     BASE,
     FAKE,
     GT,
-    FakeDetector,
-    FakeSegmenter,
     H,
     W,
     area,
     closed_form_cd_iou,
-    eval_images,
     intersect,
+    known_candidates,
     rect_mask,
     shifted,
 )
 
 from pseudolabel.labels.thresholds import PickPolicy
-from pseudolabel.quality.candidates import run_candidates
 from pseudolabel.quality.gold import load_gold_set
 from pseudolabel.quality.metrics import iou
 from pseudolabel.quality.plot import plot_sweep
@@ -67,30 +64,9 @@ def expected_scores(policy: str, box_t: float, mask_t: float, factor: float, w: 
     return float(np.mean(ious)), float(np.mean(cds))
 
 
-def test_run_candidates_produces_pipeline_tables_in_batches():
-    detector = FakeDetector()
-    candidates = run_candidates(eval_images(), detector, FakeSegmenter(), batch_size=2)
-    assert detector.calls == [["img0", "img1"], ["none"]]
-    assert candidates.images["num_candidates"].tolist() == [3, 2, 0]
-    assert candidates.detections.groupby("image_id")["candidate_id"].agg(list).to_dict() == {
-        "img0": [0, 1, 2],
-        "img1": [0, 1],
-    }
-    assert len(candidates.masks) == 5 and set(candidates.masks["image_id"]) == {"img0", "img1"}
-
-
-def test_run_candidates_rejects_malformed_model_output():
-    class Broken(FakeDetector):
-        def detect(self, images):
-            return [pd.DataFrame({"x0": [1.0]})] * len(images)
-
-    with pytest.raises(ValueError, match="detector output is missing"):
-        run_candidates(eval_images(), Broken(), FakeSegmenter())
-
-
 def test_sweep_matches_closed_form_for_every_policy_and_threshold():
     factor, w = 0.5, 2
-    candidates = run_candidates(eval_images(), FakeDetector(), FakeSegmenter())
+    candidates = known_candidates()
     gold = {i: rect_mask(GT) for i in FAKE}
     scorer = make_scorer(candidates, gold, factor, w)
     box_grid, mask_grid = [0.25, 0.5, 0.85], [0.65, 0.85]

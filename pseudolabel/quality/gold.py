@@ -9,10 +9,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from pseudolabel.quality.candidates import EvalImage
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MASK_THRESHOLD = 128  # masks may be JPEGs: anything brighter than mid-grey is foreground
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    """One upright gold image: its id, encoded bytes (as stored) and RGB pixels (H, W, 3) uint8."""
+
+    image_id: str
+    data: bytes
+    pixels: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
 
 
 @dataclass(frozen=True)
