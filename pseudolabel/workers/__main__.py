@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from pseudolabel.models.checkpoints import CheckpointError
@@ -69,26 +70,33 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
         "model_load_s": load_s,
         "started_at": time.time(),
     }
+    # One call per shard, the models and settings bound once.
+    skip = task.skip_if_up_to_date
+    if task.stage == DETECTIONS:
+        settings = DetectionSettings(**task.settings)
+        process = partial(
+            detect_shard, store, detector=detector, settings=settings, workers=workers, skip=skip
+        )
+    elif task.stage == MASKS:
+        settings = SegmentationSettings(**task.settings)
+        process = partial(
+            segment_shard, store, segmenter=segmenter, settings=settings, workers=workers, skip=skip
+        )
+    else:  # GOLD_CANDIDATES: the "shard" is the evaluation's storage prefix
+        process = partial(
+            gold_candidates,
+            store,
+            detector=detector,
+            segmenter=segmenter,
+            detection=DetectionSettings(**task.settings["detections"]),
+            segmentation=SegmentationSettings(**task.settings["masks"]),
+            workers=workers,
+        )
     for number, shard in enumerate(task.shards, start=1):
         pipes.report_custom_message({"event": SHARD_STARTED, "shard": shard})
         shard_started = time.perf_counter()
         try:
-            if task.stage == DETECTIONS:
-                settings = DetectionSettings(**task.settings)
-                metadata = detect_shard(
-                    store, shard, detector, settings, workers=workers, skip=task.skip_if_up_to_date
-                )
-            elif task.stage == MASKS:
-                settings = SegmentationSettings(**task.settings)
-                metadata = segment_shard(
-                    store, shard, segmenter, settings, workers=workers, skip=task.skip_if_up_to_date
-                )
-            else:
-                detection = DetectionSettings(**task.settings["detections"])
-                segmentation = SegmentationSettings(**task.settings["masks"])
-                metadata = gold_candidates(
-                    store, shard, detector, segmenter, detection, segmentation, workers=workers
-                )
+            metadata = process(shard)
         except Exception as exc:
             _report_failure(pipes, shard, exc)
             raise
