@@ -34,5 +34,5 @@ def detections(
         detector=detector.spec().for_retry(context.retry_number).to_dict(),
         skip_if_up_to_date=config.skip_if_up_to_date,
     )
-    model_workers.run(context, task, storage.worker_env(secrets=True))  # metadata goes onto each shard
+    model_workers.run(context, task, storage.worker_env())  # metadata goes onto each shard
     return MaterializeResult()

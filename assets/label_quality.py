@@ -74,7 +74,7 @@ def label_quality(
         segmenter=segmenter.spec().to_dict(),
     )
     context.log.info(f"running the chain's detector + segmenter on {len(gold.images)} gold images")
-    worker_metadata = model_workers.run(context, task, storage.worker_env(secrets=True))[prefix]
+    worker_metadata = model_workers.run(context, task, storage.worker_env())[prefix]
     candidates = Candidates(
         *(
             read_parquet(store, layout.label_quality_candidates(prefix, name)).to_pandas()

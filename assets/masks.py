@@ -33,5 +33,5 @@ def masks(
         segmenter=segmenter.spec().for_retry(context.retry_number).to_dict(),
         skip_if_up_to_date=config.skip_if_up_to_date,
     )
-    model_workers.run(context, task, storage.worker_env(secrets=True))  # metadata goes onto each shard
+    model_workers.run(context, task, storage.worker_env())  # metadata goes onto each shard
     return MaterializeResult()

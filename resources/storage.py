@@ -25,9 +25,9 @@ class StorageResource(ConfigurableResource):
         """Where the store lives, as a model worker opens it (``pseudolabel.storage.open_store``)."""
         return self.store().uri()
 
-    def worker_env(self, *, secrets: bool) -> dict[str, str]:
-        """Environment a model worker needs to reach the store; credentials only with ``secrets``
-        (a local subprocess), never for a pod (which gets them from Kubernetes secrets)."""
+    def worker_env(self) -> dict[str, str]:
+        """Environment a model worker needs to reach the store. The launcher decides what it passes on:
+        a local subprocess gets all of it; a pod gets no credentials (it has Kubernetes secrets)."""
         return {}
 
 
@@ -72,18 +72,15 @@ class S3StorageResource(StorageResource):
             self._store = S3ObjectStore(client, self.bucket, self.prefix)
         return self._store
 
-    def worker_env(self, *, secrets: bool) -> dict[str, str]:
+    def worker_env(self) -> dict[str, str]:
         settings = {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_DEFAULT_REGION": self.region_name,
             "AWS_PROFILE": self.profile_name,
+            "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
+            "AWS_SESSION_TOKEN": self.aws_session_token,
         }
-        if secrets:
-            settings |= {
-                "AWS_ACCESS_KEY_ID": self.aws_access_key_id,
-                "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
-                "AWS_SESSION_TOKEN": self.aws_session_token,
-            }
         return {name: str(value) for name, value in settings.items() if value}
 
 

@@ -40,6 +40,7 @@ from dagster import (
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 
 from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
+from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, source_path_entry
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
 from resources.k8s import plain_pod_env, worker_pod_spec
 
@@ -106,8 +107,6 @@ class LocalModelWorkers(ModelWorkersResource):
     ) -> dict[str, dict[str, MetadataValue]]:
         python = self.interpreter(task, context.log.info)
         devices = visible_gpus(self.gpus)
-        from pseudolabel.workers.environment import source_path_entry
-
         worker_env = {**env, "PYTHONPATH": source_path_entry()}
         with ExitStack() as stack:
             if devices:
@@ -124,10 +123,8 @@ class LocalModelWorkers(ModelWorkersResource):
     def interpreter(self, task: WorkerTask, log: Any = print) -> str:
         if self.python:
             return self.python
-        if not task.needs_model_stack and not os.environ.get("PSEUDOLABEL_WORKER_PYTHON"):
+        if not task.needs_model_stack and not os.environ.get(PYTHON_ENV):
             return sys.executable  # fake models: numpy + dagster-pipes, both here already
-        from pseudolabel.workers.environment import ensure_worker_python
-
         return ensure_worker_python(log=log)
 
     def _launch(

@@ -51,11 +51,13 @@ class S3ObjectStore(ObjectStore):
             raise
         return True
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _full_prefix(self, prefix: str) -> str:
         relative = clean_prefix(prefix)
-        full_prefix = f"{self.prefix}/{relative}" if self.prefix else relative
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_prefix(prefix)):
             for obj in page.get("Contents", []):
                 yield ObjectInfo(key=self._relative(obj["Key"]), size=int(obj["Size"]))
 
@@ -77,12 +79,10 @@ class S3ObjectStore(ObjectStore):
         invisible under its key, but its parts are stored and billed until aborted. This store starts
         none itself, so any under a step's own prefix belongs to a writer that is gone.
         """
-        relative = clean_prefix(prefix)
-        full_prefix = f"{self.prefix}/{relative}" if self.prefix else relative
         paginator = self.client.get_paginator("list_multipart_uploads")
         uploads = [
             (upload["Key"], upload["UploadId"])
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_prefix(prefix))
             for upload in page.get("Uploads", [])
         ]
         aborted = 0
