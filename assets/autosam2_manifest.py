@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 import pandas as pd
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
 
-from assets.pseudo_labels import THRESHOLDS
 from pseudolabel.dataset.collect import Collected, collect
 from pseudolabel.dataset.publish import PublishSummary, publish_dataset
-from pseudolabel.dataset.render import SampleSpec
+from pseudolabel.dataset.samples import SampleSpec
 from pseudolabel.labels.thresholds import thresholds_fingerprint
 from pseudolabel.markdown import markdown_table
 from resources.storage import StorageResource
+from resources.thresholds import ThresholdsResource
 
 
 class AutoSam2ManifestConfig(Config):
@@ -46,7 +46,10 @@ class AutoSam2ManifestConfig(Config):
     ),
 )
 def autosam2_manifest(
-    context: AssetExecutionContext, config: AutoSam2ManifestConfig, storage: StorageResource
+    context: AssetExecutionContext,
+    config: AutoSam2ManifestConfig,
+    storage: StorageResource,
+    thresholds: ThresholdsResource,
 ) -> MaterializeResult:
     store = storage.store()
     collected = collect(store)
@@ -65,7 +68,7 @@ def autosam2_manifest(
                 "shards_by_fingerprint": MetadataValue.json({k: sorted(v) for k, v in by_fingerprint.items()})
             },
         )
-    current = thresholds_fingerprint(THRESHOLDS)
+    current = thresholds_fingerprint(thresholds.load())
     if fingerprints and fingerprints != [current]:
         context.log.warning(
             f"labels were made with thresholds {fingerprints}, the current file is {current}: "

@@ -3,12 +3,16 @@
 # No ``from __future__ import annotations``: Dagster reads the config/resource annotations at runtime.
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
 
-from dagster_project.policies import NETWORK_RETRY
+from assets.common import network_retry
 from pseudolabel import layout
-from pseudolabel.catalog import SnapshotSummary, take_snapshot
-from pseudolabel.catalog.report import label_histogram_markdown, reasons_markdown
-from pseudolabel.catalog.snapshot import DEFAULT_CHUNK_ROWS
-from pseudolabel.catalog.source import CatalogError
+from pseudolabel.catalog import (
+    DEFAULT_CHUNK_ROWS,
+    CatalogError,
+    SnapshotSummary,
+    label_histogram_markdown,
+    reasons_markdown,
+    take_snapshot,
+)
 from resources.catalog import CatalogResource
 from resources.storage import StorageResource
 
@@ -21,7 +25,7 @@ class CatalogSnapshotConfig(Config):
 
 @asset(
     group_name="catalog",
-    retry_policy=NETWORK_RETRY,
+    retry_policy=network_retry(),
     description=(
         "Every valid catalog row (url, label, source_id), URL-deduplicated, as Parquet parts under "
         f"catalog/<snapshot_id>/; {layout.CATALOG_CURRENT} names the latest complete snapshot."

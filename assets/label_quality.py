@@ -4,29 +4,33 @@ A model worker runs the chain's detector and segmenter, with the same stage code
 ``detections`` and ``masks``, once over the gold images; this asset then re-thresholds those
 candidates with the function ``pseudo_labels`` uses, for a grid of box and mask thresholds (the other
 thresholds come from the current file). Reports mean IoU and contour-discounted IoU (see
-:mod:`pseudolabel.quality.metrics`) as a table and a plot; this is how thresholds get picked.
+:mod:`pseudolabel.quality.gold`) as a table and a plot; this is how thresholds get picked.
 """
 
 # No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
-import base64
 import io
 from datetime import UTC, datetime
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from PIL import Image
 
-from assets.pseudo_labels import CODE_VERSION, THRESHOLDS
 from pseudolabel import layout
-from pseudolabel.labels.relabel import Candidates
+from pseudolabel.labels.relabel import ShardCandidates
 from pseudolabel.labels.thresholds import PickPolicy
-from pseudolabel.markdown import markdown_table
+from pseudolabel.markdown import markdown_image, markdown_table
 from pseudolabel.quality.gold import load_gold_set
-from pseudolabel.quality.plot import plot_sweep
-from pseudolabel.quality.sweep import best_per_policy, make_scorer, scores_by_policy, threshold_sweep
+from pseudolabel.quality.sweep import (
+    best_per_policy,
+    make_scorer,
+    plot_sweep,
+    scores_by_policy,
+    threshold_sweep,
+)
 from pseudolabel.storage import read_parquet, write_parquet
 from pseudolabel.workers.task import GOLD_CANDIDATES, WorkerTask
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import StorageResource
+from resources.thresholds import ThresholdsResource
 from resources.workers import ModelWorkersResource
 
 
@@ -41,7 +45,6 @@ class LabelQualityConfig(Config):
 
 @asset(
     group_name="labels",
-    code_version=CODE_VERSION,  # the "current thresholds" rows depend on the thresholds file
     kinds={"parquet"},
     description="Mean IoU / contour-discounted IoU of pseudo-labels vs a gold set, swept over box and mask thresholds.",
 )
@@ -53,8 +56,10 @@ def label_quality(
     segmenter: SegmenterResource,
     stage_settings: StageSettingsResource,
     model_workers: ModelWorkersResource,
+    thresholds: ThresholdsResource,
 ) -> MaterializeResult:
     store = storage.store()
+    rules = thresholds.load()  # the grid's other thresholds and the "current thresholds" rows
     gold = load_gold_set(config.gold_dir)
     if gold.unmatched:
         context.log.warning(f"{len(gold.unmatched)} gold files without a partner, e.g. {gold.unmatched[:5]}")
@@ -75,7 +80,7 @@ def label_quality(
     )
     context.log.info(f"running the chain's detector + segmenter on {len(gold.images)} gold images")
     worker_metadata = model_workers.run(context, task, storage.worker_env())[prefix]
-    candidates = Candidates(
+    candidates = ShardCandidates(
         *(
             read_parquet(store, layout.label_quality_candidates(prefix, name)).to_pandas()
             for name in ("detections", "detection_images", "masks")
@@ -86,12 +91,12 @@ def label_quality(
     sweep = threshold_sweep(
         candidates,
         scorer,
-        THRESHOLDS,
+        rules,
         box_scores=config.box_score_grid,
         mask_scores=config.mask_score_grid,
         policies=config.policies,
     )
-    current = scores_by_policy(candidates, scorer, THRESHOLDS, config.policies)
+    current = scores_by_policy(candidates, scorer, rules, config.policies)
     best = best_per_policy(sweep)
     plot = plot_sweep(
         sweep,
@@ -103,7 +108,7 @@ def label_quality(
     store.put_json(
         f"{prefix}/report.json",
         {
-            "thresholds": THRESHOLDS.to_dict(),
+            "thresholds": rules.to_dict(),
             "detections": vars(detection),
             "masks": vars(segmentation),
             "gold_dir": config.gold_dir,
@@ -124,11 +129,9 @@ def label_quality(
             "sweep": MetadataValue.md(markdown_table(sweep)),
             "plot": MetadataValue.path(store.uri(f"{prefix}/sweep.png")),
             # Inline so the UI shows it without storage access.
-            "plot_preview": MetadataValue.md(
-                f"![sweep](data:image/png;base64,{base64.b64encode(plot).decode()})"
-            ),
+            "plot_preview": MetadataValue.md(markdown_image(plot, "sweep")),
             "report": MetadataValue.path(store.uri(f"{prefix}/report.json")),
-            "thresholds": MetadataValue.json(THRESHOLDS.to_dict()),
+            "thresholds": MetadataValue.json(rules.to_dict()),
             "detection_settings": MetadataValue.json(vars(detection)),
             "mask_settings": MetadataValue.json(vars(segmentation)),
             **worker_metadata,

@@ -2,7 +2,8 @@
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
 
-from dagster_project.policies import gpu_shard_asset_args
+from assets.common import gpu_shard_asset_args
+from pseudolabel.models.stages import SEGMENTATION_VERSION
 from pseudolabel.workers.task import MASKS, WorkerTask
 from resources.models import SegmenterResource, StageSettingsResource
 from resources.storage import StorageResource
@@ -13,7 +14,13 @@ class MasksConfig(Config):
     skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
 
 
-@asset(**gpu_shard_asset_args(), deps=["detections"], kinds={"pytorch", "parquet"})
+# The stage version is the code version: bumping it shows every shard unsynced in the UI.
+@asset(
+    **gpu_shard_asset_args(),
+    deps=["detections"],
+    code_version=SEGMENTATION_VERSION,
+    kinds={"pytorch", "parquet"},
+)
 def masks(
     context: AssetExecutionContext,
     config: MasksConfig,

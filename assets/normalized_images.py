@@ -15,14 +15,13 @@ from dagster import (
 )
 from pydantic import Field
 
-from dagster_project.partitions import shard_partitions
-from dagster_project.policies import NETWORK_RETRY, SHARDS_PER_RUN
+from assets.common import network_retry, shard_partitions, shards_per_run
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
+from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items
 from pseudolabel.images.normalize import NormalizeOptions
-from pseudolabel.images.preview import thumbnail_grid
-from pseudolabel.images.sample_items import SAMPLE_COLUMNS, shard_items
-from pseudolabel.images.shard import ShardOptions, ShardResult, preview_images, process_shard
+from pseudolabel.images.preview import preview_images, thumbnail_grid
+from pseudolabel.images.shard import ShardOptions, ShardResult, process_shard
 from pseudolabel.markdown import markdown_image
 from pseudolabel.storage import ObjectStore, read_parquet
 from resources.storage import StorageResource
@@ -65,8 +64,8 @@ class NormalizedImagesConfig(Config):
 
 @asset(
     partitions_def=shard_partitions,
-    retry_policy=NETWORK_RETRY,
-    backfill_policy=SHARDS_PER_RUN,
+    retry_policy=network_retry(),
+    backfill_policy=shards_per_run(),
     deps=["stratified_sample"],
     group_name="images",
     description=(

@@ -1,8 +1,9 @@
 """``pseudo_labels``: one shard's stored candidates + SAM2 masks, re-thresholded into labels.
 
-The thresholds file is read at import time and its fingerprint is the asset's ``code_version``:
-editing the YAML (or pointing ``PSEUDOLABEL_THRESHOLDS`` elsewhere) marks every shard unsynced,
-and re-materialising only re-reads stored Parquet, never Grounding DINO or SAM2.
+The thresholds come from the ``thresholds`` resource when the step runs; the definitions stamp
+their fingerprint on this asset as its ``code_version``, so editing the YAML (or pointing
+``PSEUDOLABEL_THRESHOLDS`` elsewhere) marks every shard unsynced, and re-materialising only re-reads
+stored Parquet, never Grounding DINO or SAM2.
 """
 
 # No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
@@ -20,32 +21,35 @@ from dagster import (
     asset,
 )
 
-from dagster_project.partitions import shard_partitions
-from dagster_project.policies import SINGLE_RUN
+from assets.common import SINGLE_RUN, shard_partitions
 from pseudolabel import layout
-from pseudolabel.labels.checks import check_rles, image_mask_fractions, within
-from pseudolabel.labels.coco import build_coco, category_names, coco_problems, coco_to_bytes, load_coco
-from pseudolabel.labels.polygons import coco_with_polygons
+from pseudolabel.labels.coco import (
+    build_coco,
+    category_names,
+    check_rles,
+    coco_problems,
+    coco_to_bytes,
+    coco_with_polygons,
+    image_mask_fractions,
+    load_coco,
+    within,
+)
 from pseudolabel.labels.relabel import (
     MASK_INPUT_COLUMNS,
     REJECT_REASONS,
     RelabelResult,
     combine_results,
+    decision_table,
     pseudo_labels_table,
     read_detections,
     relabel_shard,
+    score_histograms,
 )
-from pseudolabel.labels.stats import decision_table, score_histograms
-from pseudolabel.labels.thresholds import load_thresholds, thresholds_code_version, thresholds_path
+from pseudolabel.labels.thresholds import Thresholds
 from pseudolabel.markdown import markdown_table
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
 from resources.storage import StorageResource
-
-# Import-time on purpose: the code version must be known when definitions load (reload the code
-# location after editing the file; a test can set the env var and reload this module).
-THRESHOLDS_PATH = thresholds_path()
-THRESHOLDS = load_thresholds(THRESHOLDS_PATH)
-CODE_VERSION = thresholds_code_version(THRESHOLDS)
+from resources.thresholds import ThresholdsResource
 
 CHECK_RLE = "rles_decode"
 CHECK_COCO = "coco_loads"
@@ -68,12 +72,11 @@ class PseudoLabelsConfig(Config):
     # Cheap and CPU-only: a backfill re-labels a whole range of shards in one run.
     backfill_policy=SINGLE_RUN,
     deps=["masks", "detections"],
-    code_version=CODE_VERSION,
     group_name="labels",
     kinds={"parquet", "json"},
     description=(
         "Thresholded pseudo-labels per shard: pseudo_labels/<shard>.parquet and .coco.json (RLE). "
-        f"Thresholds: {THRESHOLDS_PATH.name}, fingerprint in the code version."
+        "The thresholds file's fingerprint is the code version."
     ),
     check_specs=[
         AssetCheckSpec(
@@ -101,15 +104,19 @@ class PseudoLabelsConfig(Config):
     ],
 )
 def pseudo_labels(
-    context: AssetExecutionContext, config: PseudoLabelsConfig, storage: StorageResource
+    context: AssetExecutionContext,
+    config: PseudoLabelsConfig,
+    storage: StorageResource,
+    thresholds: ThresholdsResource,
 ) -> MaterializeResult:
     """Re-threshold every shard of the run (one shard, or a whole range in a single-run backfill)."""
     store = storage.store()
+    rules = thresholds.load()
     shards = context.partition_keys
     started = time.perf_counter()
     results, coco_files, dropped_polygons = [], [], None
     for shard in shards:
-        result, coco_bytes, dropped = _label_shard(store, shard, config)
+        result, coco_bytes, dropped = _label_shard(store, shard, config, rules)
         results.append(result)
         coco_files.append(coco_bytes)
         if dropped is not None:
@@ -122,20 +129,24 @@ def pseudo_labels(
     combined = combine_results(results)
     checks, mean_fraction = _checks(config, combined, coco_files)
     return MaterializeResult(
-        metadata=_metadata(config, store, shards, combined, relabel_s, mean_fraction, dropped_polygons),
+        metadata={
+            **_metadata(config, store, shards, combined, relabel_s, mean_fraction, dropped_polygons),
+            "thresholds": MetadataValue.json(rules.to_dict()),
+            "thresholds_path": MetadataValue.path(str(thresholds.file())),
+        },
         check_results=checks,
     )
 
 
 def _label_shard(
-    store: ObjectStore, shard: str, config: PseudoLabelsConfig
+    store: ObjectStore, shard: str, config: PseudoLabelsConfig, thresholds: Thresholds
 ) -> tuple[RelabelResult, bytes, int | None]:
     detections, masks, images = _read_candidates(store, shard)
-    result = relabel_shard(detections, masks, THRESHOLDS, images)
+    result = relabel_shard(detections, masks, thresholds, images)
     images = images.sort_values("image_id").assign(
         file_name=lambda f: [layout.image(shard, i) for i in f["image_id"]]
     )
-    info = {"shard": shard, "thresholds_fingerprint": result.fingerprint, "thresholds": THRESHOLDS.to_dict()}
+    info = {"shard": shard, "thresholds_fingerprint": result.fingerprint, "thresholds": thresholds.to_dict()}
     coco = build_coco(result.kept, images, categories=category_names(detections["phrase"]), info=info)
     coco_bytes = coco_to_bytes(coco)
     write_parquet(store, layout.pseudo_labels(shard), pseudo_labels_table(result.kept, result.fingerprint))
@@ -232,8 +243,6 @@ def _metadata(
     metadata: dict[str, object] = {
         "dagster/row_count": MetadataValue.int(result.num_kept),
         "thresholds_fingerprint": MetadataValue.text(result.fingerprint),
-        "thresholds": MetadataValue.json(THRESHOLDS.to_dict()),
-        "thresholds_path": MetadataValue.path(str(THRESHOLDS_PATH)),
         "candidates": MetadataValue.int(len(result.candidates)),
         "kept": MetadataValue.int(result.num_kept),
         "rejected": MetadataValue.int(sum(result.rejected.values())),

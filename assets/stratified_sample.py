@@ -14,8 +14,7 @@ import pandas as pd
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from dagster_project.cursor import CURSOR_METADATA_KEY, catalog_cursor
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME
+from assets.common import CURSOR_METADATA_KEY, SHARDS_PARTITIONS_NAME, catalog_cursor
 from pseudolabel import layout
 from pseudolabel.markdown import markdown_table
 from pseudolabel.sampling import SamplingRules, extend_sample, stratum_report

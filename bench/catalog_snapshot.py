@@ -22,9 +22,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pseudolabel.catalog import CatalogSource, SyntheticCatalog, take_snapshot  # noqa: E402
-from pseudolabel.devserver import DevServer  # noqa: E402
+from pseudolabel.catalog import CatalogSource, take_snapshot  # noqa: E402
 from pseudolabel.storage import LocalObjectStore  # noqa: E402
+from pseudolabel.testing.catalogs import SyntheticCatalog  # noqa: E402
+from pseudolabel.testing.servers import DevServer  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -38,8 +38,8 @@ import pyarrow as pa  # noqa: E402
 from dagster import AssetKey, DagsterInstance, materialize  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from assets.common import SHARDS_PARTITIONS_NAME  # noqa: E402
 from assets.detections import detections  # noqa: E402
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME  # noqa: E402
 from pseudolabel import layout, schemas  # noqa: E402
 from pseudolabel.ids import sha256_hex  # noqa: E402
 from pseudolabel.storage import LocalObjectStore, write_parquet  # noqa: E402
@@ -55,7 +55,7 @@ t0 = time.perf_counter()
 {}
 s = time.perf_counter() - t0
 print(json.dumps([s, int(next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM")))]))"""
-ORCHESTRATOR = "import dagster_project.definitions as d\nd.defs"
+ORCHESTRATOR = "import dagster_project.definitions as d\nd.defs()"
 MODEL_STACK = "import torch, torchvision, sam2.build_sam, groundingdino.models, transformers"
 START, END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 

@@ -23,12 +23,12 @@ import piexif
 import requests
 from PIL import Image, ImageOps
 
-from pseudolabel.devserver import IMAGES_PATH, DevServer
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.download import DownloadPolicy
-from pseudolabel.images.sample_items import SampleItem
+from pseudolabel.images.index import SampleItem
 from pseudolabel.images.shard import ShardOptions, process_shard
 from pseudolabel.storage import LocalObjectStore
+from pseudolabel.testing.servers import IMAGES_PATH, DevServer
 
 ORIENTATIONS = (1, 1, 1, 6, 1, 3, 1, 8)  # every 8 images: one each of 3, 6 and 8
 

@@ -32,13 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test i
 from images import random_jpeg  # noqa: E402
 
 from pseudolabel.models import tiny  # noqa: E402
-from pseudolabel.models.captions import normalize_caption  # noqa: E402
-from pseudolabel.models.detect_stage import DetectionSettings, ImageRef, run_detection  # noqa: E402
 from pseudolabel.models.grounding_dino import GroundingDinoDetector  # noqa: E402
 from pseudolabel.models.grounding_dino_build import build_grounding_dino  # noqa: E402
+from pseudolabel.models.interfaces import normalize_caption  # noqa: E402
 from pseudolabel.models.runtime import resolve_device, resolve_precision  # noqa: E402
 from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model  # noqa: E402
-from pseudolabel.models.segment_stage import ImageBoxes, SegmentationSettings, run_segmentation  # noqa: E402
+from pseudolabel.models.stages import (  # noqa: E402
+    DetectionSettings,
+    ImageRef,
+    SegmentationSettings,
+    run_detection,
+    run_segmentation,
+)
 from pseudolabel.rle import encode_host_masks  # noqa: E402
 
 PROMPT = "plant ."
@@ -108,11 +113,10 @@ def run_ours(photos: dict[str, bytes], detector, segmenter, args) -> int:
             refs.append(ImageRef(image_id, *image.size))
     settings = DetectionSettings(prompt=PROMPT, box_floor=0.0, text_floor=0.0, max_candidates=args.boxes)
     found = run_detection(refs, photos.__getitem__, detector, settings, workers=args.workers)
-    boxes = [ImageBoxes(f.image_id, f.width, f.height, f.boxes) for f in found.images]
     masks = run_segmentation(
-        boxes, photos.__getitem__, segmenter, SegmentationSettings(), workers=args.workers
+        found.images, photos.__getitem__, segmenter, SegmentationSettings(), workers=args.workers
     )
-    return masks.num_masks
+    return masks.num_candidates
 
 
 def run_seeds(photos: dict[str, bytes], detector, segmenter, args, device: torch.device) -> int:

@@ -11,7 +11,7 @@ bytes first; the timed part is exactly the asset's per-shard work:
 * ``shard end-to-end``: read the three Parquet tables, relabel, build + serialise the COCO JSON
   (area/bbox from the RLEs) and the label Parquet.
 
-The baseline is the naive per-image Python loop in :mod:`pseudolabel.labels.reference` (same
+The baseline is the naive per-image Python loop in :mod:`pseudolabel.testing.reference_labels` (same
 decisions, checked by the tests) run on a subset and extrapolated linearly.
 """
 
@@ -29,15 +29,15 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pseudolabel.labels.coco import build_coco, category_names, coco_to_bytes  # noqa: E402
-from pseudolabel.labels.reference import naive_relabel  # noqa: E402
 from pseudolabel.labels.relabel import (  # noqa: E402
     MASK_INPUT_COLUMNS,
     pseudo_labels_table,
     read_detections,
     relabel_shard,
 )
-from pseudolabel.labels.synthetic import synthetic_candidates  # noqa: E402
 from pseudolabel.labels.thresholds import PickPolicy, load_thresholds  # noqa: E402
+from pseudolabel.testing.labels import synthetic_candidates  # noqa: E402
+from pseudolabel.testing.reference_labels import naive_relabel  # noqa: E402
 
 
 def to_parquet(frame: pd.DataFrame) -> bytes:

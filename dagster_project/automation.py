@@ -22,9 +22,8 @@ from dagster import (
     sensor,
 )
 
-from dagster_project.cursor import catalog_cursor
+from assets.common import SHARDS_PARTITIONS_NAME, catalog_cursor
 from dagster_project.jobs import sample_increment_job, shard_chain_job
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from resources.catalog import CatalogResource
 
 REFRESH_CRON_ENV = "PSEUDOLABEL_REFRESH_CRON"

@@ -21,12 +21,19 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _gpu_pool(args: argparse.Namespace) -> int:
+    """Set the `gpu` pool's slots: at most one concurrent GPU step per visible GPU (at least 1, so CPU
+    hosts still run; ``nvidia-smi -L`` or ``PSEUDOLABEL_GPUS``, no torch here)."""
     from dagster import DagsterInstance
 
-    from dagster_project.pools import GPU_POOL, set_gpu_pool_limit
+    from assets.common import GPU_POOL
+    from resources.workers import visible_gpus
 
+    limit = max(1, len(visible_gpus())) if args.limit is None else args.limit
+    if limit < 1:
+        print(f"error: gpu pool limit must be >= 1, got {limit}", file=sys.stderr)
+        return 1
     instance = DagsterInstance.get()
-    limit = set_gpu_pool_limit(instance, args.limit)
+    instance.event_log_storage.set_concurrency_slots(GPU_POOL, limit)
     print(f"pool {GPU_POOL!r} limit set to {limit} in {instance.root_directory}")
     return 0
 

@@ -16,25 +16,20 @@ from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
 
-from assets.autosam2_manifest import autosam2_manifest
-from assets.catalog_snapshot import catalog_snapshot
-from assets.detections import detections
-from assets.masks import masks
-from assets.normalized_images import normalized_images
-from assets.pseudo_labels import pseudo_labels
-from assets.stratified_sample import stratified_sample
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME
-from pseudolabel.demo_catalog import demo_items
-from pseudolabel.devserver import DevServer
+from assets.common import SHARDS_PARTITIONS_NAME
+from dagster_project.definitions import defs
 from pseudolabel.images.download import ALLOWED_NETWORKS_ENV
+from pseudolabel.testing.catalogs import demo_items
+from pseudolabel.testing.servers import DevServer
 from pseudolabel.workers.environment import ensure_worker_python
 from resources.catalog import CatalogResource
 from resources.models import StageSettingsResource, model_resources
 from resources.storage import LocalStorageResource
+from resources.thresholds import ThresholdsResource
 from resources.workers import LocalModelWorkers
 
 DEMO_NETWORK = "127.0.0.0/8"  # where the demo's catalog/image server listens
-SHARD_CHAIN = [normalized_images, detections, masks, pseudo_labels]
+SHARD_CHAIN = ["normalized_images", "detections", "masks", "pseudo_labels"]
 INSTANCE_YAML = """\
 concurrency:
   pools:
@@ -133,6 +128,8 @@ def loopback_images_allowed() -> Iterator[None]:
 
 def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size: int, models: str):
     """Serve the synthetic catalog and materialize every stage; returns (shards, dataset run result)."""
+    # The code location's own asset definitions (code versions included), run with the demo's resources.
+    chain = defs().get_assets_def
     catalog: list[dict] = []  # filled once the server knows its port; served through the callable
     images_by_name = {item.name: item.data for item in items if item.data is not None}
     page = lambda offset, limit: catalog[offset : offset + limit]  # noqa: E731
@@ -147,13 +144,14 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
             "detector": detector,
             "segmenter": segmenter,
             "stage_settings": StageSettingsResource(),
+            "thresholds": ThresholdsResource(),
             "model_workers": LocalModelWorkers(),
         }
         # Sample every item (URLs carry the server's random port, so a partial sample would vary).
         sample_config = {"sample_size": len(items), "min_per_stratum": 2, "shard_size": shard_size}
         _check(
             materialize(
-                [catalog_snapshot, stratified_sample],
+                [chain("catalog_snapshot"), chain("stratified_sample")],
                 resources=resources,
                 instance=instance,
                 run_config={"ops": {"stratified_sample": {"config": sample_config}}},
@@ -163,7 +161,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
         for shard in shards:
             _check(
                 materialize(
-                    SHARD_CHAIN,
+                    [chain(name) for name in SHARD_CHAIN],
                     partition_key=shard,
                     resources=resources,
                     instance=instance,
@@ -175,7 +173,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
         dataset_config = {"include_empty": models != "official"}
         result = _check(
             materialize(
-                [autosam2_manifest],
+                [chain("autosam2_manifest")],
                 resources=resources,
                 instance=instance,
                 run_config={"ops": {"autosam2_manifest": {"config": dataset_config}}},

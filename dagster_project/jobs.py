@@ -2,7 +2,7 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from dagster_project.partitions import shard_partitions
+from assets.common import shard_partitions
 
 SHARD_CHAIN = ["normalized_images", "detections", "masks", "pseudo_labels"]
 

@@ -1,11 +1,13 @@
-"""The resources the code location runs with, chosen from the environment.
+"""The resources and the executor the code location runs with, chosen from the environment.
 
 ``PSEUDOLABEL_MODELS`` picks the model preset when a GPU step runs (see :mod:`resources.models`):
 ``official`` (default; checkpoints from the release URLs, verified and cached), ``random`` (SMOKE RUN:
 the real architectures at tiny size with random weights, no downloads, says nothing about quality) or
 ``fake`` (instant deterministic stand-ins).
 ``PSEUDOLABEL_EXECUTOR=k8s`` runs model workers as GPU pods from ``PSEUDOLABEL_WORKER_IMAGE``;
-otherwise they are local subprocesses, one per leased GPU.
+otherwise they are local subprocesses, one per leased GPU. The same variable selects
+``k8s_job_executor`` (one pod per step; step pods only orchestrate, GPU work runs in the worker pods,
+see :mod:`resources.k8s`); anything else keeps the local multiprocess executor.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from dagster_project.k8s import EXECUTOR_ENV
+from dagster import ExecutorDefinition, multiprocess_executor
+
 from resources.catalog import catalog_from_env
 from resources.models import StageSettingsResource, model_resources
 from resources.storage import storage_from_env
+from resources.thresholds import ThresholdsResource
 from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
 
+EXECUTOR_ENV = "PSEUDOLABEL_EXECUTOR"
 WORKER_IMAGE_ENV = "PSEUDOLABEL_WORKER_IMAGE"
 WORKER_SECRETS_ENV = "PSEUDOLABEL_WORKER_SECRETS"  # comma-separated Kubernetes secret names
 WORKER_NAMESPACE_ENV = "PSEUDOLABEL_WORKER_NAMESPACE"
@@ -48,5 +53,18 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, An
         "detector": detector,
         "segmenter": segmenter,
         "stage_settings": StageSettingsResource(),
+        "thresholds": ThresholdsResource(),
         "model_workers": model_workers_from_env(environ),
     }
+
+
+def executor_from_env(environ: Mapping[str, str] | None = None) -> ExecutorDefinition:
+    environ = os.environ if environ is None else environ
+    choice = environ.get(EXECUTOR_ENV, "multiprocess").strip().lower()
+    if choice == "k8s":
+        from dagster_k8s import k8s_job_executor  # the kubernetes client loads only where it is used
+
+        return k8s_job_executor
+    if choice in ("", "multiprocess"):
+        return multiprocess_executor
+    raise ValueError(f"{EXECUTOR_ENV} must be 'multiprocess' or 'k8s', got {choice!r}")

@@ -3,7 +3,6 @@
 catalog/CURRENT.json                      pointer to the latest snapshot (written last)
 catalog/<snapshot_id>/part-00000.parquet  snapshot chunks: url, label, source_id
 sample/sample.parquet                     the stratified sample: image_id, url, label, shard, ...
-sample/CURSOR.json                        what the sample has consumed (incremental sampling)
 images/<shard>/<image_id>.jpg             EXIF-normalised RGB JPEGs
 images/<shard>.parquet                    per-shard image index (status, sha256, ...)
 images/<shard>.parts/<n>.parquet          index rows of a run still in progress (or killed); merged
@@ -23,7 +22,6 @@ SHARD_PREFIX = "shard-"
 
 CATALOG_CURRENT = "catalog/CURRENT.json"
 SAMPLE = "sample/sample.parquet"
-SAMPLE_CURSOR = "sample/CURSOR.json"
 AUTOSAM2_ROOT = "autosam2"
 LABEL_QUALITY_ROOT = "label_quality"
 
@@ -33,12 +31,6 @@ def shard_name(index: int) -> str:
     if index < 0:
         raise ValueError(f"shard index must be >= 0, got {index}")
     return f"{SHARD_PREFIX}{index:05d}"
-
-
-def shard_index(name: str) -> int:
-    if not name.startswith(SHARD_PREFIX):
-        raise ValueError(f"not a shard name: {name!r}")
-    return int(name[len(SHARD_PREFIX) :])
 
 
 def catalog_snapshot_dir(snapshot_id: str) -> str:

@@ -40,6 +40,13 @@ class EncodedMasks:
     def empty(height: int, width: int) -> EncodedMasks:
         return EncodedMasks([], height, width, np.zeros(0, np.int64), np.zeros((0, 4), np.float32))
 
+    def take(self, order: np.ndarray) -> EncodedMasks:
+        """The masks at ``order`` (M,) indices, in that order."""
+        order = np.asarray(order, np.int64)
+        return EncodedMasks(
+            [self.counts[i] for i in order], self.height, self.width, self.areas[order], self.bboxes[order]
+        )
+
     @staticmethod
     def concat(parts: list[EncodedMasks], height: int, width: int) -> EncodedMasks:
         """Masks of one image encoded in several chunks, in order."""

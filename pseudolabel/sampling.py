@@ -7,7 +7,6 @@ how the catalog was chunked, and lets it be computed in one streaming pass over 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -177,10 +176,6 @@ def stratum_report(populations: Mapping[str, int], sample: pd.DataFrame) -> pd.D
         for label, n in populations.items()
     ]
     return pd.DataFrame(rows).sort_values("population", ascending=False).reset_index(drop=True)
-
-
-def expected_shards(n_rows: int, shard_size: int) -> int:
-    return math.ceil(n_rows / shard_size) if n_rows else 0
 
 
 def incremental_quotas(

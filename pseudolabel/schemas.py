@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+# catalog/<snapshot>/part-*.parquet and every catalog batch.
+CATALOG_ROWS = pa.schema(
+    [
+        ("url", pa.string()),
+        ("label", pa.string()),
+        ("source_id", pa.string()),  # the catalog's own id when it has one, else null
+    ]
+)
+
 SAMPLE = pa.schema(
     [
         ("image_id", pa.string()),
@@ -81,5 +90,33 @@ MASKS = pa.schema(
         ("mask_score", pa.float32()),  # SAM2 predicted IoU of the chosen mask
         ("multimask_index", pa.int8()),  # chosen of 3 when multimask, else 0
         ("multimask_scores", pa.list_(pa.float32())),  # all predicted IoUs (len 1 or 3)
+    ]
+)
+
+# pseudo_labels/<shard>.parquet: one row per kept instance, sorted by (image_id, rank).
+PSEUDO_LABELS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("candidate_id", pa.int32()),
+        ("rank", pa.int32()),  # 0.. within the image, by detector score
+        ("phrase", pa.string()),
+        ("x0", pa.float32()),  # detector box, xyxy, original upright pixels
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("box_score", pa.float32()),
+        ("text_score", pa.float32()),
+        ("mask_score", pa.float32()),
+        ("rle_counts", pa.string()),  # COCO compressed RLE
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_area", pa.int64()),
+        ("mask_x", pa.float32()),  # mask bbox, COCO xywh
+        ("mask_y", pa.float32()),
+        ("mask_w", pa.float32()),
+        ("mask_h", pa.float32()),
+        ("area_fraction", pa.float32()),  # mask_area / image area
+        ("box_coverage", pa.float32()),  # clipped box area / image area
+        ("thresholds_fingerprint", pa.string()),
     ]
 )

@@ -21,9 +21,8 @@ from dataclasses import replace
 
 from dagster import ConfigurableResource, Failure
 
-from pseudolabel.models.detect_stage import DetectionSettings
 from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec
-from pseudolabel.models.segment_stage import SegmentationSettings
+from pseudolabel.models.stages import DetectionSettings, SegmentationSettings
 
 MODELS_ENV = "PSEUDOLABEL_MODELS"
 OFFICIAL, RANDOM = "official", "random"

@@ -30,8 +30,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pseudolabel.devserver import DevServer
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from pseudolabel.testing.servers import DevServer
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python
 from resources.storage import LocalStorageResource, S3StorageResource, StorageResource
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pseudolabel.labels.relabel import Candidates
-from pseudolabel.labels.synthetic import encode_mask
+from pseudolabel.labels.relabel import ShardCandidates
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
+from pseudolabel.testing.labels import encode_mask
 
 H, W = 60, 80
 GT = (20, 15, 60, 45)  # x0, y0, x1, y1: a 40 x 30 rectangle well inside the image
@@ -60,7 +60,7 @@ FAKE = {
 }
 
 
-def known_candidates() -> Candidates:
+def known_candidates() -> ShardCandidates:
     """The chain's three candidate tables for ``FAKE``: every mask is exactly its box, a shifted GT."""
     images, detections, masks = [], [], []
     for image_id, found in FAKE.items():
@@ -97,7 +97,7 @@ def known_candidates() -> Candidates:
                     mask_h=np.nan,
                 )
             )
-    return Candidates(
+    return ShardCandidates(
         detections=pd.DataFrame(detections), images=pd.DataFrame(images), masks=pd.DataFrame(masks)
     )
 

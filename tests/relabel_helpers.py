@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pseudolabel.labels.synthetic import encode_mask
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
+from pseudolabel.testing.labels import encode_mask
 
 W, H = 100, 50
 

@@ -21,11 +21,19 @@ from pseudolabel.dataset.publish import (
     sample_key,
     split_key,
 )
-from pseudolabel.dataset.render import RenderError, SampleSpec, binary_mask, render_image, render_mask
-from pseudolabel.dataset.splits import assign_splits, split_counts
-from pseudolabel.labels.relabel import PSEUDO_LABELS, pseudo_labels_table
-from pseudolabel.labels.synthetic import encode_mask
+from pseudolabel.dataset.samples import (
+    RenderError,
+    SampleSpec,
+    assign_splits,
+    binary_mask,
+    render_image,
+    render_mask,
+    split_counts,
+)
+from pseudolabel.labels.relabel import pseudo_labels_table
+from pseudolabel.schemas import PSEUDO_LABELS
 from pseudolabel.storage import LocalObjectStore, write_parquet
+from pseudolabel.testing.labels import encode_mask
 
 H, W = 48, 64
 SPEC = SampleSpec(width=32, height=24)

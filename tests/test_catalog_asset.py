@@ -8,8 +8,9 @@ from dagster import DagsterInstance, RunConfig, materialize
 
 from assets.catalog_snapshot import CatalogSnapshotConfig, catalog_snapshot
 from pseudolabel import layout
-from pseudolabel.catalog import SyntheticCatalog, iter_current_parts, read_current, snapshot_ids
-from pseudolabel.devserver import Fault
+from pseudolabel.catalog import iter_current_parts, read_current, snapshot_ids
+from pseudolabel.testing.catalogs import SyntheticCatalog
+from pseudolabel.testing.servers import Fault
 from resources.catalog import CatalogResource, catalog_from_env
 
 SYNTHETIC = SyntheticCatalog(total=1_000, num_labels=5, duplicate_every=10)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from pseudolabel.catalog import CatalogError, CatalogSource, ItemFields, fetch_total, iter_catalog_batches
-from pseudolabel.catalog.retry import retry_after_seconds
-from pseudolabel.devserver import Fault
+from pseudolabel.retry import parse_retry_after
+from pseudolabel.testing.servers import Fault
 
 
 def items(n: int, start: int = 0) -> list[dict]:
@@ -101,10 +101,23 @@ def test_429_retry_after_is_honoured(dev_server):
 
 def test_retry_after_accepts_seconds_and_http_dates():
     now = datetime(2025, 1, 1, tzinfo=UTC)
-    assert retry_after_seconds("3") == 3.0
-    assert retry_after_seconds(format_datetime(now + timedelta(seconds=7), usegmt=True), now=now) == 7.0
-    assert retry_after_seconds("soon") is None
-    assert retry_after_seconds(None) is None
+    assert parse_retry_after("3") == 3.0
+    later = format_datetime(now + timedelta(seconds=7), usegmt=True)
+    assert parse_retry_after(later, now=now.timestamp()) == 7.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_retry_after_http_date_without_zone_is_honoured(dev_server):
+    # "-0000" (UTC, sender's zone unknown) once raised TypeError here instead of waiting.
+    server = dev_server(items(10))
+    in_two_seconds = datetime.fromtimestamp(int(time.time()) + 2, UTC).replace(tzinfo=None)
+    server.inject("/api/trees", [Fault(status=503, retry_after=format_datetime(in_two_seconds))])
+    started = time.monotonic()
+    _, table = read_all(source(server, backoff_s=0.01))
+    assert 0.9 <= time.monotonic() - started < 5  # 1-2 s: the date has whole seconds
+    assert table.num_rows == 10
+    assert [status for _, status in server.requests] == [503, 200]
 
 
 def test_timeouts_are_retried(dev_server):

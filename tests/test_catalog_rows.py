@@ -6,9 +6,15 @@ from collections import Counter
 
 import pytest
 
-from pseudolabel.catalog import ItemFields, ReasonTally, SyntheticCatalog, redact_location
-from pseudolabel.catalog.report import label_histogram_markdown, reasons_markdown
+from pseudolabel.catalog import (
+    ItemFields,
+    ReasonTally,
+    label_histogram_markdown,
+    reasons_markdown,
+    redact_location,
+)
 from pseudolabel.catalog.rows import _all_valid_fast, _validate_each, validate_items
+from pseudolabel.testing.catalogs import SyntheticCatalog
 
 FIELDS = ItemFields()
 

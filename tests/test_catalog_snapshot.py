@@ -7,21 +7,21 @@ import pytest
 
 from pseudolabel import layout
 from pseudolabel.catalog import (
-    CATALOG_ROWS,
     CatalogBatch,
     CatalogError,
     CatalogSnapshotWriter,
     CatalogSource,
-    SyntheticCatalog,
     iter_current_parts,
     prune_old_snapshots,
     read_current,
     snapshot_ids,
     take_snapshot,
 )
-from pseudolabel.catalog.dedupe import UrlDeduper
-from pseudolabel.catalog.tally import ReasonTally
+from pseudolabel.catalog.rows import ReasonTally
+from pseudolabel.catalog.snapshot import UrlDeduper
+from pseudolabel.schemas import CATALOG_ROWS
 from pseudolabel.storage import LocalObjectStore, ObjectStore
+from pseudolabel.testing.catalogs import SyntheticCatalog
 
 
 def batch(urls: list[str], start: int = 0, label: str = "oak") -> CatalogBatch:

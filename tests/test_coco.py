@@ -9,11 +9,19 @@ import pandas as pd
 import pytest
 from pycocotools import mask as mask_utils
 
-from pseudolabel.labels.checks import check_rles, image_mask_fractions
-from pseudolabel.labels.coco import build_coco, category_names, coco_problems, coco_to_bytes, load_coco
-from pseudolabel.labels.polygons import coco_with_polygons, mask_to_polygons
-from pseudolabel.labels.synthetic import encode_mask
+from pseudolabel.labels.coco import (
+    build_coco,
+    category_names,
+    check_rles,
+    coco_problems,
+    coco_to_bytes,
+    coco_with_polygons,
+    image_mask_fractions,
+    load_coco,
+    mask_to_polygons,
+)
 from pseudolabel.rle import decode_union, rle_areas, rle_bboxes, rle_object, rle_run_totals, union_area
+from pseudolabel.testing.labels import encode_mask
 
 H, W = 40, 60
 

@@ -11,12 +11,11 @@ import pytest
 from dagster import DagsterInstance, materialize
 from images import write_image_shard
 
+from assets.common import SHARDS_PARTITIONS_NAME
 from assets.detections import detections
 from assets.masks import masks
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout, schemas
-from pseudolabel.models.detect_stage import ok_images
-from pseudolabel.models.prefetch import prefetched_batches
+from pseudolabel.models.stages import ok_images, prefetched_batches
 from pseudolabel.rle import decode_rle
 from pseudolabel.storage import LocalObjectStore, read_parquet
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource

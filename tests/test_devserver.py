@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from pseudolabel.devserver import DevServer, Fault
+from pseudolabel.testing.servers import DevServer, Fault
 
 
 def test_list_catalog_pages_with_and_without_total(dev_server):

@@ -9,8 +9,7 @@ import piexif
 import pytest
 from PIL import Image
 
-from pseudolabel.images.exif import exif_without_orientation, orientation_of
-from pseudolabel.images.normalize import normalize_image
+from pseudolabel.images.normalize import exif_without_orientation, normalize_image, orientation_of
 
 HEIGHT, WIDTH = 48, 80  # not square, so quarter turns must swap width and height
 JPEG_TOLERANCE = 3.0  # mean absolute difference per channel, 0..255

@@ -59,3 +59,25 @@ def test_lease_of_a_killed_process_is_freed(tmp_path):
     proc.join(10)
     with lease_gpu(1, tmp_path, timeout_s=2, poll_s=0.05) as index:
         assert index == 0
+
+
+def test_the_gpu_pool_command_sets_one_slot_per_visible_gpu(tmp_path):
+    """`pseudolabel gpu-pool` (README, Operating it), as a user runs it, against a real instance."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dagster import DagsterInstance
+
+    command = str(Path(sys.executable).parent / "pseudolabel")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "PSEUDOLABEL_GPUS": "3"}
+    (tmp_path / "dagster.yaml").write_text("")
+    done = subprocess.run([command, "gpu-pool"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "limit set to 3" in done.stdout
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
+    refused = subprocess.run(
+        [command, "gpu-pool", "--limit", "0"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 1 and "must be >= 1" in refused.stderr

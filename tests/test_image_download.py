@@ -1,4 +1,4 @@
-"""ImageFetcher against a real local HTTP server (pseudolabel.devserver) and, for what a
+"""ImageFetcher against a real local HTTP server (pseudolabel.testing.servers) and, for what a
 Content-Length-sending server cannot show, an in-process httpx transport."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from email.utils import format_datetime
 import httpx
 import pytest
 
-from pseudolabel.devserver import DevServer, Fault
-from pseudolabel.images.download import DownloadPolicy, ImageFetcher, parse_retry_after
+from pseudolabel.images.download import DownloadPolicy, ImageFetcher
 from pseudolabel.images.errors import ImageRejected, RejectReason
+from pseudolabel.retry import parse_retry_after
+from pseudolabel.testing.servers import DevServer, Fault
 
 BODY = bytes(range(256)) * 8  # 2 KiB; the fetcher does not care whether it is an image
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}  # keep retry tests quick

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pseudolabel.images.bomb_guard import decompression_bomb_guard
 from pseudolabel.images.errors import ImageRejected, RejectReason
-from pseudolabel.images.normalize import NormalizeOptions, normalize_image
+from pseudolabel.images.normalize import NormalizeOptions, decompression_bomb_guard, normalize_image
 
 JPEG_TOLERANCE = 4  # per-pixel, for flat colours through one or two JPEG generations
 

@@ -30,13 +30,14 @@ from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_
 from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, decode_env_var
 from kubernetes.client import ApiClient
 
-from dagster_project.definitions import defs
+from dagster_project.definitions import defs as load_definitions
 from dagster_project.resource_defs import model_workers_from_env
 from pseudolabel.workers.task import DETECTIONS, WorkerTask
 from resources.k8s import plain_pod_env, worker_pod_spec
 from resources.workers import K8sModelWorkers, ModelWorkersResource
 
 IMAGE = "registry.example.com/pseudolabel-worker:test"
+defs = load_definitions()
 SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key"
 GPU_ENV = (
     "PSEUDOLABEL_GPU_NODE_SELECTOR",
@@ -57,7 +58,7 @@ def gpu_env_defaults(monkeypatch):
 
 @pytest.mark.parametrize(("choice", "expected"), [("k8s", "k8s"), ("multiprocess", "multiprocess")])
 def test_definitions_pick_the_executor_from_the_environment(choice, expected):
-    code = "from dagster_project.definitions import defs; print(defs.executor.name)"
+    code = "from dagster_project.definitions import defs; print(defs().executor.name)"
     env = {**os.environ, "PSEUDOLABEL_EXECUTOR": choice, "PSEUDOLABEL_WORKER_IMAGE": IMAGE}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == expected
@@ -99,17 +100,18 @@ def test_k8s_model_workers_need_an_image():
 
 
 def test_network_and_gpu_assets_declare_retry_and_backfill_policies(monkeypatch):
-    import importlib
-
-    import dagster_project.policies as policies
+    from assets import common
 
     monkeypatch.delenv("PSEUDOLABEL_STEP_RETRIES")
-    assert importlib.reload(policies).GPU_RETRY.max_retries == 2  # the production default
-    monkeypatch.setenv("PSEUDOLABEL_STEP_RETRIES", "0")
-    importlib.reload(policies)
+    assert common.gpu_retry().max_retries == 2  # the production default
+    assert common.network_retry().max_retries == 3
+    monkeypatch.setenv("PSEUDOLABEL_SHARDS_PER_RUN", "zero")
+    with pytest.raises(ValueError, match="PSEUDOLABEL_SHARDS_PER_RUN"):
+        common.shards_per_run()
+    monkeypatch.delenv("PSEUDOLABEL_SHARDS_PER_RUN")
     for name in ("catalog_snapshot", "normalized_images", "detections", "masks"):
         assert defs.get_assets_def(name).op.retry_policy is not None, name
-    shards_per_run = policies.SHARDS_PER_RUN.max_partitions_per_run
+    shards_per_run = common.shards_per_run().max_partitions_per_run
     assert shards_per_run == 10
     for name in ("normalized_images", "detections", "masks"):
         assert defs.get_assets_def(name).backfill_policy.max_partitions_per_run == shards_per_run, name

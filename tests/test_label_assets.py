@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import cv2
@@ -12,24 +11,24 @@ import yaml
 from dagster import AssetKey, DagsterInstance, materialize
 
 import assets.pseudo_labels as pseudo_labels_module
-from assets.autosam2_manifest import autosam2_manifest
-from assets.label_quality import label_quality
-from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE, pseudo_labels
+from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE
+from dagster_project.definitions import defs
 from pseudolabel import layout
 from pseudolabel.dataset.publish import current_root, split_key
 from pseudolabel.labels.coco import load_coco
 from pseudolabel.labels.relabel import REJECT_REASONS, pseudo_labels_table
-from pseudolabel.labels.synthetic import synthetic_candidates
 from pseudolabel.labels.thresholds import (
     THRESHOLDS_ENV,
     PickPolicy,
     load_thresholds,
     thresholds_code_version,
 )
-from pseudolabel.models.fakes import FakeDetector
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from pseudolabel.testing.labels import synthetic_candidates
+from pseudolabel.testing.models import FakeDetector
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
+from resources.thresholds import ThresholdsResource
 from resources.workers import LocalModelWorkers
 
 SHARDS = ["shard-00000", "shard-00001"]
@@ -65,6 +64,16 @@ def seed_shard(store, shard: str, images: int, seed: int) -> None:
         store.put_bytes(layout.image(shard, image_id), cv2.imencode(".jpg", pixels)[1].tobytes())
 
 
+def chain(*names: str) -> list:
+    """The code location's asset definitions: code versions stamped from the thresholds file in use."""
+    built = defs()
+    return [built.get_assets_def(name) for name in names]
+
+
+def code_version() -> str:
+    return chain("pseudo_labels")[0].code_versions_by_key[AssetKey("pseudo_labels")]
+
+
 def instance_with_shards() -> DagsterInstance:
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("shards", SHARDS)
@@ -73,10 +82,10 @@ def instance_with_shards() -> DagsterInstance:
 
 def materialize_shard(instance, storage_resource, shard, **config):
     return materialize(
-        [pseudo_labels],
+        chain("pseudo_labels"),
         partition_key=shard,
         instance=instance,
-        resources={"storage": storage_resource},
+        resources={"storage": storage_resource, "thresholds": ThresholdsResource()},
         run_config={"ops": {"pseudo_labels": {"config": config}}} if config else None,
         raise_on_error=False,
     )
@@ -123,19 +132,17 @@ def test_pseudo_labels_then_manifest_end_to_end(tmp_path):
         assert all(isinstance(a["segmentation"], list) for a in polygons["annotations"])
 
     # The asset's code version is the thresholds' fingerprint, and runs record it.
-    assert pseudo_labels.code_versions_by_key[AssetKey("pseudo_labels")] == thresholds_code_version(
-        thresholds
-    )
+    assert code_version() == thresholds_code_version(thresholds)
     record = instance.get_latest_materialization_event(AssetKey("pseudo_labels"))
     assert record.dagster_event.step_materialization_data.materialization.tags["dagster/code_version"] == (
         thresholds_code_version(thresholds)
     )
 
     result = materialize(
-        [pseudo_labels, autosam2_manifest],
-        selection=[autosam2_manifest],
+        chain("pseudo_labels", "autosam2_manifest"),
+        selection=["autosam2_manifest"],
         instance=instance,
-        resources={"storage": storage_resource},
+        resources={"storage": storage_resource, "thresholds": ThresholdsResource()},
     )
     assert result.success
     metadata = {
@@ -178,30 +185,27 @@ def test_shards_stored_without_query_index_still_label(tmp_path):
     for shard in SHARDS:
         assert materialize_shard(instance, resource, shard).success
         labels.append(read_parquet(store, layout.pseudo_labels(shard)).to_pandas())
-    if pseudo_labels_module.THRESHOLDS.pick_policy is PickPolicy.BOTH_SCORES_AGREE:
+    if load_thresholds().pick_policy is PickPolicy.BOTH_SCORES_AGREE:
         # Same candidates, scanned in query order vs score order: the top detector box is not always kept.
         assert len(labels[0]) == len(labels[1])
         assert (labels[0]["candidate_id"].to_numpy() != labels[1]["candidate_id"].to_numpy()).any()
 
 
 def test_editing_the_thresholds_file_changes_the_code_version(tmp_path, monkeypatch):
-    original = pseudo_labels_module.CODE_VERSION
+    original = code_version()
     edited = load_thresholds().to_dict() | {"mask_score": 0.55}
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump(edited))
     monkeypatch.setenv(THRESHOLDS_ENV, str(path))
-    try:
-        module = importlib.reload(pseudo_labels_module)
-        assert module.THRESHOLDS.mask_score == 0.55
-        assert original != module.CODE_VERSION
-        assert module.pseudo_labels.code_versions_by_key[AssetKey("pseudo_labels")] == module.CODE_VERSION
-        # Formatting-only edits do not re-label anything.
-        path.write_text("# same values, new comment\n" + yaml.safe_dump(edited, sort_keys=True))
-        assert importlib.reload(pseudo_labels_module).CODE_VERSION == module.CODE_VERSION
-    finally:
-        monkeypatch.delenv(THRESHOLDS_ENV)
-        importlib.reload(pseudo_labels_module)
-    assert original == pseudo_labels_module.CODE_VERSION
+    # The resource reads the file when a step runs; the definitions stamp its fingerprint when they load.
+    assert ThresholdsResource().load().mask_score == 0.55
+    changed = code_version()
+    assert changed != original and changed == thresholds_code_version(load_thresholds(path))
+    # Formatting-only edits do not re-label anything.
+    path.write_text("# same values, new comment\n" + yaml.safe_dump(edited, sort_keys=True))
+    assert code_version() == changed
+    monkeypatch.delenv(THRESHOLDS_ENV)
+    assert code_version() == original
 
 
 def test_a_thresholds_edit_marks_materialised_shards_stale(tmp_path, monkeypatch):
@@ -214,20 +218,16 @@ def test_a_thresholds_edit_marks_materialised_shards_stale(tmp_path, monkeypatch
     resource = LocalStorageResource(root=str(tmp_path / "store"))
     assert materialize_shard(instance, resource, SHARDS[0]).success
 
-    def status(asset_def):
-        return get_stale_status_resolver(instance, [asset_def]).get_status(
+    def status():
+        return get_stale_status_resolver(instance, chain("pseudo_labels")).get_status(
             AssetKey("pseudo_labels"), SHARDS[0]
         )
 
-    assert status(pseudo_labels_module.pseudo_labels).value == "FRESH"
+    assert status().value == "FRESH"
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump(load_thresholds().to_dict() | {"box_score": 0.5}))
     monkeypatch.setenv(THRESHOLDS_ENV, str(path))
-    try:
-        assert status(importlib.reload(pseudo_labels_module).pseudo_labels).value == "STALE"
-    finally:
-        monkeypatch.delenv(THRESHOLDS_ENV)
-        importlib.reload(pseudo_labels_module)
+    assert status().value == "STALE"
 
 
 def test_corrupt_masks_fail_the_blocking_rle_check(tmp_path):
@@ -269,10 +269,10 @@ def test_manifest_refuses_mixed_thresholds(tmp_path):
     stale["thresholds_fingerprint"] = "old"
     write_parquet(store, layout.pseudo_labels(SHARDS[1]), pseudo_labels_table(stale, "old"))
     run = lambda **config: materialize(  # noqa: E731
-        [pseudo_labels, autosam2_manifest],
-        selection=[autosam2_manifest],
+        chain("pseudo_labels", "autosam2_manifest"),
+        selection=["autosam2_manifest"],
         instance=instance,
-        resources={"storage": resource},
+        resources={"storage": resource, "thresholds": ThresholdsResource()},
         raise_on_error=False,
         run_config={"ops": {"autosam2_manifest": {"config": {"width": 64, "height": 64, **config}}}},
     )
@@ -303,7 +303,7 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
         "text_floor": 0.0,
     }
     result = materialize(
-        [label_quality],
+        chain("label_quality"),
         resources={
             "storage": LocalStorageResource(root=str(tmp_path / "store")),
             "detector": DetectorResource(backend="fake", max_boxes_per_caption=4),
@@ -311,6 +311,7 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
             # The chain's stage settings: the same resource detections and masks read.
             "stage_settings": StageSettingsResource(**detection, multimask=True),
             "model_workers": LocalModelWorkers(),
+            "thresholds": ThresholdsResource(),
         },
         run_config={
             "ops": {

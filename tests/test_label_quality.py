@@ -26,10 +26,14 @@ from quality_helpers import (
 )
 
 from pseudolabel.labels.thresholds import PickPolicy
-from pseudolabel.quality.gold import load_gold_set
-from pseudolabel.quality.metrics import iou
-from pseudolabel.quality.plot import plot_sweep
-from pseudolabel.quality.sweep import best_per_policy, make_scorer, scores_by_policy, threshold_sweep
+from pseudolabel.quality.gold import iou, load_gold_set
+from pseudolabel.quality.sweep import (
+    best_per_policy,
+    make_scorer,
+    plot_sweep,
+    scores_by_policy,
+    threshold_sweep,
+)
 
 
 def expected_scores(policy: str, box_t: float, mask_t: float, factor: float, w: int) -> tuple[float, float]:

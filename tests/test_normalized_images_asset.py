@@ -14,13 +14,13 @@ from PIL import Image
 
 from assets.normalized_images import NormalizedImagesConfig
 from pseudolabel import layout
-from pseudolabel.devserver import Fault
 from pseudolabel.ids import image_id_for_url
+from pseudolabel.images.index import shard_items
 from pseudolabel.images.preview import thumbnail_grid
-from pseudolabel.images.sample_items import shard_items
 from pseudolabel.markdown import markdown_image
 from pseudolabel.schemas import IMAGE_INDEX, SAMPLE
 from pseudolabel.storage import read_parquet, write_parquet
+from pseudolabel.testing.servers import Fault
 
 SHARD = "shard-00000"
 OTHER_SHARD = "shard-00001"

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from relabel_helpers import QUERY_ORDER_IMAGE
 
-from pseudolabel.labels.policies import (
+from pseudolabel.labels.picking import (
     apply_policy,
     cap_per_image,
     pick_best_mask_score,

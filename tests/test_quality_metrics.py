@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from quality_helpers import GT, H, W, closed_form_cd_iou, rect_mask, shifted
 
-from pseudolabel.quality.metrics import contour_band, contour_discounted_iou, iou
+from pseudolabel.quality.gold import contour_band, contour_discounted_iou, iou
 
 # --- metrics -----------------------------------------------------------------------------------------
 

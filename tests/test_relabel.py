@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 from relabel_helpers import LOOSE, QUERY_ORDER_IMAGE, candidate, tables
 
-from pseudolabel.labels.reference import naive_relabel
 from pseudolabel.labels.relabel import (
     DECISIONS,
-    PSEUDO_LABELS,
     read_detections,
     relabel_shard,
 )
-from pseudolabel.labels.synthetic import synthetic_candidates
 from pseudolabel.labels.thresholds import PickPolicy, thresholds_fingerprint
+from pseudolabel.schemas import PSEUDO_LABELS
+from pseudolabel.testing.labels import synthetic_candidates
+from pseudolabel.testing.reference_labels import naive_relabel
 
 # --- the per-shard function --------------------------------------------------------------------------
 

@@ -1,8 +1,6 @@
 """A threshold edit marks every pseudo_labels shard unsynced; the backfill that re-labels them runs no
 detections or masks step. Proven from the instance's event log, on a chain materialized end to end."""
 
-import importlib
-
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance
 
@@ -11,23 +9,15 @@ from dagster._core.definitions.data_version import StaleCauseCategory, StaleStat
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-import assets.pseudo_labels
+from dagster_project.definitions import defs as load_definitions
 from dagster_project.demo import run_demo
 from pseudolabel.labels.thresholds import thresholds_path
 
 LABELS, DETECTIONS, MASKS = AssetKey("pseudo_labels"), AssetKey("detections"), AssetKey("masks")
-# Reload order matters: these modules read the thresholds at import time.
-THRESHOLD_MODULES = [
-    "assets.pseudo_labels",
-    "assets.label_quality",
-    "assets.autosam2_manifest",
-    "dagster_project.definitions",
-]
 
 
-def load_definitions():
-    modules = [importlib.reload(importlib.import_module(name)) for name in THRESHOLD_MODULES]
-    return modules[-1].defs
+def labels_code_version(defs) -> str:
+    return defs.get_assets_def(LABELS).code_versions_by_key[LABELS]
 
 
 @pytest.fixture
@@ -36,8 +26,6 @@ def chain(tmp_path, monkeypatch):
     monkeypatch.setenv("PSEUDOLABEL_STORAGE", str(summary.data_root))
     monkeypatch.setenv("PSEUDOLABEL_MODELS", "fake")
     yield summary, DagsterInstance.from_config(str(summary.dagster_home))
-    monkeypatch.delenv("PSEUDOLABEL_THRESHOLDS", raising=False)
-    load_definitions()  # leave the default thresholds loaded for other tests
 
 
 def stale_resolver(instance, defs):
@@ -59,13 +47,13 @@ def test_threshold_edit_backfill_relabels_every_shard_without_gpu_steps(chain, t
     shards = summary.shards
     defs = load_definitions()
     assert set(statuses(instance, defs, LABELS, shards).values()) == {StaleStatus.FRESH}
-    old_fingerprint = assets.pseudo_labels.CODE_VERSION
+    old_fingerprint = labels_code_version(defs)
 
     edited = tmp_path / "thresholds.yaml"
     edited.write_text(thresholds_path({}).read_text().replace("mask_score: 0.70", "mask_score: 0.90"))
     monkeypatch.setenv("PSEUDOLABEL_THRESHOLDS", str(edited))
     defs = load_definitions()
-    assert old_fingerprint != assets.pseudo_labels.CODE_VERSION
+    assert old_fingerprint != labels_code_version(defs)
 
     # The UI now shows every shard unsynced because of code version, and nothing upstream.
     resolver = stale_resolver(instance, defs)

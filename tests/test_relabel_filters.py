@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from relabel_helpers import LOOSE, H, W, candidate, decisions, tables
 
-from pseudolabel.labels.filters import box_coverage
-from pseudolabel.labels.nms import grouped_nms, pairwise_iou
+from pseudolabel.labels.picking import box_coverage, grouped_nms, pairwise_iou
 from pseudolabel.labels.relabel import REJECT_REASONS, relabel_shard
 
 # --- filters -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from PIL import Image
 from pseudolabel import layout
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.download import DownloadPolicy
-from pseudolabel.images.sample_items import SampleItem
+from pseudolabel.images.index import SampleItem
 from pseudolabel.images.shard import ShardOptions, process_shard
 from pseudolabel.schemas import SAMPLE
 from pseudolabel.storage import LocalObjectStore, S3ObjectStore, read_parquet, write_parquet

@@ -20,23 +20,23 @@ from images import random_jpeg
 
 from assets.normalized_images import normalized_images
 from pseudolabel import layout
-from pseudolabel.devserver import Fault
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.index import (
     OK,
     QUARANTINED,
     IndexJournal,
+    SampleItem,
     StoredProgress,
     index_table,
     read_progress,
     reusable_rows,
 )
-from pseudolabel.images.sample_items import SampleItem
 from pseudolabel.images.shard import ShardOptions, process_shard
 from pseudolabel.schemas import SAMPLE
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore, read_parquet, write_parquet
 from pseudolabel.storage import local as local_storage
+from pseudolabel.testing.servers import Fault
 from resources.storage import LocalStorageResource
 
 SHARD = "shard-00000"

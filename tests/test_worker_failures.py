@@ -16,8 +16,8 @@ from cli import dagster as dagster_cli
 from dagster import AssetKey, DagsterEventType, DagsterInstance
 from worker_helpers import RANGE_TAGS, run, shard_metadata, shards
 
+from assets.common import SHARDS_PARTITIONS_NAME
 from assets.detections import detections
-from dagster_project.partitions import SHARDS_PARTITIONS_NAME
 from pseudolabel import layout
 from pseudolabel.storage import LocalObjectStore
 from resources.models import DetectorResource

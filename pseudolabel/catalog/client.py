@@ -19,17 +19,35 @@ from typing import Any
 
 import httpx
 
-from pseudolabel.catalog.batch import CatalogBatch
-from pseudolabel.catalog.retry import MalformedPage, RetryableStatus, page_retrying, retry_after_seconds
-from pseudolabel.catalog.rows import validate_items
+from pseudolabel.catalog.rows import CatalogBatch, ReasonTally, validated_batch
 from pseudolabel.catalog.source import CatalogError, CatalogSource
-from pseudolabel.catalog.tally import ReasonTally
+from pseudolabel.retry import RetryableError, http_retrying, parse_retry_after
 
 # httpcore runs `import sniffio` on every async request; when sniffio is not installed each attempt
 # rescans sys.path (~0.5 ms, several per request: half the client's CPU). Recording the miss makes
 # the import fail at once, exactly as it would anyway. (Installing sniffio removes the need.)
 if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
     sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+MAX_BACKOFF_S = 60.0
+MAX_RETRY_AFTER_S = 600.0  # a server asking for longer is misconfigured; don't hang the run for hours
+
+
+class RetryableStatus(RetryableError):
+    """A 429 or 5xx answer: worth asking again."""
+
+    def __init__(self, status: int, retry_after_s: float | None):
+        super().__init__(f"HTTP {status}", retry_after_s)
+        self.status = status
+
+
+class MalformedPage(Exception):
+    """A 2xx answer whose body is not a usable page (may be a cut-off body: worth asking again)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass
@@ -89,7 +107,7 @@ def iter_http_batches(source: CatalogSource, start_offset: int = 0) -> Iterator[
         loop.close()
 
 
-def fetch_total(source: CatalogSource) -> int | None:
+def fetch_reported_total(source: CatalogSource) -> int | None:
     """The catalog size the API reports (top-level ``total``), or None when it reports none."""
 
     async def first_page() -> _Page:
@@ -114,9 +132,19 @@ def _http_client(source: CatalogSource) -> httpx.AsyncClient:
 
 
 async def _fetch_page(client: httpx.AsyncClient, source: CatalogSource, offset: int, limit: int) -> _Page:
-    """One page, retried; malformed pages come back marked, any other lasting failure raises."""
+    """One page, retried; malformed pages come back marked, any other lasting failure raises.
+
+    Retried: transport errors (timeouts, refused/dropped connections), 429/5xx and malformed bodies.
+    """
+    retrying = http_retrying(
+        retry_on=(httpx.TransportError, RetryableStatus, MalformedPage),
+        attempts=source.max_retries + 1,
+        backoff_initial_s=source.backoff_s,
+        backoff_max_s=MAX_BACKOFF_S,
+        retry_after_max_s=MAX_RETRY_AFTER_S,
+    )
     try:
-        async for attempt in page_retrying(source.max_retries, source.backoff_s):
+        async for attempt in retrying:
             with attempt:
                 return await _get_page(client, source, offset, limit)
     except MalformedPage as exc:
@@ -140,7 +168,7 @@ async def _get_page(client: httpx.AsyncClient, source: CatalogSource, offset: in
     response = await client.get(source.location, params={"offset": offset, "limit": limit})
     status = response.status_code
     if status == 429 or status >= 500:
-        raise RetryableStatus(status, retry_after_seconds(response.headers.get("Retry-After")))
+        raise RetryableStatus(status, parse_retry_after(response.headers.get("Retry-After")))
     if status in (401, 403):
         raise CatalogError(
             f"catalog {source.redacted} refused access (HTTP {status}): "
@@ -180,23 +208,13 @@ def _page_step(page_size: int, first: _Page, start_offset: int) -> int:
 
 
 def _to_batch(page: _Page, source: CatalogSource, step: int, total: int | None = None) -> CatalogBatch:
-    invalid = ReasonTally()
-    malformed = ReasonTally()
-    if page.items is None:
-        malformed.add(page.malformed_reason, page.offset, page.malformed_detail)
-        items: list[Any] = []
-        end_offset = page.offset + step
-    else:
-        items = page.items
-        end_offset = page.offset + len(items)
-    return CatalogBatch(
-        table=validate_items(items, source.fields, page.offset, invalid),
-        start_offset=page.offset,
-        end_offset=end_offset,
-        invalid_rows=invalid,
-        malformed_pages=malformed,
-        total=page.total if page.total is not None else total,
-    )
+    total = page.total if page.total is not None else total
+    if page.items is not None:
+        end_offset = page.offset + len(page.items)
+        return validated_batch(page.items, source.fields, page.offset, end_offset, total=total)
+    malformed = ReasonTally()  # skipped: the next page starts a step further on
+    malformed.add(page.malformed_reason, page.offset, page.malformed_detail)
+    return validated_batch([], source.fields, page.offset, page.offset + step, malformed, total)
 
 
 class _MalformedRun:

@@ -33,10 +33,8 @@ def iter_current_parts(store: ObjectStore, columns: list[str] | None = None) -> 
 def snapshot_ids(store: ObjectStore) -> list[str]:
     """Ids of every snapshot directory in storage (published or not), oldest first."""
     ids = set()
-    for info in store.list(_CATALOG_DIR):
-        if not info.key.startswith(_CATALOG_DIR):  # stores may match the prefix loosely ("catalogue/...")
-            continue
-        name, slash, _ = info.key[len(_CATALOG_DIR) :].partition("/")
+    for key in _keys_under(store, _CATALOG_DIR):
+        name, slash, _ = key[len(_CATALOG_DIR) :].partition("/")
         if slash:  # a file inside a snapshot dir, not CURRENT.json itself
             ids.add(name)
     return sorted(ids)
@@ -61,8 +59,12 @@ def prune_old_snapshots(store: ObjectStore, keep_previous: int = 1) -> list[str]
 
 def delete_snapshot(store: ObjectStore, snapshot_id: str) -> int:
     """Delete every object of one snapshot dir (and nothing that merely shares its name as a prefix)."""
-    directory = layout.catalog_snapshot_dir(snapshot_id) + "/"
-    keys = [info.key for info in store.list(directory) if info.key.startswith(directory)]
+    keys = _keys_under(store, layout.catalog_snapshot_dir(snapshot_id) + "/")
     for key in keys:
         store.delete(key)
     return len(keys)
+
+
+def _keys_under(store: ObjectStore, directory: str) -> list[str]:
+    # Stores may match a prefix loosely ("catalog/" also finding "catalogue/..."): keep exact matches.
+    return [info.key for info in store.list(directory) if info.key.startswith(directory)]

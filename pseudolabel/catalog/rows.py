@@ -1,4 +1,5 @@
-"""Validating raw catalog items into (url, label, source_id) rows, with a reason for every rejection.
+"""Catalog rows: validating raw items into (url, label, source_id), batches of them, and the tally of
+what was rejected, by reason with a few examples each, so nothing is dropped silently.
 
 Most pages are entirely valid, so a page is first checked column-wise with Arrow kernels (fast);
 only a page that fails that check is walked item by item to name each rejected item's reason.
@@ -7,16 +8,69 @@ Both paths produce the same rows: stripped url and label, id as a string (or nul
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pseudolabel.catalog.batch import CATALOG_ROWS
 from pseudolabel.catalog.source import ItemFields
-from pseudolabel.catalog.tally import ReasonTally
+from pseudolabel.schemas import CATALOG_ROWS
 
+EXAMPLES_PER_REASON = 3
+EXAMPLE_CHARS = 200  # an example is a repr, cut short: items can be arbitrarily large
 _HTTP_PREFIXES = ("http://", "https://")
+
+
+@dataclass
+class ReasonTally:
+    """Rejected rows (or pages) counted by reason, with the first few examples of each."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, reason: str, offset: int, value: object = None) -> None:
+        self.counts[reason] += 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append({"offset": offset, "value": _short_repr(value)})
+
+    def merge(self, other: ReasonTally) -> None:
+        self.counts.update(other.counts)
+        for reason, examples in other.examples.items():
+            kept = self.examples.setdefault(reason, [])
+            kept.extend(examples[: EXAMPLES_PER_REASON - len(kept)])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: counts by reason (most frequent first) and their examples."""
+        return {
+            "total": self.total,
+            "counts": dict(self.counts.most_common()),
+            "examples": {reason: self.examples[reason] for reason, _ in self.counts.most_common()},
+        }
+
+
+@dataclass
+class CatalogBatch:
+    """The unit every catalog reader yields: a table of valid rows plus what was rejected on the way."""
+
+    table: pa.Table  # CATALOG_ROWS, in catalog order
+    start_offset: int  # catalog offset of the first item this batch covers
+    end_offset: int  # offset to resume from after this batch (an incremental cursor)
+    pages: int = 1  # API pages (or file batches) read for this batch
+    invalid_rows: ReasonTally = field(default_factory=ReasonTally)
+    malformed_pages: ReasonTally = field(default_factory=ReasonTally)
+    total: int | None = None  # the catalog size the API reported, if any
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
 
 
 class UnparsedItem(str):
@@ -32,6 +86,26 @@ def validate_items(
     """
     table = _all_valid_fast(items, fields)
     return table if table is not None else _validate_each(items, fields, first_offset, invalid)
+
+
+def validated_batch(
+    items: Sequence[object],
+    fields: ItemFields,
+    start_offset: int,
+    end_offset: int,
+    malformed_pages: ReasonTally | None = None,
+    total: int | None = None,
+) -> CatalogBatch:
+    """The batch of ``items`` (read from ``start_offset`` on), with its invalid items tallied."""
+    invalid = ReasonTally()
+    return CatalogBatch(
+        table=validate_items(items, fields, start_offset, invalid),
+        start_offset=start_offset,
+        end_offset=end_offset,
+        invalid_rows=invalid,
+        malformed_pages=malformed_pages or ReasonTally(),
+        total=total,
+    )
 
 
 def _all_valid_fast(items: Sequence[object], fields: ItemFields) -> pa.Table | None:
@@ -117,3 +191,8 @@ def _source_id(value: object) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def _short_repr(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 3] + "..."

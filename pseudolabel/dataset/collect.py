@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from pseudolabel import layout
-from pseudolabel.labels.checks import image_mask_fractions
-from pseudolabel.labels.relabel import table_fingerprint
+from pseudolabel.fingerprint import THRESHOLDS_METADATA_KEY, table_fingerprint
+from pseudolabel.labels.coco import image_mask_fractions
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
 
 _LABEL_KEY = re.compile(r"^pseudo_labels/(?P<shard>[^/]+)\.parquet$")
@@ -103,7 +103,7 @@ def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.Data
     """(samples, instances) of one shard; samples include images with no kept instance."""
     table = read_parquet(store, layout.pseudo_labels(shard))
     instances = table.to_pandas()
-    fingerprint = table_fingerprint(table) or (
+    fingerprint = table_fingerprint(table, THRESHOLDS_METADATA_KEY) or (
         instances["thresholds_fingerprint"].iloc[0] if len(instances) else None
     )
     # Every image the detector saw (zero-candidate ones too); fall back to labelled images only.

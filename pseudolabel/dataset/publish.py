@@ -29,8 +29,14 @@ import numpy as np
 import pandas as pd
 
 from pseudolabel import layout
-from pseudolabel.dataset.render import SampleSpec, render_image, render_mask
-from pseudolabel.dataset.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
+from pseudolabel.dataset.samples import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    SampleSpec,
+    assign_splits,
+    render_image,
+    render_mask,
+)
 from pseudolabel.labels.coco import build_coco, category_names, coco_to_bytes
 from pseudolabel.storage import ObjectNotFound, ObjectStore
 

@@ -16,21 +16,18 @@ being made. (A DNS answer that changes between the check and the connection is n
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import ipaddress
 import math
 import os
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_random_exponential
 
 from pseudolabel.images.errors import ImageRejected, RejectReason
+from pseudolabel.retry import RetryableError, http_retrying, parse_retry_after
 
 USER_AGENT = "pseudolabel-image-fetcher/0.1"
 CONNECTIONS_PER_CLIENT = 8
@@ -83,14 +80,13 @@ class DownloadPolicy:
         return None if ip.is_global else "not globally routable"
 
 
-class _Transient(Exception):
+class _Transient(RetryableError):
     """An attempt failed in a way worth retrying; carries what to report if retries run out."""
 
     def __init__(self, reason: RejectReason, detail: str, retry_after_s: float | None = None):
-        super().__init__(detail)
+        super().__init__(detail, retry_after_s)
         self.reason = reason
         self.detail = detail
-        self.retry_after_s = retry_after_s
 
 
 class ImageFetcher:
@@ -113,9 +109,6 @@ class ImageFetcher:
         self._transport = transport  # tests swap in httpx.MockTransport
         self._resolve = resolver or _resolve
         self._slots = asyncio.Semaphore(self.policy.concurrency)
-        self._backoff = wait_random_exponential(
-            multiplier=self.policy.backoff_initial_s, max=self.policy.backoff_max_s
-        )
         self._clients: list[httpx.AsyncClient] = []
         self._in_flight: list[int] = []
 
@@ -144,11 +137,12 @@ class ImageFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """The body of ``url``; raises :class:`ImageRejected` once retries are exhausted."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception_type(_Transient),
-            reraise=True,
+        retrying = http_retrying(
+            retry_on=_Transient,
+            attempts=self.policy.max_retries + 1,
+            backoff_initial_s=self.policy.backoff_initial_s,
+            backoff_max_s=self.policy.backoff_max_s,
+            retry_after_max_s=self.policy.retry_after_max_s,
         )
         try:
             async for attempt in retrying:
@@ -161,12 +155,6 @@ class ImageFetcher:
             tries = f"{attempts} attempts" if attempts > 1 else "1 attempt, no retries"
             raise ImageRejected(exc.reason, f"{exc.detail} (gave up after {tries})") from None
         raise AssertionError("unreachable: tenacity either returns or re-raises")
-
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, _Transient) and error.retry_after_s is not None:
-            return min(error.retry_after_s, self.policy.retry_after_max_s)
-        return self._backoff(state)
 
     async def _attempt_on_least_busy_client(self, url: str) -> bytes:
         if not self._clients:
@@ -263,21 +251,3 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise ImageRejected(RejectReason.TOO_LARGE, f"body exceeds {max_bytes} bytes")
     return bytes(body)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None or when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -1,4 +1,7 @@
-"""The per-shard image index (``schemas.IMAGE_INDEX``) and its parts: rows, progress, and what a rerun reuses.
+"""A shard's items, its image index (``schemas.IMAGE_INDEX``) and parts, and the run's counters.
+
+The items are the sample rows the shard must turn into images (:func:`shard_items`); each becomes an
+index row, ``ok`` or quarantined; :class:`ShardStats` counts them for progress lines and metadata.
 
 A run records each finished row (``ok`` or quarantined) in small index parts,
 ``images/<shard>.parts/<n>.parquet``, as it goes: every ``every`` rows, or once the oldest unrecorded
@@ -24,22 +27,47 @@ import io
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pseudolabel import layout
 from pseudolabel.images.errors import ImageRejected
 from pseudolabel.images.normalize import NormalizedImage
-from pseudolabel.images.sample_items import SampleItem
 from pseudolabel.schemas import IMAGE_INDEX
 from pseudolabel.storage import ObjectNotFound, ObjectStore, write_parquet
 
 logger = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = ["image_id", "url", "label", "shard"]  # all this stage reads from the sample
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    image_id: str
+    url: str
+    label: str
+
+
+def shard_items(sample: pa.Table, shard: str) -> list[SampleItem]:
+    """The shard's items in sample order, each ``image_id`` once (a repeat would race on one key)."""
+    rows = sample.filter(pc.equal(sample["shard"], shard)).select(["image_id", "url", "label"]).to_pylist()
+    seen: set[str] = set()
+    items = []
+    for row in rows:
+        if row["image_id"] not in seen:
+            seen.add(row["image_id"])
+            items.append(SampleItem(image_id=row["image_id"], url=row["url"], label=row["label"]))
+    return items
+
+
+# -- index rows ------------------------------------------------------------------------------------
 
 OK = "ok"
 QUARANTINED = "quarantined"
@@ -184,7 +212,7 @@ def reusable_rows(
     return Reuse(rows=reusable, from_parts=from_parts)
 
 
-# -- recording this run's progress -------------------------------------------------------------------
+# -- recording this run's progress -----------------------------------------------------------------
 
 
 class IndexJournal:
@@ -247,3 +275,78 @@ class IndexJournal:
         """Write ``images/<shard>.parquet`` (atomically), then drop the parts it supersedes."""
         write_parquet(self.store, layout.image_index(self.shard), index)
         self.store.delete_prefix(layout.image_index_parts_dir(self.shard))
+
+
+# -- counters for this run -------------------------------------------------------------------------
+
+EXAMPLES_PER_REASON = 3
+
+
+@dataclass
+class ShardStats:
+    shard: str
+    total: int = 0  # items in the shard's sample
+    reused: int = 0  # kept from a previous run, not downloaded
+    fetched: int = 0  # attempted in this run (downloaded, or failed trying)
+    ok: int = 0  # usable images in the index (reused + new)
+    quarantined: int = 0
+    bytes_downloaded: int = 0
+    bytes_stored: int = 0  # JPEG bytes written in this run
+    elapsed_s: float = 0.0
+    reasons: Counter[str] = field(default_factory=Counter)
+    # reason -> a few (image_id, url, error) examples
+    examples: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+    orientations: Counter[int] = field(default_factory=Counter)  # over every "ok" row of the shard
+
+    def record(self, row: IndexRow, *, reused: bool) -> None:
+        self.total += 1
+        if reused:
+            self.reused += 1
+        else:
+            self.fetched += 1
+        if row["status"] == OK:
+            self.ok += 1
+            self.orientations[int(row["original_orientation"])] += 1
+            return
+        self.quarantined += 1
+        reason = str(row["error"]).split(":", 1)[0]
+        self.reasons[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append((row["image_id"], row["url"], row["error"]))
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.quarantined
+
+    @property
+    def failure_rate(self) -> float:
+        return self.quarantined / self.total if self.total else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of this run's downloads (reused images cost nothing, so they don't count)."""
+        return self.fetched / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def progress_line(self, planned: int) -> str:
+        return (
+            f"{self.shard}: {self.done}/{planned} images ({self.ok} ok, {self.quarantined} quarantined, "
+            f"{self.reused} reused), {self.bytes_downloaded / 1e6:.1f} MB downloaded"
+        )
+
+    def reasons_markdown(self) -> str:
+        """Counts per reason category with a few examples, as a Markdown table."""
+        if not self.reasons:
+            return "No quarantined images."
+        lines = ["| reason | count | example image_id | example error |", "|---|---:|---|---|"]
+        for reason, count in self.reasons.most_common():
+            for n, (image_id, _url, error) in enumerate(self.examples.get(reason, [])):
+                shown = (reason, str(count)) if n == 0 else ("", "")
+                lines.append(f"| {shown[0]} | {shown[1]} | `{image_id}` | {_cell(error)} |")
+        return "\n".join(lines)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Keep a table cell on one line and short, with pipes escaped."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,20 +1,30 @@
-"""Downloaded bytes -> one upright, RGB JPEG (or a typed :class:`ImageRejected`).
+"""Downloaded bytes -> one upright, 8-bit sRGB JPEG (or a typed :class:`ImageRejected`).
 
-Pure and blocking (decode, convert, encode): callers run it in a thread pool. Pillow releases
-the GIL while decoding and encoding, so threads overlap well.
+Decoding accepts known raster formats only, within a pixel limit; the EXIF orientation is applied to
+the pixels and the rest of the EXIF block kept; any Pillow mode becomes RGB. Pure and blocking:
+callers run it in a thread pool. Pillow releases the GIL while decoding and encoding, so threads
+overlap well.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+import piexif
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from pseudolabel.ids import sha256_hex
-from pseudolabel.images.color import to_rgb
 from pseudolabel.images.errors import ImageRejected, RejectReason
-from pseudolabel.images.exif import exif_without_orientation, upright
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_JPEG_QUALITY = 95
@@ -64,7 +74,7 @@ def normalize_image(data: bytes, options: NormalizeOptions | None = None) -> Nor
             raise
         except Exception as exc:  # e.g. a mode Pillow cannot convert
             raise ImageRejected(RejectReason.CORRUPT, f"cannot convert {image.mode} to RGB: {exc}") from exc
-        exif = exif_without_orientation(image.info.get("exif"), rgb.size, turned=orientation != 1)
+        exif = exif_without_orientation(image.info.get("exif"), rgb.size, turned=orientation != UPRIGHT)
         jpeg = _encode_jpeg(rgb, options.jpeg_quality, exif)
         return NormalizedImage(
             jpeg=jpeg,
@@ -75,6 +85,9 @@ def normalize_image(data: bytes, options: NormalizeOptions | None = None) -> Nor
             source_format=image.format,
             source_mode=image.mode,
         )
+
+
+# -- decoding and encoding -------------------------------------------------------------------------
 
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -153,3 +166,200 @@ def _claimed_format(data: bytes) -> str | None:
 def _head(data: bytes) -> str:
     """A short, printable peek at the payload (an HTML error page is a common culprit)."""
     return repr(data[:24])
+
+
+@contextmanager
+def decompression_bomb_guard(max_pixels: int) -> Iterator[None]:
+    """Within the block: more than ``max_pixels`` pixels raises instead of decoding.
+
+    Pillow reads the limit (``Image.MAX_IMAGE_PIXELS``) and the warnings filter from process
+    globals, so they cannot be set per image from worker threads without racing each other: enter
+    this once around a whole batch, from the thread that owns the worker pool. :func:`normalize_image`
+    also checks the header size itself, so a call outside the guard still honours its ``max_pixels``.
+    """
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be > 0, got {max_pixels}")
+    previous = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        # Pillow only *warns* between 1x and 2x the limit; for untrusted input that is a bomb too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+# -- EXIF orientation ------------------------------------------------------------------------------
+# Pixels are turned upright, then the tag is dropped so nothing rotates them twice; the rest of the
+# EXIF block (camera, time, GPS, ...) is kept. EXIF from the wild is often broken, and a broken block
+# must never cost us the image, so every failure here degrades to "no EXIF".
+
+ORIENTATION_TAG = piexif.ImageIFD.Orientation  # 274
+UPRIGHT = 1
+# A JPEG APP1 segment holds at most 65533 payload bytes; Pillow refuses anything longer.
+MAX_JPEG_EXIF_BYTES = 65533
+
+
+def orientation_of(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image; 1 when absent, invalid or unreadable."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, UPRIGHT)
+    except Exception:  # corrupt EXIF: treat as "no rotation" rather than failing the image
+        return UPRIGHT
+    return value if isinstance(value, int) and 1 <= value <= 8 else UPRIGHT
+
+
+def upright(image: Image.Image) -> tuple[Image.Image, int]:
+    """Apply the EXIF orientation to the pixels; returns (upright image, original orientation)."""
+    orientation = orientation_of(image)
+    if orientation == UPRIGHT:
+        return image, UPRIGHT
+    # orientation_of() already parsed (and cached) the EXIF, so exif_transpose cannot trip on it.
+    return ImageOps.exif_transpose(image), orientation
+
+
+def exif_without_orientation(raw: bytes | None, size: tuple[int, int], *, turned: bool) -> bytes | None:
+    """The EXIF block to store with the upright pixels, or None when there is none usable.
+
+    ``size`` is the upright (width, height); ``turned`` says the pixels were transformed, which
+    makes the embedded thumbnail stale (it still shows the sensor orientation), so it is dropped.
+    """
+    if not raw:
+        return None
+    try:
+        exif = piexif.load(raw)
+    except Exception as exc:
+        logger.debug("unreadable EXIF dropped: %s", exc)
+        return None
+    for ifd in ("0th", "1st"):
+        (exif.get(ifd) or {}).pop(ORIENTATION_TAG, None)
+    _record_pixel_size(exif, size)
+    if turned:
+        _drop_thumbnail(exif)
+    data = _dump(exif) or _strip_with_pillow(raw)
+    if data is not None and len(data) > MAX_JPEG_EXIF_BYTES:
+        _drop_thumbnail(exif)
+        data = _dump(exif)
+    if data is not None and len(data) > MAX_JPEG_EXIF_BYTES:
+        return None
+    return data
+
+
+def _record_pixel_size(exif: dict, size: tuple[int, int]) -> None:
+    # PixelX/YDimension describe the stored pixels; after a quarter turn they would be swapped.
+    exif_ifd = exif.get("Exif") or {}
+    if piexif.ExifIFD.PixelXDimension in exif_ifd:
+        exif_ifd[piexif.ExifIFD.PixelXDimension] = size[0]
+    if piexif.ExifIFD.PixelYDimension in exif_ifd:
+        exif_ifd[piexif.ExifIFD.PixelYDimension] = size[1]
+
+
+def _drop_thumbnail(exif: dict) -> None:
+    exif["1st"] = {}
+    exif["thumbnail"] = None
+
+
+def _dump(exif: dict) -> bytes | None:
+    try:
+        return piexif.dump(exif)
+    except Exception as exc:  # piexif rejects some values it loaded itself (odd tag types)
+        logger.debug("piexif could not re-serialise EXIF: %s", exc)
+        return None
+
+
+def _strip_with_pillow(raw: bytes) -> bytes | None:
+    """Fallback serialiser: Pillow writes the main, Exif and GPS IFDs (no thumbnail)."""
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        exif.pop(ExifTags.Base.Orientation, None)
+        return exif.tobytes()
+    except Exception as exc:
+        logger.debug("unreadable EXIF dropped: %s", exc)
+        return None
+
+
+# -- colour ----------------------------------------------------------------------------------------
+# Any Pillow mode -> 8-bit sRGB ``RGB``, the one pixel format every later stage assumes.
+
+BACKGROUND = (255, 255, 255)  # transparent areas become white, as on a web page
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+WIDE_INT_MODES = frozenset({"I", "F"})
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB: alpha composited on white, 16-bit scaled (not clipped), ICC -> sRGB."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in WIDE_INT_MODES:
+        # Pillow's own I;16/I -> L conversion clips everything above 255 to white.
+        image = _high_depth_to_l(image)
+    if image.has_transparency_data:
+        return _composite_on_background(image)
+    icc_profile = image.info.get("icc_profile")
+    if icc_profile and image.mode in ("RGB", "CMYK", "L"):
+        converted = _icc_to_srgb(image, icc_profile)
+        if converted is not None:
+            return converted
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.float64)
+    if image.mode in SIXTEEN_BIT_MODES or _fits_16_bits(values, image.mode):
+        scaled = values / 257.0  # 65535 -> 255 exactly, 0 -> 0
+    elif image.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+        scaled = values * 255.0  # float images in [0, 1]
+    else:
+        scaled = _stretch(values)  # arbitrary range (signed ints, HDR floats)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def _fits_16_bits(values: np.ndarray, mode: str) -> bool:
+    # 16-bit PGM/TIFF samples arrive in 32-bit "I" images; read them as 16-bit data.
+    return mode == "I" and values.size > 0 and values.min() >= 0 and values.max() <= 65535
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros_like(values)
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) * (255.0 / (high - low))
+
+
+def _composite_on_background(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")  # also expands palette / tRNS transparency into alpha
+    background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _icc_to_srgb(image: Image.Image, icc_profile: bytes) -> Image.Image | None:
+    """Colour-manage into sRGB (wide-gamut RGB, CMYK print profiles); None when not needed or unusable."""
+    transform = _transform_to_srgb(hashlib.sha256(icc_profile).digest(), icc_profile, image.mode)
+    if transform is None:
+        return None
+    try:
+        return ImageCms.applyTransform(image, transform)
+    except Exception as exc:
+        logger.debug("ICC transform failed, plain conversion used: %s", exc)
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _transform_to_srgb(digest: bytes, icc_profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """Built once per distinct profile (building costs about as much as decoding an image).
+
+    ``digest`` is the cache key (hashing a large profile once beats comparing it on every hit).
+    NOCACHE makes the shared transform safe to apply from several threads at once.
+    """
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        if "srgb" in ImageCms.getProfileDescription(source).lower():
+            return None  # already sRGB: converting would cost time and change nothing
+        return ImageCms.buildTransform(source, _SRGB, mode, "RGB", flags=ImageCms.Flags.NOCACHE)
+    except Exception as exc:  # broken or mismatched profiles are common; fall back to a plain convert
+        logger.debug("ICC profile ignored: %s", exc)
+        return None

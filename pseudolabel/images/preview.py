@@ -1,7 +1,8 @@
 """Small contact sheets for asset metadata: a grid of thumbnails, embeddable in Markdown.
 
-Generic on purpose (plain PIL images in, encoded bytes out) so other stages can show masks or
-overlays the same way. Dagster keeps metadata in its event log, so the result must stay small.
+:func:`thumbnail_grid` is generic on purpose (plain PIL images in, encoded bytes out) so other stages
+can show masks or overlays the same way; :func:`preview_images` picks a shard's stored images for it.
+Dagster keeps metadata in its event log, so the result must stay small.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ import io
 import math
 from collections.abc import Sequence
 
+import pyarrow as pa
 from PIL import Image
+
+from pseudolabel import layout
+from pseudolabel.images.index import OK
+from pseudolabel.storage import ObjectStore
 
 DEFAULT_MAX_BYTES = 60_000  # ~80 KB once base64-encoded: comfortably under ~100 KB per entry
 
@@ -60,3 +66,19 @@ def _encode(image: Image.Image, image_format: str, quality: int) -> bytes:
     params = {"quality": quality} if image_format.upper() in ("JPEG", "WEBP") else {"optimize": True}
     image.save(buffer, format=image_format, **params)
     return buffer.getvalue()
+
+
+def preview_images(
+    store: ObjectStore, shard: str, index: pa.Table, limit: int = 8, max_side: int = 256
+) -> list[Image.Image]:
+    """The first ``limit`` stored images of the shard, decoded small (for a metadata contact sheet)."""
+    images = []
+    for row in index.to_pylist():
+        if len(images) >= limit:
+            break
+        if row["status"] == OK:
+            image = Image.open(io.BytesIO(store.get_bytes(layout.image(shard, row["image_id"]))))
+            image.draft("RGB", (max_side, max_side))  # JPEG DCT scaling: a 100 MP image decodes cheaply
+            image.load()
+            images.append(image)
+    return images

@@ -11,7 +11,6 @@ so a rerun after a crash or a failure fetches only what was not finished.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,25 +18,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from PIL import Image
 
 from pseudolabel import layout
-from pseudolabel.images.bomb_guard import decompression_bomb_guard
 from pseudolabel.images.download import DownloadPolicy, ImageFetcher
 from pseudolabel.images.errors import ImageRejected
 from pseudolabel.images.index import (
-    OK,
     IndexJournal,
     IndexRow,
+    SampleItem,
+    ShardStats,
     index_table,
     ok_row,
     quarantined_row,
     read_progress,
     reusable_rows,
 )
-from pseudolabel.images.normalize import NormalizeOptions, normalize_image
-from pseudolabel.images.sample_items import SampleItem
-from pseudolabel.images.stats import ShardStats
+from pseudolabel.images.normalize import NormalizeOptions, decompression_bomb_guard, normalize_image
 from pseudolabel.storage import ObjectStore
 
 ProgressCallback = Callable[[str], None]
@@ -235,19 +231,3 @@ class _DownloadRun:
     def _report(self) -> None:
         if self.progress is not None and self.stats.fetched % self.options.progress_every == 0:
             self.progress(self.stats.progress_line(self.planned))
-
-
-def preview_images(
-    store: ObjectStore, shard: str, index: pa.Table, limit: int = 8, max_side: int = 256
-) -> list[Image.Image]:
-    """The first ``limit`` stored images of the shard, decoded small (for a metadata contact sheet)."""
-    images = []
-    for row in index.to_pylist():
-        if len(images) >= limit:
-            break
-        if row["status"] == OK:
-            image = Image.open(io.BytesIO(store.get_bytes(layout.image(shard, row["image_id"]))))
-            image.draft("RGB", (max_side, max_side))  # JPEG DCT scaling: a 100 MP image decodes cheaply
-            image.load()
-            images.append(image)
-    return images

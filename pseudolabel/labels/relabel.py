@@ -2,14 +2,13 @@
 
 This is the whole label decision, and it never decodes an RLE: scores, mask area and boxes are
 stored columns, so re-labelling 100k images after a threshold edit is a handful of vectorised
-passes (see ``bench/relabel.py``). Steps, in order:
+passes (see ``bench/relabel.py``). Steps, in order (2-5 are in :mod:`pseudolabel.labels.picking`):
 
 1. join candidates with their masks (a candidate without a mask row is rejected as ``no_mask``);
-2. per-candidate filters (:mod:`pseudolabel.labels.filters`), first failure wins;
+2. per-candidate filters, first failure wins;
 3. class-aware NMS on detector boxes among survivors of the same image and phrase;
-4. the pick policy (:mod:`pseudolabel.labels.policies`); ``both_scores_agree`` scans each image's
-   candidates in the detector's output order, the stored ``query_index`` (see :func:`relabel_shard`
-   for candidates stored without it);
+4. the pick policy; ``both_scores_agree`` scans each image's candidates in the detector's output
+   order, the stored ``query_index`` (see :func:`relabel_shard` for candidates stored without it);
 5. the per-image instance cap, by detector score.
 
 Each rejected candidate is counted under exactly one reason, so ``kept + sum(rejected)`` equals the
@@ -19,7 +18,7 @@ number of candidates.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,16 +26,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudolabel.labels.filters import (
+from pseudolabel.fingerprint import THRESHOLDS_METADATA_KEY, with_fingerprint
+from pseudolabel.labels.picking import (
     FILTER_ORDER,
     PASSED,
+    apply_policy,
     box_coverage,
+    cap_per_image,
     first_failed_filter,
+    grouped_nms,
     mask_area_fraction,
 )
-from pseudolabel.labels.nms import grouped_nms
-from pseudolabel.labels.policies import apply_policy, cap_per_image
 from pseudolabel.labels.thresholds import Thresholds, thresholds_fingerprint
+from pseudolabel.schemas import PSEUDO_LABELS
 
 KEPT = "kept"
 REJECT_REASONS = (*FILTER_ORDER, "nms", "policy", "max_instances")
@@ -71,37 +73,9 @@ MASK_INPUT_COLUMNS = [
     "mask_score",
 ]
 
-# pseudo_labels/<shard>.parquet: one row per kept instance, sorted by (image_id, rank).
-PSEUDO_LABELS = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("candidate_id", pa.int32()),
-        ("rank", pa.int32()),  # 0.. within the image, by detector score
-        ("phrase", pa.string()),
-        ("x0", pa.float32()),  # detector box, xyxy, original upright pixels
-        ("y0", pa.float32()),
-        ("x1", pa.float32()),
-        ("y1", pa.float32()),
-        ("box_score", pa.float32()),
-        ("text_score", pa.float32()),
-        ("mask_score", pa.float32()),
-        ("rle_counts", pa.string()),  # COCO compressed RLE
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("mask_area", pa.int64()),
-        ("mask_x", pa.float32()),  # mask bbox, COCO xywh
-        ("mask_y", pa.float32()),
-        ("mask_w", pa.float32()),
-        ("mask_h", pa.float32()),
-        ("area_fraction", pa.float32()),  # mask_area / image area
-        ("box_coverage", pa.float32()),  # clipped box area / image area
-        ("thresholds_fingerprint", pa.string()),
-    ]
-)
-
 
 @dataclass(frozen=True)
-class Candidates:
+class ShardCandidates:
     """One shard's stored model outputs, as read from storage."""
 
     detections: pd.DataFrame  # DETECTIONS rows
@@ -291,21 +265,13 @@ def _kept_table(frame: pd.DataFrame, kept: np.ndarray, fingerprint: str) -> pd.D
     return pseudo_labels_table(table).to_pandas()
 
 
-FINGERPRINT_METADATA_KEY = b"pseudolabel.thresholds_fingerprint"
-
-
 def pseudo_labels_table(kept: pd.DataFrame, fingerprint: str | None = None) -> pa.Table:
     """Arrow table in :data:`PSEUDO_LABELS` columns; the fingerprint also goes in the schema metadata
     so a shard with no kept instance still says which thresholds made it."""
     table = pa.Table.from_pandas(kept[PSEUDO_LABELS.names], schema=PSEUDO_LABELS, preserve_index=False)
     if fingerprint is not None:
-        table = table.replace_schema_metadata({FINGERPRINT_METADATA_KEY: fingerprint.encode()})
+        table = with_fingerprint(table, fingerprint, THRESHOLDS_METADATA_KEY)
     return table
-
-
-def table_fingerprint(table: pa.Table) -> str | None:
-    value = (table.schema.metadata or {}).get(FINGERPRINT_METADATA_KEY)
-    return value.decode() if value is not None else None
 
 
 def combine_results(results: list[RelabelResult]) -> RelabelResult:
@@ -322,4 +288,40 @@ def combine_results(results: list[RelabelResult]) -> RelabelResult:
         rejected=rejected,
         num_images=sum(r.num_images for r in results),
         fingerprint=results[0].fingerprint,
+    )
+
+
+# -- summaries for run metadata --------------------------------------------------------------------
+
+SCORE_COLUMNS = ("box_score", "text_score", "mask_score")
+
+
+def score_histograms(result: RelabelResult, bins: int = 10) -> pd.DataFrame:
+    """Counts per score bin on [0, 1] for all candidates and for kept ones: one row per bin."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    candidates = result.candidates
+    kept = candidates["decision"].to_numpy() == KEPT
+    table = {
+        "bin": [
+            f"[{lo:.2f}, {hi:.2f}{']' if i == bins - 1 else ')'}"
+            for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+        ]
+    }
+    for column in SCORE_COLUMNS:
+        values = candidates[column].to_numpy(dtype=np.float64, na_value=np.nan)
+        table[f"{column} all"] = np.histogram(values[np.isfinite(values)], bins=edges)[0]
+        kept_values = values[kept & np.isfinite(values)]
+        table[f"{column} kept"] = np.histogram(kept_values, bins=edges)[0]
+    return pd.DataFrame(table)
+
+
+def decision_table(result: RelabelResult) -> pd.DataFrame:
+    rows: Mapping[str, int] = {KEPT: result.num_kept, **result.rejected}
+    total = max(sum(rows.values()), 1)
+    return pd.DataFrame(
+        {
+            "decision": list(rows),
+            "candidates": list(rows.values()),
+            "share": [count / total for count in rows.values()],
+        }
     )

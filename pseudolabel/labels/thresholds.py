@@ -8,8 +8,6 @@ uses it as its Dagster ``code_version``, which is what makes a threshold edit sh
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pseudolabel.fingerprint import fingerprint
 
 THRESHOLDS_ENV = "PSEUDOLABEL_THRESHOLDS"
 DEFAULT_THRESHOLDS_PATH = Path(__file__).with_name("thresholds.yaml")
@@ -32,7 +32,7 @@ FINGERPRINT_HEX_CHARS = 16
 class PickPolicy(StrEnum):
     ALL = "all"  # every instance that survives filters and NMS (capped per image)
     BEST_MASK_SCORE = "best_mask_score"  # one per image: highest SAM2 score
-    BOTH_SCORES_AGREE = "both_scores_agree"  # one per image: the seed pipeline's rule, see policies.py
+    BOTH_SCORES_AGREE = "both_scores_agree"  # one per image: the seed pipeline's rule, see picking.py
 
 
 class ThresholdsError(ValueError):
@@ -148,9 +148,7 @@ def load_thresholds(path: str | os.PathLike[str] | None = None) -> Thresholds:
 def thresholds_fingerprint(thresholds: Thresholds) -> str:
     """Stable short hash of the normalised thresholds plus the label algorithm version."""
     payload = {"algorithm": LABEL_ALGORITHM_VERSION, "thresholds": thresholds.to_dict()}
-    # repr-exact floats and sorted keys: identical values always serialise identically.
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_HEX_CHARS]
+    return fingerprint(payload, length=FINGERPRINT_HEX_CHARS)
 
 
 def thresholds_code_version(thresholds: Thresholds) -> str:

@@ -10,7 +10,7 @@ three steps instead:
                                                                                  -> logits (B, Q, T), boxes (B, Q, 4)
 
 so a fixed prompt costs BERT once per run, and with one prompt per class the backbone runs once
-per batch, not once per class. ``tests/test_grounding_dino.py`` checks parity with ``forward``.
+per batch, not once per class. ``tests/worker/test_grounding_dino.py`` checks parity with ``forward``.
 
 Scores kept per candidate (query), so any threshold above the floors can be applied later:
 
@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pseudolabel.models.captions import normalize_caption
-from pseudolabel.models.image_io import decode_resized
-from pseudolabel.models.interfaces import ImageDetections, PreparedImage
-from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin
+from pseudolabel.models.interfaces import Candidates, PreparedImage, normalize_caption
+from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, prepare_image
 
 
 def input_size(width: int, height: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -111,11 +109,8 @@ class GroundingDinoDetector:
 
     def prepare(self, image_id: str, data: bytes) -> PreparedImage:
         """Decode + resize one JPEG. ``pixels``: (3, h, w) uint8, pinned when running on CUDA."""
-        rgb, width, height = decode_resized(
-            data, lambda w, h: input_size(w, h, self.image_size, self.max_size)
-        )
-        pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-        return PreparedImage(image_id, width, height, pin(pixels, self.device))
+        target = lambda w, h: input_size(w, h, self.image_size, self.max_size)  # noqa: E731
+        return prepare_image(image_id, data, target, self.device)
 
     # ---- accelerator side --------------------------------------------------------------------------
 
@@ -127,7 +122,7 @@ class GroundingDinoDetector:
         box_floor: float = 0.05,
         text_floor: float = 0.05,
         max_candidates: int = 300,
-    ) -> list[ImageDetections]:
+    ) -> list[Candidates]:
         """Candidates with ``box_score > box_floor`` and ``text_score > text_floor`` for every caption,
         merged per image, sorted by box score, at most ``max_candidates`` per image. ``query_indices``
         keeps the model's output order (caption_index * num_queries + decoder query)."""
@@ -142,10 +137,9 @@ class GroundingDinoDetector:
                 logits, boxes = self._decode(features, encoded)
                 # Offset by the caption so merged query indices stay unique and in caption order.
                 offset = caption_index * logits.shape[1]
-                per_caption.append(self._select(logits, boxes, encoded, box_floor, text_floor, offset))
-        return [
-            _merge(item, [found[i] for found in per_caption], max_candidates) for i, item in enumerate(batch)
-        ]
+                per_caption.append(self._select(batch, logits, boxes, encoded, box_floor, text_floor, offset))
+        # Stable sort: equal box scores keep caption, then query order.
+        return [Candidates.concat(found).top(max_candidates) for found in zip(*per_caption, strict=True)]
 
     def encode_caption(self, caption: str) -> EncodedCaption:
         """Tokenise + BERT + feat_map for ``caption``; cached, so a fixed prompt is encoded once."""
@@ -270,21 +264,23 @@ class GroundingDinoDetector:
 
     def _select(
         self,
+        batch: Sequence[PreparedImage],
         logits: torch.Tensor,
         boxes: torch.Tensor,
         encoded: EncodedCaption,
         box_floor: float,
         text_floor: float,
         query_offset: int = 0,
-    ) -> list[_Found]:
-        """Score every query on the device; the (B, Q) results cross to the host once for selection.
-        Survivors stay in query order; ``query_indices`` = ``query_offset`` + decoder query index."""
+    ) -> list[Candidates]:
+        """One caption's candidates per image of ``batch``, boxes mapped to original pixels (xyxy,
+        clipped). Every query is scored on the device; the (B, Q) results cross to the host once for
+        selection. Survivors stay in query order; ``query_indices`` = ``query_offset`` + decoder query."""
         probs = logits.sigmoid()  # (B, Q, T); padding tokens are -inf -> 0
         box_scores = probs.max(dim=-1).values
         phrase_tokens = encoded.phrase_tokens  # (C, T)
         in_phrase = phrase_tokens.any(dim=0)
         if not bool(in_phrase.any()):
-            return [_Found.empty() for _ in range(probs.shape[0])]
+            return [Candidates.empty(item.image_id, item.width, item.height) for item in batch]
         token_phrase = phrase_tokens.float().argmax(dim=0)  # (T,) phrase index of each phrase token
         best_token = probs.masked_fill(~in_phrase, -1.0).argmax(dim=-1)  # (B, Q)
         phrase = token_phrase[best_token]
@@ -295,11 +291,17 @@ class GroundingDinoDetector:
             t.cpu().numpy() for t in (keep, boxes, box_scores, text_scores, phrase)
         )
         found = []
-        for i in range(len(keep)):
+        for i, item in enumerate(batch):
             rows = np.flatnonzero(keep[i])
+            size = np.array([item.width, item.height, item.width, item.height], np.float32)
+            cx, cy, w, h = boxes[i, rows].T  # (N,) each, in [0, 1] of the unpadded image
+            xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * size
             found.append(
-                _Found(
-                    boxes=boxes[i, rows],
+                Candidates(
+                    item.image_id,
+                    item.width,
+                    item.height,
+                    boxes=np.clip(xyxy, 0, size).astype(np.float32).reshape(-1, 4),
                     box_scores=box_scores[i, rows],
                     text_scores=text_scores[i, rows],
                     phrases=[encoded.phrases[p] for p in phrase[i, rows]],
@@ -307,48 +309,3 @@ class GroundingDinoDetector:
                 )
             )
         return found
-
-
-@dataclass(frozen=True)
-class _Found:
-    """One caption's surviving queries for one image, in query order. Boxes: cxcywh in [0, 1]."""
-
-    boxes: np.ndarray
-    box_scores: np.ndarray
-    text_scores: np.ndarray
-    phrases: list[str]
-    query_indices: np.ndarray  # (N,) int32: caption offset + decoder query index
-
-    @staticmethod
-    def empty() -> _Found:
-        return _Found(
-            np.zeros((0, 4), np.float32),
-            np.zeros(0, np.float32),
-            np.zeros(0, np.float32),
-            [],
-            np.zeros(0, np.int32),
-        )
-
-
-def _merge(item: PreparedImage, found: list[_Found], max_candidates: int) -> ImageDetections:
-    """Concatenate captions' candidates, map boxes to original pixels (xyxy, clipped), sort, cap."""
-    boxes = np.concatenate([f.boxes for f in found]).astype(np.float32).reshape(-1, 4)
-    box_scores = np.concatenate([f.box_scores for f in found]).astype(np.float32)
-    text_scores = np.concatenate([f.text_scores for f in found]).astype(np.float32)
-    phrases = [p for f in found for p in f.phrases]
-    query_indices = np.concatenate([f.query_indices for f in found]).astype(np.int32)
-    order = np.argsort(-box_scores, kind="stable")[:max_candidates]  # stable: ties keep query order
-    size = np.array([item.width, item.height, item.width, item.height], np.float32)
-    cx, cy, w, h = boxes[order].T
-    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * size
-    xyxy = np.clip(xyxy, 0, size).astype(np.float32)
-    return ImageDetections(
-        image_id=item.image_id,
-        width=item.width,
-        height=item.height,
-        boxes=xyxy.reshape(-1, 4),
-        box_scores=box_scores[order],
-        text_scores=text_scores[order],
-        phrases=[phrases[k] for k in order],
-        query_indices=query_indices[order],
-    )

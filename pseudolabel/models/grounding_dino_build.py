@@ -1,10 +1,14 @@
-"""Grounding DINO variants and model building: config, text encoder, checkpoint weights."""
+"""Grounding DINO variants and model building: config, text encoder, checkpoint weights, and the
+detector a :class:`~pseudolabel.models.loading.DetectorSpec` describes."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from pseudolabel.models import tiny
 from pseudolabel.models.checkpoints import CheckpointSpec
+from pseudolabel.models.grounding_dino import GroundingDinoDetector
+from pseudolabel.models.loading import (
+    GROUNDING_DINO,
+    TINY_RANDOM_TEXT_ENCODER,
+    DetectorSpec,
+    spec_checkpoint,
+    spec_identity,
+    spec_runtime,
+)
 from pseudolabel.models.runtime import seeded
 
 _RELEASES = "https://github.com/IDEA-Research/GroundingDINO/releases/download"
@@ -51,6 +65,51 @@ DEFAULT_TEXT_ENCODER = "bert-base-uncased"
 
 class TextEncoderNotFound(FileNotFoundError):
     """The BERT text encoder (tokenizer + weights) could not be loaded."""
+
+
+def load_grounding_dino(spec: DetectorSpec) -> GroundingDinoDetector:
+    """The detector ``spec`` describes: checkpoint fetched and verified, model built and placed."""
+    resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
+    device, precision = spec_runtime(spec, resolved)
+    model = build_grounding_dino(
+        spec.variant,
+        resolved.path,
+        text_encoder_dir(spec),
+        overrides=tiny.TINY_GROUNDING_DINO if spec.tiny else None,
+        seed=spec.seed,
+    )
+    info = {
+        "model": GROUNDING_DINO,
+        "variant": spec.variant + ("-tiny" if spec.tiny else ""),
+        "text_encoder": spec.text_encoder,
+        **spec_identity(spec, resolved),
+    }
+    return GroundingDinoDetector(
+        model,
+        device=device,
+        precision=precision,
+        batch_size=spec.batch_size,
+        image_size=spec.image_size or (tiny.TINY_DINO_IMAGE_SIZE if spec.tiny else 800),
+        max_size=spec.max_size or (tiny.TINY_DINO_MAX_SIZE if spec.tiny else 1333),
+        info=info,
+    )
+
+
+def text_encoder_dir(spec: DetectorSpec) -> str:
+    """The spec's text encoder; "tiny-random" is generated once per seed into the model cache."""
+    if spec.text_encoder != TINY_RANDOM_TEXT_ENCODER:
+        return spec.text_encoder
+    target = spec.cache() / f"tiny-random-bert-{spec.seed}"
+    if not (target / "config.json").is_file():
+        # Build beside the target, then rename: concurrent workers never see a half-written directory.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".tiny-bert-", dir=target.parent))
+        tiny.write_bert_dir(scratch, seed=spec.seed)
+        try:
+            os.replace(scratch, target)
+        except OSError:  # another worker got there first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
 
 
 def build_grounding_dino(

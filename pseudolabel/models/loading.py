@@ -2,8 +2,10 @@
 
 A :class:`DetectorSpec` / :class:`SegmenterSpec` is what the orchestrator's resources hand a worker
 (JSON through Dagster Pipes): backend, variant, checkpoint source and runtime knobs. This module is
-importable without torch; the model stack is imported only when :func:`load_detector` /
-:func:`load_segmenter` build a real backend, which happens in the worker environment.
+importable without torch: :func:`load_detector` / :func:`load_segmenter` look the backend up in
+:data:`DETECTORS` / :data:`SEGMENTERS` ("module:attribute" of a ``spec -> model`` builder) and import
+it only then, so the model stack loads in the worker environment only and the fakes
+(:mod:`pseudolabel.testing.models`) never load in production.
 
 Checkpoint sources (``checkpoint``): "" = the official release URL, downloaded once into the cache
 (``cache_dir``, default ``$PSEUDOLABEL_MODEL_CACHE`` or ~/.cache/pseudolabel) and verified by sha256;
@@ -13,9 +15,8 @@ shrinks the architecture (random weights only) for tests and the offline demo.
 
 from __future__ import annotations
 
+import importlib
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,16 @@ from pseudolabel.models.report import SMOKE_RUN_NOTE
 
 GROUNDING_DINO = "grounding_dino"
 SAM2 = "sam2"
-FAKE = "fake"  # instant deterministic stand-ins (pseudolabel.models.fakes): no torch, no weights
-DETECTOR_BACKENDS = (GROUNDING_DINO, FAKE)
-SEGMENTER_BACKENDS = (SAM2, FAKE)
+FAKE = "fake"  # instant deterministic stand-ins (pseudolabel.testing.models): no torch, no weights
+# Backend name -> "module:attribute" of its builder, called with the spec; imported when selected.
+DETECTORS: dict[str, str] = {
+    GROUNDING_DINO: "pseudolabel.models.grounding_dino_build:load_grounding_dino",
+    FAKE: "pseudolabel.testing.models:FakeDetector.from_spec",
+}
+SEGMENTERS: dict[str, str] = {
+    SAM2: "pseudolabel.models.sam2_segmenter:load_sam2",
+    FAKE: "pseudolabel.testing.models:FakeSegmenter.from_spec",
+}
 GROUNDING_DINO_VARIANTS = ("swint_ogc", "swinb_cogcoor")
 SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
 TINY_RANDOM_TEXT_ENCODER = "tiny-random"  # text_encoder value: a generated 1-layer BERT (smoke runs)
@@ -84,7 +92,7 @@ class _Spec:
     def cache(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
-    def validate(self, backends: tuple[str, ...], variants: tuple[str, ...]) -> None:
+    def validate(self, backends: dict[str, str], variants: tuple[str, ...]) -> None:
         if self.backend not in backends:
             raise ModelConfigError(f"unknown backend {self.backend!r}; one of {list(backends)}")
         if not self.is_fake and self.variant not in variants:
@@ -110,7 +118,7 @@ class DetectorSpec(_Spec):
     max_boxes_per_caption: int = 3  # fake backend only
 
     def validate(self) -> None:  # type: ignore[override]
-        super().validate(DETECTOR_BACKENDS, GROUNDING_DINO_VARIANTS)
+        super().validate(DETECTORS, GROUNDING_DINO_VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -120,84 +128,28 @@ class SegmenterSpec(_Spec):
     max_boxes_per_call: int = 64  # boxes per mask-decoder call
 
     def validate(self) -> None:  # type: ignore[override]
-        super().validate(SEGMENTER_BACKENDS, SAM2_VARIANTS)
+        super().validate(SEGMENTERS, SAM2_VARIANTS)
 
 
 def load_detector(spec: DetectorSpec) -> Detector:
     """Build the detector a spec describes (checkpoint fetched and verified first)."""
     spec.validate()
-    if spec.is_fake:
-        from pseudolabel.models.fakes import FakeDetector
-
-        return FakeDetector(
-            batch_size=spec.batch_size,
-            max_boxes_per_caption=spec.max_boxes_per_caption,
-            seconds_per_image=spec.seconds_per_image,
-            oom_above_batch=spec.oom_above_batch,
-        )
-    from pseudolabel.models import grounding_dino, grounding_dino_build, tiny
-
-    resolved = _checkpoint(spec, grounding_dino_build.VARIANTS[spec.variant].checkpoint)
-    device, precision = _runtime(spec, resolved)
-    short = spec.image_size or (tiny.TINY_DINO_IMAGE_SIZE if spec.tiny else 800)
-    long = spec.max_size or (tiny.TINY_DINO_MAX_SIZE if spec.tiny else 1333)
-    model = grounding_dino_build.build_grounding_dino(
-        spec.variant,
-        resolved.path,
-        _text_encoder_dir(spec),
-        overrides=tiny.TINY_GROUNDING_DINO if spec.tiny else None,
-        seed=spec.seed,
-    )
-    info = {
-        "model": GROUNDING_DINO,
-        "variant": spec.variant + ("-tiny" if spec.tiny else ""),
-        "text_encoder": spec.text_encoder,
-        **_identity(spec, resolved),
-    }
-    return grounding_dino.GroundingDinoDetector(
-        model,
-        device=device,
-        precision=precision,
-        batch_size=spec.batch_size,
-        image_size=short,
-        max_size=long,
-        info=info,
-    )
+    return _builder(DETECTORS[spec.backend])(spec)
 
 
 def load_segmenter(spec: SegmenterSpec) -> Segmenter:
     """Build the segmenter a spec describes (checkpoint fetched and verified first)."""
     spec.validate()
-    if spec.is_fake:
-        from pseudolabel.models.fakes import FakeSegmenter
+    return _builder(SEGMENTERS[spec.backend])(spec)
 
-        return FakeSegmenter(
-            batch_size=spec.batch_size,
-            seconds_per_image=spec.seconds_per_image,
-            oom_above_batch=spec.oom_above_batch,
-        )
-    from pseudolabel.models import sam2_segmenter, tiny
 
-    resolved = _checkpoint(spec, sam2_segmenter.VARIANTS[spec.variant].checkpoint)
-    device, precision = _runtime(spec, resolved)
-    size = spec.image_size or (tiny.TINY_SAM2_IMAGE_SIZE if spec.tiny else None)
-    overrides = tiny.tiny_sam2_overrides(size) if spec.tiny else []
-    if spec.image_size and not spec.tiny:
-        overrides.append(f"++model.image_size={spec.image_size}")
-    model = sam2_segmenter.build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
-    info = {
-        "model": "sam2.1",
-        "variant": spec.variant + ("-tiny" if spec.tiny else ""),
-        **_identity(spec, resolved),
-    }
-    return sam2_segmenter.Sam2Segmenter(
-        model,
-        device=device,
-        precision=precision,
-        batch_size=spec.batch_size,
-        max_boxes_per_call=spec.max_boxes_per_call,
-        info=info,
-    )
+def _builder(target: str) -> Any:
+    """``"package.module:Class.method"`` -> that attribute, importing the module now."""
+    module, _, attribute = target.partition(":")
+    found: Any = importlib.import_module(module)
+    for name in attribute.split("."):
+        found = getattr(found, name)
+    return found
 
 
 def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True) -> list[Path]:
@@ -210,7 +162,7 @@ def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True)
         (DetectorSpec(cache_dir=cache_dir), grounding_dino_build.VARIANTS[DetectorSpec.variant].checkpoint),
         (SegmenterSpec(cache_dir=cache_dir), sam2_segmenter.VARIANTS[SegmenterSpec.variant].checkpoint),
     ):
-        resolved = _checkpoint(spec, checkpoint)
+        resolved = spec_checkpoint(spec, checkpoint)
         if resolved.path is not None:
             paths.append(resolved.path)
     if text_encoder:
@@ -227,7 +179,8 @@ def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True)
     return paths
 
 
-def _checkpoint(spec: _Spec, official: Any) -> ResolvedCheckpoint:
+def spec_checkpoint(spec: _Spec, official: Any) -> ResolvedCheckpoint:
+    """The spec's checkpoint, fetched and verified; ``official`` is the variant's ``CheckpointSpec``."""
     return resolve_checkpoint(
         spec.checkpoint,
         official,
@@ -237,7 +190,7 @@ def _checkpoint(spec: _Spec, official: Any) -> ResolvedCheckpoint:
     )
 
 
-def _runtime(spec: _Spec, resolved: ResolvedCheckpoint) -> tuple[Any, str]:
+def spec_runtime(spec: _Spec, resolved: ResolvedCheckpoint) -> tuple[Any, str]:
     """Device and precision, refusing to run pretrained weights on a CPU nobody asked for."""
     from pseudolabel.models.runtime import resolve_device, resolve_precision
 
@@ -258,7 +211,8 @@ def _runtime(spec: _Spec, resolved: ResolvedCheckpoint) -> tuple[Any, str]:
     return device, precision
 
 
-def _identity(spec: _Spec, resolved: ResolvedCheckpoint) -> dict[str, Any]:
+def spec_identity(spec: _Spec, resolved: ResolvedCheckpoint) -> dict[str, Any]:
+    """The identity entries every backend's ``describe()`` shares: backend, checkpoint, weights."""
     identity = {
         "backend": spec.backend,
         "checkpoint": resolved.source,
@@ -270,21 +224,3 @@ def _identity(spec: _Spec, resolved: ResolvedCheckpoint) -> dict[str, Any]:
     if resolved.is_random:
         identity |= {"seed": spec.seed, "tiny": spec.tiny, "smoke_run_note": SMOKE_RUN_NOTE}
     return identity
-
-
-def _text_encoder_dir(spec: DetectorSpec) -> str:
-    if spec.text_encoder != TINY_RANDOM_TEXT_ENCODER:
-        return spec.text_encoder
-    from pseudolabel.models import tiny
-
-    target = spec.cache() / f"tiny-random-bert-{spec.seed}"
-    if not (target / "config.json").is_file():
-        # Build beside the target, then rename: concurrent workers never see a half-written directory.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".tiny-bert-", dir=target.parent))
-        tiny.write_bert_dir(scratch, seed=spec.seed)
-        try:
-            os.replace(scratch, target)
-        except OSError:  # another worker got there first
-            shutil.rmtree(scratch, ignore_errors=True)
-    return str(target)

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pseudolabel.models import tiny
 from pseudolabel.models.checkpoints import CheckpointSpec
-from pseudolabel.models.image_io import decode_resized
-from pseudolabel.models.interfaces import ImageMasks, PreparedImage
-from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, pin, seeded
+from pseudolabel.models.interfaces import Candidates, PreparedImage
+from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_identity, spec_runtime
+from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, prepare_image, seeded
 from pseudolabel.rle import EncodedMasks, encode_device_masks
 
 _RELEASES = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
@@ -81,6 +82,30 @@ def build_sam2_model(
         )
 
 
+def load_sam2(spec: SegmenterSpec) -> Sam2Segmenter:
+    """The segmenter ``spec`` describes: checkpoint fetched and verified, model built and placed."""
+    resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
+    device, precision = spec_runtime(spec, resolved)
+    size = spec.image_size or (tiny.TINY_SAM2_IMAGE_SIZE if spec.tiny else None)
+    overrides = tiny.tiny_sam2_overrides(size) if spec.tiny else []
+    if spec.image_size and not spec.tiny:
+        overrides.append(f"++model.image_size={spec.image_size}")
+    model = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
+    info = {
+        "model": "sam2.1",
+        "variant": spec.variant + ("-tiny" if spec.tiny else ""),
+        **spec_identity(spec, resolved),
+    }
+    return Sam2Segmenter(
+        model,
+        device=device,
+        precision=precision,
+        batch_size=spec.batch_size,
+        max_boxes_per_call=spec.max_boxes_per_call,
+        info=info,
+    )
+
+
 class Sam2Segmenter:
     """Segments box prompts with a SAM2 model, a batch of images at a time.
 
@@ -125,36 +150,27 @@ class Sam2Segmenter:
     def prepare(self, image_id: str, data: bytes) -> PreparedImage:
         """Decode + resize one JPEG to S x S (SAM2 stretches, it does not pad). ``pixels``: (3, S, S) uint8."""
         size = self.image_size
-        rgb, width, height = decode_resized(data, lambda w, h: (size, size))
-        pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-        return PreparedImage(image_id, width, height, pin(pixels, self.device))
+        return prepare_image(image_id, data, lambda w, h: (size, size), self.device)
 
     # ---- accelerator side --------------------------------------------------------------------------
 
     def segment(
-        self, batch: Sequence[PreparedImage], boxes: Sequence[np.ndarray], *, multimask: bool = False
-    ) -> list[ImageMasks]:
-        """One mask per box. ``boxes[i]``: (N_i, 4) xyxy in original pixels of ``batch[i]``.
+        self, batch: Sequence[PreparedImage], candidates: Sequence[Candidates], *, multimask: bool = False
+    ) -> list[Candidates]:
+        """``candidates[i]`` with one mask per box; their boxes: (N_i, 4) xyxy in original pixels of ``batch[i]``.
 
         With ``multimask`` SAM2 returns 3 masks per box and the highest predicted IoU is kept; without,
         1 mask (SAM2's own stability fallback may still pick among its 3 internally).
         """
-        if len(batch) != len(boxes):
-            raise ValueError(f"{len(batch)} images but {len(boxes)} box arrays")
+        if len(batch) != len(candidates):
+            raise ValueError(f"{len(batch)} images but {len(candidates)} candidate sets")
         if not batch:
             return []
         with inference(self.device, self.precision):
             embeddings, high_res = self._encode(batch)
             return [
-                self._segment_one(
-                    item,
-                    np.asarray(item_boxes, np.float32).reshape(-1, 4),
-                    i,
-                    embeddings,
-                    high_res,
-                    multimask,
-                )
-                for i, (item, item_boxes) in enumerate(zip(batch, boxes, strict=True))
+                self._segment_one(item, found, i, embeddings, high_res, multimask)
+                for i, (item, found) in enumerate(zip(batch, candidates, strict=True))
             ]
 
     def _encode(self, batch: Sequence[PreparedImage]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -177,15 +193,16 @@ class Sam2Segmenter:
     def _segment_one(
         self,
         item: PreparedImage,
-        boxes: np.ndarray,
+        found: Candidates,
         index: int,
         embeddings: torch.Tensor,
         high_res: list[torch.Tensor],
         multimask: bool,
-    ) -> ImageMasks:
+    ) -> Candidates:
         outputs = 3 if multimask else 1
-        if len(boxes) == 0:
-            return _empty_masks(item, outputs)
+        if len(found) == 0:
+            return found.with_no_masks(outputs)
+        boxes = np.asarray(found.boxes, np.float32).reshape(-1, 4)
         logits, scores = [], []
         for start in range(0, len(boxes), self.max_boxes_per_call):
             chunk_logits, chunk_scores = self._decode(
@@ -200,12 +217,11 @@ class Sam2Segmenter:
         encoded = self._binarize_and_encode(picked, item.height, item.width)
         iou_host = iou.cpu().numpy().astype(np.float32)
         chosen_host = chosen.cpu().numpy()
-        return ImageMasks(
-            image_id=item.image_id,
-            masks=encoded,
-            scores=iou_host[np.arange(len(boxes)), chosen_host],
-            chosen=chosen_host.astype(np.int8),
-            all_scores=iou_host.reshape(len(boxes), outputs),
+        return found.with_masks(
+            encoded,
+            mask_scores=iou_host[np.arange(len(boxes)), chosen_host],
+            multimask_index=chosen_host.astype(np.int8),
+            multimask_scores=iou_host.reshape(len(boxes), outputs),
         )
 
     def _decode(
@@ -255,13 +271,3 @@ class Sam2Segmenter:
             parts.append(encode_device_masks(upsampled[:, 0] > 0))
             del upsampled
         return EncodedMasks.concat(parts, height, width)
-
-
-def _empty_masks(item: PreparedImage, outputs: int) -> ImageMasks:
-    return ImageMasks(
-        image_id=item.image_id,
-        masks=EncodedMasks.empty(item.height, item.width),
-        scores=np.zeros(0, np.float32),
-        chosen=np.zeros(0, np.int8),
-        all_scores=np.zeros((0, outputs), np.float32),
-    )

@@ -3,20 +3,21 @@
 Each (pick policy, box threshold, mask threshold) runs the exact per-shard function the
 pseudo_labels asset uses; an image's prediction is the union of its kept masks (what AutoSAM2's
 binary mask would be), scored by IoU and CD-IoU against the gold mask. An image with no kept
-instance predicts an empty mask.
+instance predicts an empty mask. :func:`plot_sweep` draws a sweep as one PNG.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from pseudolabel.labels.relabel import Candidates, relabel_shard
+from pseudolabel.labels.relabel import ShardCandidates, relabel_shard
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
-from pseudolabel.quality.metrics import contour_weights, iou, weighted_iou
+from pseudolabel.quality.gold import contour_weights, iou, weighted_iou
 from pseudolabel.rle import decode_union, rle_object
 
 SWEEP_COLUMNS = [
@@ -60,7 +61,7 @@ class GoldScorer:
         return self._memo[key]
 
 
-def per_image_scores(candidates: Candidates, scorer: GoldScorer, thresholds: Thresholds) -> pd.DataFrame:
+def per_image_scores(candidates: ShardCandidates, scorer: GoldScorer, thresholds: Thresholds) -> pd.DataFrame:
     """One row per gold image: its IoU, CD-IoU and number of kept instances under ``thresholds``."""
     kept = relabel_shard(candidates.detections, candidates.masks, thresholds, candidates.images).kept
     kept_ids = kept.groupby("image_id")["candidate_id"].agg(list).to_dict()
@@ -83,7 +84,7 @@ def summarise(scores: pd.DataFrame) -> dict[str, float]:
 
 
 def make_scorer(
-    candidates: Candidates, gold: Mapping[str, np.ndarray], contour_factor: float, band_width: int
+    candidates: ShardCandidates, gold: Mapping[str, np.ndarray], contour_factor: float, band_width: int
 ) -> GoldScorer:
     masks = candidates.masks
     rles = dict(
@@ -97,7 +98,7 @@ def make_scorer(
 
 
 def threshold_sweep(
-    candidates: Candidates,
+    candidates: ShardCandidates,
     scorer: GoldScorer,
     base: Thresholds,
     *,
@@ -126,7 +127,10 @@ def threshold_sweep(
 
 
 def scores_by_policy(
-    candidates: Candidates, scorer: GoldScorer, thresholds: Thresholds, policies: Sequence[PickPolicy | str]
+    candidates: ShardCandidates,
+    scorer: GoldScorer,
+    thresholds: Thresholds,
+    policies: Sequence[PickPolicy | str],
 ) -> pd.DataFrame:
     """Summary per pick policy at ``thresholds`` (e.g. the current file), one row each."""
     rows = [
@@ -143,3 +147,41 @@ def best_per_policy(sweep: pd.DataFrame, metric: str = "mean_cd_iou") -> pd.Data
     """The best row per policy by ``metric`` (ties: the higher, i.e. stricter, thresholds)."""
     ordered = sweep.sort_values([metric, "box_score", "mask_score"], ascending=[False, False, False])
     return ordered.drop_duplicates("policy").sort_values("policy").reset_index(drop=True)
+
+
+def plot_sweep(sweep: pd.DataFrame, title: str = "") -> bytes:
+    """The sweep as PNG bytes: a column per pick policy, IoU and CD-IoU rows, a line per box threshold.
+
+    Uses a bare Agg Figure (no pyplot state), so it is safe in any process or thread."""
+    # matplotlib costs ~50 MB and a fraction of a second: paid when a sweep is drawn, not by every
+    # process that loads the code location.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    policies = list(dict.fromkeys(sweep["policy"]))
+    metrics = [("mean_iou", "mean IoU"), ("mean_cd_iou", "mean CD-IoU")]
+    figure = Figure(figsize=(4.2 * max(len(policies), 1), 6.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(metrics), max(len(policies), 1), squeeze=False, sharex=True, sharey=True)
+    for col, policy in enumerate(policies):
+        rows = sweep[sweep["policy"] == policy]
+        for row, (metric, label) in enumerate(metrics):
+            ax = axes[row][col]
+            for box_score, line in rows.groupby("box_score"):
+                line = line.sort_values("mask_score")
+                ax.plot(line["mask_score"], line[metric], marker="o", label=f"box >= {box_score:g}")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(policy)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("mask score threshold")
+            if col == 0:
+                ax.set_ylabel(label)
+    if policies:
+        axes[0][0].legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

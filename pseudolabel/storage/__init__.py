@@ -1,8 +1,7 @@
-"""Object storage: one interface, a local-filesystem and an S3 backend."""
+"""Object storage: one interface, a local-filesystem and an S3 backend, and Parquet tables through them."""
 
-from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore
+from pseudolabel.storage.base import ObjectInfo, ObjectNotFound, ObjectStore, read_parquet, write_parquet
 from pseudolabel.storage.local import LocalObjectStore
-from pseudolabel.storage.parquet import read_parquet, write_parquet
 from pseudolabel.storage.s3 import S3ObjectStore, parse_s3_uri
 
 

@@ -1,4 +1,4 @@
-"""The object-store interface every stage writes through.
+"""The object-store interface every stage writes through, and Parquet tables to and from any store.
 
 Keys are always relative, '/'-separated paths (built by :mod:`pseudolabel.layout`); a backend
 maps them onto a directory or an S3 prefix. Writes are atomic: a reader sees the old object or
@@ -9,11 +9,16 @@ removes it.
 
 from __future__ import annotations
 
+import io
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 class ObjectNotFound(FileNotFoundError):
@@ -77,6 +82,21 @@ class ObjectStore(ABC):
 
     def get_text(self, key: str) -> str:
         return self.get_bytes(key).decode()
+
+
+def write_parquet(store: ObjectStore, key: str, table: pa.Table | pd.DataFrame) -> int:
+    """Write a table atomically; returns the number of bytes written."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    store.put_bytes(key, data)
+    return len(data)
+
+
+def read_parquet(store: ObjectStore, key: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(store.get_bytes(key)), columns=columns)
 
 
 def clean_key(key: str) -> str:

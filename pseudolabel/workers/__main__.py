@@ -14,11 +14,10 @@ from functools import partial
 from typing import Any
 
 from pseudolabel.models.checkpoints import CheckpointError
-from pseudolabel.models.detect_stage import DetectionSettings
 from pseudolabel.models.loading import ModelConfigError, load_detector, load_segmenter
-from pseudolabel.models.segment_stage import SegmentationSettings
+from pseudolabel.models.stages import DetectionSettings, SegmentationSettings
 from pseudolabel.storage import open_store
-from pseudolabel.workers.stages import detect_shard, gold_candidates, segment_shard
+from pseudolabel.workers.shards import detect_shard, gold_candidates, segment_shard
 from pseudolabel.workers.task import (
     DETECTIONS,
     FAILED,

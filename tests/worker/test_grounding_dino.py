@@ -11,10 +11,10 @@ from images import random_jpeg
 from PIL import Image
 
 from pseudolabel.models import tiny
-from pseudolabel.models.captions import captions_for, normalize_caption, split_caption
 from pseudolabel.models.checkpoints import CheckpointNotFound
 from pseudolabel.models.grounding_dino import GroundingDinoDetector, input_size
 from pseudolabel.models.grounding_dino_build import TextEncoderNotFound, build_grounding_dino
+from pseudolabel.models.interfaces import captions_for, normalize_caption, split_caption
 from pseudolabel.models.loading import DetectorSpec, ModelConfigError, load_detector
 
 CAPTION = "potted plant . flower ."

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from pseudolabel.labels.nms import grouped_nms
+from pseudolabel.labels.picking import grouped_nms
 
 
 def test_grouped_nms_matches_torchvision_batched_nms():

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pseudolabel.labels.relabel import Candidates
+from pseudolabel.labels.relabel import ShardCandidates
 
 DEFAULT_PHRASES = ("dog", "cat", "person", "car", "bird")
 
@@ -67,7 +67,7 @@ def synthetic_candidates(
     phrases: tuple[str, ...] = DEFAULT_PHRASES,
     seed: int = 0,
     id_prefix: str = "img",
-) -> Candidates:
+) -> ShardCandidates:
     """``num_images`` images with Poisson(``candidates_per_image``) candidates each (some have none)."""
     rng = np.random.default_rng(seed)
     templates = template_masks(height, width, seed=seed)
@@ -141,4 +141,4 @@ def synthetic_candidates(
             "num_candidates": per_image.astype(np.int32),
         }
     )
-    return Candidates(detections=detections, images=images, masks=masks)
+    return ShardCandidates(detections=detections, images=images, masks=masks)

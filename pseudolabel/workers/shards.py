@@ -1,42 +1,38 @@
-"""The GPU stages for one shard, as a worker runs them: read inputs, run the model, write outputs.
+"""One shard through a GPU stage, as a worker runs it: the storage around the stage logic.
 
-Each function returns the shard's materialization metadata (Pipes format, see :mod:`.task`): counts,
-timings, settings, model identity and a small preview. Outputs are written atomically by the store,
-images table before detections (masks reads both), so a half-written shard is never visible.
+Reads the shard's inputs, skips it when its stored output is up to date, runs the stage
+(:mod:`pseudolabel.models.stages`), writes the provenance sidecar and the outputs, and returns the
+shard's materialization metadata (Pipes format, see :mod:`.task`): counts, timings, settings, model
+identity and a small preview. Outputs are written atomically by the store, images table before
+detections (masks reads both), so a half-written shard is never visible.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pseudolabel import layout
+from pseudolabel.fingerprint import up_to_date
 from pseudolabel.ids import sha256_hex
-from pseudolabel.markdown import markdown_image
-from pseudolabel.models.detect_stage import (
+from pseudolabel.models.interfaces import Candidates, Detector, Segmenter
+from pseudolabel.models.report import boxes_preview, masks_preview, model_metadata, throughput
+from pseudolabel.models.stages import (
     DetectionSettings,
     ImageRef,
+    SegmentationSettings,
     detection_fingerprint,
     ok_images,
     run_detection,
-)
-from pseudolabel.models.fingerprint import up_to_date
-from pseudolabel.models.interfaces import Detector, Segmenter
-from pseudolabel.models.overlay import draw_boxes, draw_masks
-from pseudolabel.models.report import model_metadata, throughput
-from pseudolabel.models.segment_stage import (
-    SegmentationSettings,
-    boxes_per_image,
     run_segmentation,
     segmentation_fingerprint,
 )
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
 from pseudolabel.workers.task import meta
-
-PREVIEW_ITEMS = 10
 
 
 def detect_shard(
@@ -71,29 +67,15 @@ def detect_shard(
         "images": meta(len(result.images)),
         "candidates": meta(result.num_candidates),
         "zero_candidate_images": meta(result.zero_candidate_images),
-        "capped_images": meta(result.capped_images),
+        "capped_images": meta(result.capped_images(settings.max_candidates)),
         "img_per_s": meta(throughput(len(result.images), result.seconds)),
         "seconds": meta(round(result.seconds, 3)),
         "prompt": meta(settings.prompt),
         "captions": meta(" | ".join(settings.captions())),
         "box_floor": meta(settings.box_floor),
         "text_floor": meta(settings.text_floor),
-        **_model(identity),
-        "fingerprint": meta(fingerprint),
-        "skipped": meta(False),
-        "path": meta(store.uri(keys[1]), "path"),
     }
-    preview = next((found for found in result.images if len(found)), None)
-    if preview is not None:
-        labels = [f"{p} {s:.2f}" for p, s in zip(preview.phrases, preview.box_scores, strict=True)]
-        png = draw_boxes(
-            store.get_bytes(layout.image(shard, preview.image_id)),
-            preview.boxes[:PREVIEW_ITEMS],
-            labels[:PREVIEW_ITEMS],
-        )
-        alt = f"{preview.image_id}: top {min(len(labels), PREVIEW_ITEMS)} boxes"
-        metadata["preview"] = meta(markdown_image(png, alt), "md")
-    return metadata
+    return metadata | _written(store, shard, keys[1], identity, fingerprint, result.images, boxes_preview)
 
 
 def segment_shard(
@@ -116,38 +98,25 @@ def segment_shard(
         return _skipped(store, key, fingerprint)
 
     result = run_segmentation(
-        boxes_per_image(detections, images),
+        Candidates.from_tables(detections, images),
         lambda image_id: store.get_bytes(layout.image(shard, image_id)),
         segmenter,
         settings,
         workers=workers,
     )
     _write_provenance(store, key, identity, settings, fingerprint)
-    write_parquet(store, key, result.table(fingerprint))
+    write_parquet(store, key, result.masks_table(fingerprint))
 
+    segmented = len(result.images) - result.zero_candidate_images
     metadata = {
-        "images": meta(result.num_images),
-        "candidates": meta(result.num_masks),
+        "images": meta(len(result.images)),
+        "candidates": meta(result.num_candidates),
         "zero_candidate_images": meta(result.zero_candidate_images),
-        "img_per_s": meta(throughput(result.num_images - result.zero_candidate_images, result.seconds)),
+        "img_per_s": meta(throughput(segmented, result.seconds)),
         "seconds": meta(round(result.seconds, 3)),
         "multimask": meta(settings.multimask),
-        **_model(identity),
-        "fingerprint": meta(fingerprint),
-        "skipped": meta(False),
-        "path": meta(store.uri(key), "path"),
     }
-    if result.masks:
-        first = result.masks[0]
-        counts = first.masks.counts[:PREVIEW_ITEMS]
-        png = draw_masks(
-            store.get_bytes(layout.image(shard, first.image_id)),
-            counts,
-            first.masks.height,
-            first.masks.width,
-        )
-        metadata["preview"] = meta(markdown_image(png, f"{first.image_id}: top {len(counts)} masks"), "md")
-    return metadata
+    return metadata | _written(store, shard, key, identity, fingerprint, result.images, masks_preview)
 
 
 def gold_candidates(
@@ -171,11 +140,13 @@ def gold_candidates(
             width, height = header.size
         refs.append(ImageRef(image_id, width, height))
     found = run_detection(refs, read, detector, detection, workers=workers)
-    detections, images = found.detections_table(""), found.images_table("")
-    masks = run_segmentation(
-        boxes_per_image(detections, images), read, segmenter, segmentation, workers=workers
-    )
-    for name, table in (("detections", detections), ("detection_images", images), ("masks", masks.table(""))):
+    masks = run_segmentation(found.images, read, segmenter, segmentation, workers=workers)
+    tables = {
+        "detections": found.detections_table(""),
+        "detection_images": found.images_table(""),
+        "masks": masks.masks_table(""),
+    }
+    for name, table in tables.items():
         write_parquet(store, layout.label_quality_candidates(prefix, name), table)
     return {
         "images": meta(len(refs)),
@@ -199,8 +170,27 @@ def _write_provenance(store: ObjectStore, key: str, identity: dict, settings: An
     )
 
 
-def _model(identity: dict[str, Any]) -> dict[str, Any]:
-    return {name: meta(value) for name, value in model_metadata(identity).items()}
+def _written(
+    store: ObjectStore,
+    shard: str,
+    key: str,
+    identity: dict[str, Any],
+    fingerprint: str,
+    images: list[Candidates],
+    preview: Callable[[bytes, Candidates], str],
+) -> dict[str, Any]:
+    """What every written shard reports besides its counts: model identity, fingerprint, output path
+    and a preview of the first image with candidates."""
+    metadata = {name: meta(value) for name, value in model_metadata(identity).items()}
+    metadata |= {
+        "fingerprint": meta(fingerprint),
+        "skipped": meta(False),
+        "path": meta(store.uri(key), "path"),
+    }
+    first = next((found for found in images if len(found)), None)
+    if first is not None:
+        metadata["preview"] = meta(preview(store.get_bytes(layout.image(shard, first.image_id)), first), "md")
+    return metadata
 
 
 def _skipped(store: ObjectStore, key: str, fingerprint: str) -> dict[str, Any]:

@@ -34,14 +34,15 @@ CatalogPage = Callable[[int, int], Sequence[Mapping[str, Any]]]
 class Fault:
     """One injected misbehaviour, applied to a single matching request.
 
-    ``status``: answer with this status instead (``retry_after`` adds a Retry-After header);
+    ``status``: answer with this status instead (``retry_after`` adds a Retry-After header: seconds,
+    or a string sent as is, e.g. an HTTP date);
     ``body``: answer 200 (or ``status``) with these bytes instead of the real body;
     ``truncate_to``: announce the full Content-Length, send only this many bytes, drop the connection;
     ``delay_s``: sleep before answering (longer than the client's timeout = a timeout).
     """
 
     status: int | None = None
-    retry_after: float | None = None
+    retry_after: float | str | None = None
     body: bytes | None = None
     truncate_to: int | None = None
     delay_s: float = 0.0
@@ -232,7 +233,9 @@ def _handler_for(server: DevServer) -> type[BaseHTTPRequestHandler]:
             headers: dict[str, str] = {}
             if fault is not None and fault.status is not None:
                 status, body, content_type = _text(fault.status, f"injected {fault.status}")
-                if fault.retry_after is not None:
+                if isinstance(fault.retry_after, str):
+                    headers["Retry-After"] = fault.retry_after
+                elif fault.retry_after is not None:
                     headers["Retry-After"] = f"{fault.retry_after:g}"
             if fault is not None and fault.body is not None:
                 body, content_type = fault.body, "application/octet-stream"
@@ -282,10 +285,10 @@ def _handler_for(server: DevServer) -> type[BaseHTTPRequestHandler]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pseudolabel.devserver --rows 100000``: serve a synthetic catalog until Ctrl-C."""
+    """``python -m pseudolabel.testing.servers --rows 100000``: serve a synthetic catalog until Ctrl-C."""
     import argparse
 
-    from pseudolabel.catalog.synthetic import SyntheticCatalog
+    from pseudolabel.testing.catalogs import SyntheticCatalog
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--rows", type=int, default=10_000)

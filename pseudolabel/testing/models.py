@@ -1,6 +1,7 @@
 """Deterministic stand-ins for the detector and segmenter (same interfaces, no torch models).
 
-For downstream tests and offline demos that need plausible, repeatable stage outputs fast. Boxes
+For downstream tests and offline demos that need plausible, repeatable stage outputs fast; the
+worker loads them by name (backend "fake", see :mod:`pseudolabel.models.loading`). Boxes
 and scores derive from a hash of (image_id, caption), so results do not depend on batching; about
 a quarter of the images get zero candidates. Masks are the ellipses inscribed in the boxes.
 
@@ -21,8 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pseudolabel.models.captions import normalize_caption, phrases_of
-from pseudolabel.models.interfaces import ImageDetections, ImageMasks, PreparedImage
+from pseudolabel.models.interfaces import Candidates, PreparedImage, normalize_caption, phrases_of
 from pseudolabel.rle import encode_host_masks
 
 
@@ -81,6 +81,16 @@ class FakeDetector:
         self.seconds_per_image = seconds_per_image  # simulated model time (tests of concurrency, kills)
         self.oom_above_batch = oom_above_batch  # simulated CUDA out-of-memory (tests of retries)
 
+    @classmethod
+    def from_spec(cls, spec: Any) -> FakeDetector:
+        """From a ``DetectorSpec`` with backend "fake" (see :mod:`pseudolabel.models.loading`)."""
+        return cls(
+            batch_size=spec.batch_size,
+            max_boxes_per_caption=spec.max_boxes_per_caption,
+            seconds_per_image=spec.seconds_per_image,
+            oom_above_batch=spec.oom_above_batch,
+        )
+
     def describe(self) -> dict[str, Any]:
         return _describe("fake_detector", self.batch_size)
 
@@ -95,7 +105,7 @@ class FakeDetector:
         box_floor: float = 0.05,
         text_floor: float = 0.05,
         max_candidates: int = 300,
-    ) -> list[ImageDetections]:
+    ) -> list[Candidates]:
         _simulate(self.seconds_per_image, self.oom_above_batch, batch)
         return [self._one(item, captions, box_floor, text_floor, max_candidates) for item in batch]
 
@@ -106,7 +116,7 @@ class FakeDetector:
         box_floor: float,
         text_floor: float,
         max_candidates: int,
-    ) -> ImageDetections:
+    ) -> Candidates:
         boxes, box_scores, text_scores, phrases, query_indices = [], [], [], [], []
         for caption_index, caption in enumerate(captions):
             rng = _rng(item.image_id, normalize_caption(caption))
@@ -127,20 +137,18 @@ class FakeDetector:
                     box_score * float(rng.uniform(0.5, 1.0))
                 )  # text_score <= box_score, as for real
                 phrases.append(names[int(rng.integers(0, len(names)))])
-        box_scores_a = np.asarray(box_scores, np.float32)
-        text_scores_a = np.asarray(text_scores, np.float32)
-        keep = np.flatnonzero((box_scores_a > box_floor) & (text_scores_a > text_floor))
-        order = keep[np.argsort(-box_scores_a[keep], kind="stable")][:max_candidates]
-        return ImageDetections(
-            image_id=item.image_id,
-            width=item.width,
-            height=item.height,
-            boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order],
-            box_scores=box_scores_a[order],
-            text_scores=text_scores_a[order],
-            phrases=[phrases[k] for k in order],
-            query_indices=np.asarray(query_indices, np.int32)[order],
+        found = Candidates(
+            item.image_id,
+            item.width,
+            item.height,
+            boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+            box_scores=np.asarray(box_scores, np.float32),
+            text_scores=np.asarray(text_scores, np.float32),
+            phrases=phrases,
+            query_indices=np.asarray(query_indices, np.int32),
         )
+        keep = (found.box_scores > box_floor) & (found.text_scores > text_floor)
+        return found.take(np.flatnonzero(keep)).top(max_candidates)
 
 
 class FakeSegmenter:
@@ -151,6 +159,15 @@ class FakeSegmenter:
         self.seconds_per_image = seconds_per_image
         self.oom_above_batch = oom_above_batch
 
+    @classmethod
+    def from_spec(cls, spec: Any) -> FakeSegmenter:
+        """From a ``SegmenterSpec`` with backend "fake" (see :mod:`pseudolabel.models.loading`)."""
+        return cls(
+            batch_size=spec.batch_size,
+            seconds_per_image=spec.seconds_per_image,
+            oom_above_batch=spec.oom_above_batch,
+        )
+
     def describe(self) -> dict[str, Any]:
         return _describe("fake_segmenter", self.batch_size)
 
@@ -158,15 +175,13 @@ class FakeSegmenter:
         return _prepare(image_id, data)
 
     def segment(
-        self, batch: Sequence[PreparedImage], boxes: Sequence[np.ndarray], *, multimask: bool = False
-    ) -> list[ImageMasks]:
+        self, batch: Sequence[PreparedImage], candidates: Sequence[Candidates], *, multimask: bool = False
+    ) -> list[Candidates]:
         _simulate(self.seconds_per_image, self.oom_above_batch, batch)
-        return [
-            self._one(item, np.asarray(b, np.float32).reshape(-1, 4), multimask)
-            for item, b in zip(batch, boxes, strict=True)
-        ]
+        return [self._one(item, found, multimask) for item, found in zip(batch, candidates, strict=True)]
 
-    def _one(self, item: PreparedImage, boxes: np.ndarray, multimask: bool) -> ImageMasks:
+    def _one(self, item: PreparedImage, found: Candidates, multimask: bool) -> Candidates:
+        boxes = np.asarray(found.boxes, np.float32).reshape(-1, 4)
         ys, xs = np.mgrid[0 : item.height, 0 : item.width].astype(np.float32) + 0.5
         masks = np.zeros((len(boxes), item.height, item.width), bool)
         for i, (x0, y0, x1, y1) in enumerate(boxes):
@@ -181,4 +196,21 @@ class FakeSegmenter:
         else:
             all_scores = best.reshape(-1, 1)
             chosen = np.zeros(len(boxes), np.int8)
-        return ImageMasks(item.image_id, encode_host_masks(masks), best, chosen, all_scores)
+        return found.with_masks(encode_host_masks(masks), best, chosen, all_scores)
+
+
+def box_prompts(image_id: str, width: int, height: int, boxes: np.ndarray) -> Candidates:
+    """Candidates that are only boxes ((N, 4) xyxy, original pixels): a segmenter's input in tests.
+    Scores are 1, phrases "box", query indices 0..N-1."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    ones = np.ones(len(boxes), np.float32)
+    return Candidates(
+        image_id,
+        width,
+        height,
+        boxes,
+        ones,
+        ones,
+        ["box"] * len(boxes),
+        np.arange(len(boxes), dtype=np.int32),
+    )

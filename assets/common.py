@@ -1,0 +1,113 @@
+"""What the asset modules share: the shard partitions, retry and backfill policies, the catalog cursor.
+
+Not an asset module: asset modules import this one and never each other (``tests/test_layering.py``).
+
+``PSEUDOLABEL_STEP_RETRIES`` overrides how often a failed network/GPU step is retried,
+``PSEUDOLABEL_STEP_RETRY_DELAY_S`` the first delay and ``PSEUDOLABEL_SHARDS_PER_RUN`` how many shards a
+backfill run of a per-shard asset takes. They are deployment settings of the code location, read when
+it loads (decorator arguments), like the executor choice; 0 retries disables retries, as the test suite
+does. Only failures a retry can fix are retried: steps raise ``Failure(allow_retries=False)`` for
+configuration errors, missing or mismatched checkpoints and code errors (see ``resources/workers.py``).
+A retried GPU step runs with half the batch size per retry.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import (
+    AssetKey,
+    BackfillPolicy,
+    Backoff,
+    DagsterInstance,
+    DynamicPartitionsDefinition,
+    Jitter,
+    RetryPolicy,
+)
+
+SHARDS_PARTITIONS_NAME = "shards"
+shard_partitions = DynamicPartitionsDefinition(name=SHARDS_PARTITIONS_NAME)
+"""Shards are dynamic partitions shared by every partitioned asset of the chain."""
+
+STEP_RETRIES_ENV = "PSEUDOLABEL_STEP_RETRIES"
+STEP_RETRY_DELAY_ENV = "PSEUDOLABEL_STEP_RETRY_DELAY_S"
+SHARDS_PER_RUN_ENV = "PSEUDOLABEL_SHARDS_PER_RUN"
+
+
+def _retries(default: int) -> int:
+    raw = os.environ.get(STEP_RETRIES_ENV, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ValueError(f"{STEP_RETRIES_ENV} must be a whole number >= 0, got {raw!r}")
+    return int(raw)
+
+
+def _delay(default: float) -> float:
+    raw = os.environ.get(STEP_RETRY_DELAY_ENV, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{STEP_RETRY_DELAY_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def _shards_per_run(default: int) -> int:
+    raw = os.environ.get(SHARDS_PER_RUN_ENV, "").strip()
+    if raw and (not raw.isdigit() or int(raw) < 1):
+        raise ValueError(f"{SHARDS_PER_RUN_ENV} must be a whole number >= 1, got {raw!r}")
+    return int(raw) if raw else default
+
+
+def network_retry() -> RetryPolicy:
+    """Catalog and image hosts: transient outages get a few spaced-out retries of the whole step
+    (requests are already retried individually inside the step)."""
+    return RetryPolicy(
+        max_retries=_retries(3), delay=_delay(30), backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    )
+
+
+def gpu_retry() -> RetryPolicy:
+    """GPU steps: a lost node or a transient CUDA error is worth one or two more tries, not more."""
+    return RetryPolicy(
+        max_retries=_retries(2), delay=_delay(60), backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS
+    )
+
+
+def shards_per_run() -> BackfillPolicy:
+    """Per-shard work: a backfill run takes a range of shards (each still its own partition and
+    materialization), so a GPU step's model worker loads the models once for all of them, and the
+    chain job keeps that range end to end; runs spread over processes, pods and GPUs."""
+    return BackfillPolicy.multi_run(max_partitions_per_run=_shards_per_run(10))
+
+
+# Cheap CPU-only work: a backfill over many shards is one run.
+SINGLE_RUN = BackfillPolicy.single_run()
+
+
+GPU_POOL = "gpu"  # one slot per GPU: `pseudolabel gpu-pool` sets it from the visible GPUs
+
+
+def gpu_shard_asset_args() -> dict:
+    """Decorator arguments every GPU stage shares: per-shard partitions, the `gpu` pool (one slot per
+    GPU: the step's model worker holds a GPU), GPU retries, a range of shards per backfill run."""
+    return {
+        "partitions_def": shard_partitions,
+        "group_name": "models",
+        "pool": GPU_POOL,
+        "retry_policy": gpu_retry(),
+        "backfill_policy": shards_per_run(),
+    }
+
+
+# The catalog cursor lives in Dagster: ``catalog_offset`` metadata of the latest ``stratified_sample``.
+SAMPLE_KEY = AssetKey("stratified_sample")
+CURSOR_METADATA_KEY = "catalog_offset"
+
+
+def catalog_cursor(instance: DagsterInstance) -> int | None:
+    """How far into the catalog the sample has looked (None: never sampled)."""
+    event = instance.get_latest_materialization_event(SAMPLE_KEY)
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get(CURSOR_METADATA_KEY)
+    return None if value is None else int(value.value)
