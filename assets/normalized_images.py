@@ -20,9 +20,9 @@ from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items
 from pseudolabel.images.normalize import NormalizeOptions
-from pseudolabel.images.preview import preview_images, thumbnail_grid
 from pseudolabel.images.shard import ShardOptions, ShardResult, process_shard
 from pseudolabel.markdown import markdown_image
+from pseudolabel.preview import shard_thumbnails, thumbnail_grid
 from pseudolabel.storage import ObjectStore, read_parquet
 from resources.storage import StorageResource
 
@@ -151,7 +151,7 @@ def _metadata(store: ObjectStore, shard: str, result: ShardResult, stale_temp: i
         "images_per_s": MetadataValue.float(round(stats.images_per_s, 1)),
         "index_path": MetadataValue.path(store.uri(layout.image_index(shard))),
     }
-    thumbnails = preview_images(store, shard, result.index, limit=PREVIEW_IMAGES)
+    thumbnails = shard_thumbnails(store, shard, result.index, limit=PREVIEW_IMAGES)
     if thumbnails:
         sheet = thumbnail_grid(thumbnails)
         metadata["preview"] = MetadataValue.md(

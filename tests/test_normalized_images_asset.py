@@ -16,8 +16,8 @@ from assets.normalized_images import NormalizedImagesConfig
 from pseudolabel import layout
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.index import shard_items
-from pseudolabel.images.preview import thumbnail_grid
 from pseudolabel.markdown import markdown_image
+from pseudolabel.preview import thumbnail_grid
 from pseudolabel.schemas import IMAGE_INDEX, SAMPLE
 from pseudolabel.storage import read_parquet, write_parquet
 from pseudolabel.testing.servers import Fault

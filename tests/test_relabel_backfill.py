@@ -66,7 +66,7 @@ def test_threshold_edit_backfill_relabels_every_shard_without_gpu_steps(chain, t
     gpu_before = materialization_runs(instance, DETECTIONS) + materialization_runs(instance, MASKS)
 
     # What a backfill of pseudo_labels launches under its single-run policy: one run over the range.
-    result = defs.get_job_def("relabel_job").execute_in_process(
+    result = defs.resolve_job_def("relabel_job").execute_in_process(
         instance=instance,
         tags={ASSET_PARTITION_RANGE_START_TAG: shards[0], ASSET_PARTITION_RANGE_END_TAG: shards[-1]},
     )

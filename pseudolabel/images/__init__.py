@@ -2,5 +2,5 @@
 
 Modules, leaf first: :mod:`errors` (why an image is quarantined), :mod:`normalize` (bytes -> JPEG),
 :mod:`download` (async HTTP), :mod:`index` (a shard's items, index rows, progress and counters),
-:mod:`shard` (one shard end to end) and :mod:`preview` (contact sheets for asset metadata).
+:mod:`shard` (one shard end to end); contact sheets for asset metadata are in :mod:`pseudolabel.preview`.
 """
