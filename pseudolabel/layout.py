@@ -12,6 +12,8 @@ detections/<shard>.images.parquet         one row per image (size, candidate cou
 masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
 pseudo_labels/<shard>.parquet             kept instances after thresholds
 pseudo_labels/<shard>.coco.json           the same as COCO
+video_frames/<shard>/<video_id>/<n>.jpg   upright RGB frames of each video, n = frame_index:06d
+video_frames/<shard>.parquet              per-shard frame index (one row per frame; quarantined videos)
 autosam2/...                              the AutoSAM2 training layout
 label_quality/...                         evaluation reports
 """
@@ -88,6 +90,14 @@ def provenance(stage_key: str) -> str:
     """What produced a GPU stage's output (model identity, backend, settings, fingerprint), written by
     the worker just before the output: ``detections/shard-00000.parquet`` -> ``....meta.json``."""
     return stage_key.removesuffix(".parquet") + ".meta.json"
+
+
+def video_frame(shard: str, video_id: str, frame_index: int) -> str:
+    return f"video_frames/{shard}/{video_id}/{frame_index:06d}.jpg"
+
+
+def video_frames_index(shard: str) -> str:
+    return f"video_frames/{shard}.parquet"
 
 
 def pseudo_labels(shard: str) -> str:

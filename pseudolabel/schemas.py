@@ -120,3 +120,22 @@ PSEUDO_LABELS = pa.schema(
         ("thresholds_fingerprint", pa.string()),
     ]
 )
+
+# video_frames/<shard>.parquet: one row per stored frame of each video of the shard, plus one row per
+# quarantined video (frame_index -1, status = the reason). Frames are upright RGB JPEGs at
+# video_frames/<shard>/<video_id>/<frame_index:06d>.jpg, frame_index 0.. in time order.
+VIDEO_FRAMES = pa.schema(
+    [
+        ("video_id", pa.string()),  # image_id_for_url(url): videos and images share one id space
+        ("url", pa.string()),
+        ("label", pa.string()),
+        ("frame_index", pa.int32()),  # 0.. among the stored frames; -1 on a quarantined video's row
+        ("source_frame", pa.int32()),  # index of the frame in the decoded stream (or frame list)
+        ("timestamp_s", pa.float64()),
+        ("width", pa.int32()),  # upright size (after the container's rotation)
+        ("height", pa.int32()),
+        ("sha256", pa.string()),  # of the stored JPEG
+        ("status", pa.string()),  # "ok" or the quarantine reason
+        ("detail", pa.string()),
+    ]
+)
