@@ -34,15 +34,19 @@ class AutoSam2ManifestConfig(Config):
     allow_mixed_thresholds: bool = False
     keep_versions: int = 2  # the new version plus this many - 1 previous ones, for readers mid-epoch
     workers: int = 2
+    # Every frame_stride-th labelled frame of each video (video_labels shards) becomes a sample too;
+    # 0 = images only.
+    frame_stride: int = 10
 
 
 @asset(
-    deps=["pseudo_labels"],
+    deps=["pseudo_labels", "video_labels"],
     group_name="labels",
     kinds={"json"},
     description=(
         "AutoSAM2 training set (samples/, binary_masks/, splits/, manifest.jsonl, coco.json) "
-        "from all pseudo_labels shards in storage; autosam2/CURRENT.json names the current version."
+        "from all pseudo_labels shards in storage, plus every frame_stride-th labelled video frame of the "
+        "video_labels shards; autosam2/CURRENT.json names the current version."
     ),
 )
 def autosam2_manifest(
@@ -52,7 +56,7 @@ def autosam2_manifest(
     thresholds: ThresholdsResource,
 ) -> MaterializeResult:
     store = storage.store()
-    collected = collect(store)
+    collected = collect(store, frame_stride=config.frame_stride)
     for warning in collected.warnings:
         context.log.warning(warning)
     samples = collected.samples
@@ -97,6 +101,10 @@ def autosam2_manifest(
         context.log.warning(f"skipped sample {failure}")
     metadata = _metadata(store.uri(summary.root), summary, collected, samples, fingerprints)
     metadata["matches_current_thresholds"] = MetadataValue.bool(fingerprints == [current])
+    metadata["video_frame_samples"] = MetadataValue.int(
+        int(samples["source_key"].str.startswith("video_frames/").sum())
+    )
+    metadata["frame_stride"] = MetadataValue.int(config.frame_stride)
     return MaterializeResult(metadata=metadata)
 
 

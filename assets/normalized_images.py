@@ -18,7 +18,7 @@ from pydantic import Field
 from assets.common import network_retry, shard_partitions, shards_per_run
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
-from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items
+from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items, split_videos
 from pseudolabel.images.normalize import NormalizeOptions
 from pseudolabel.images.shard import ShardOptions, ShardResult, process_shard
 from pseudolabel.markdown import markdown_image
@@ -70,7 +70,8 @@ class NormalizedImagesConfig(Config):
     group_name="images",
     description=(
         "The shard's sampled images downloaded, EXIF-rotated upright, converted to RGB and stored as "
-        "JPEG under images/<shard>/; images/<shard>.parquet indexes them (bad ones quarantined with a reason)."
+        "JPEG under images/<shard>/; images/<shard>.parquet indexes them (bad ones quarantined with a reason). "
+        "Video items (video files, frame prefixes) are skipped and counted: they are video_frames' work."
     ),
 )
 def normalized_images(
@@ -84,13 +85,15 @@ def normalized_images(
     done: dict[str, dict[str, object]] = {}
     for shard in shards:
         stale = _remove_stale_temp(context, store, shard)
-        items = shard_items(sample, shard)
+        items, videos = split_videos(shard_items(sample, shard))
         context.log.info(f"{shard}: {len(items)} sampled images")
+        if videos:  # video files and frame prefixes are video_frames' work: not downloaded here
+            context.log.info(f"{shard}: skipped {len(videos)} video items (see video_frames)")
         try:
             # Writes the index (before any failure below, so a failure loses nothing) and records
             # progress as it goes, so a rerun after a crash fetches only what was not finished.
             result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
-            metadata = _metadata(store, shard, result, stale)
+            metadata = _metadata(store, shard, result, stale, videos_skipped=len(videos))
             stats = result.stats
             if stats.failure_rate > config.max_failure_rate:
                 raise Failure(
@@ -128,7 +131,9 @@ def _remove_stale_temp(context: AssetExecutionContext, store: ObjectStore, shard
     return stale
 
 
-def _metadata(store: ObjectStore, shard: str, result: ShardResult, stale_temp: int) -> dict[str, object]:
+def _metadata(
+    store: ObjectStore, shard: str, result: ShardResult, stale_temp: int, videos_skipped: int
+) -> dict[str, object]:
     stats = result.stats
     metadata: dict[str, object] = {
         "dagster/row_count": MetadataValue.int(result.index.num_rows),
@@ -136,6 +141,7 @@ def _metadata(store: ObjectStore, shard: str, result: ShardResult, stale_temp: i
         "images_quarantined": MetadataValue.int(stats.quarantined),
         "images_reused": MetadataValue.int(stats.reused),
         "images_fetched": MetadataValue.int(stats.fetched),
+        "videos_skipped": MetadataValue.int(videos_skipped),  # left to video_frames, not quarantined
         # Rows taken over without a download: from the last index, or recorded by a killed run.
         "reused_from_unfinished_run": MetadataValue.int(result.recovered),
         "stale_temp_files_removed": MetadataValue.int(stale_temp),

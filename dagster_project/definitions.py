@@ -21,7 +21,7 @@ from dagster_project.resource_defs import executor_from_env, resources_from_env
 from pseudolabel.labels.thresholds import load_thresholds, thresholds_code_version, thresholds_path
 
 # Their outputs change exactly when the thresholds do: their code version is the thresholds' fingerprint.
-THRESHOLD_VERSIONED = {AssetKey("pseudo_labels"), AssetKey("label_quality")}
+THRESHOLD_VERSIONED = {AssetKey("pseudo_labels"), AssetKey("label_quality"), AssetKey("video_labels")}
 
 
 @definitions

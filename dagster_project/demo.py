@@ -18,18 +18,18 @@ from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
 
 from assets.common import SHARDS_PARTITIONS_NAME
 from dagster_project.definitions import defs
+from dagster_project.jobs import SHARD_CHAIN
 from pseudolabel.images.download import ALLOWED_NETWORKS_ENV
 from pseudolabel.testing.catalogs import demo_items
 from pseudolabel.testing.servers import DevServer
 from pseudolabel.workers.environment import ensure_worker_python
 from resources.catalog import CatalogResource
-from resources.models import StageSettingsResource, model_resources
+from resources.models import StageSettingsResource, TrackerResource, model_resources
 from resources.storage import LocalStorageResource
 from resources.thresholds import ThresholdsResource
 from resources.workers import LocalModelWorkers
 
 DEMO_NETWORK = "127.0.0.0/8"  # where the demo's catalog/image server listens
-SHARD_CHAIN = ["normalized_images", "detections", "masks", "pseudo_labels"]
 INSTANCE_YAML = """\
 concurrency:
   pools:
@@ -143,6 +143,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
             "catalog": CatalogResource(source=server.catalog_url, page_size=16),
             "detector": detector,
             "segmenter": segmenter,
+            "tracker": TrackerResource(models=models),
             "stage_settings": StageSettingsResource(),
             "thresholds": ThresholdsResource(),
             "model_workers": LocalModelWorkers(),

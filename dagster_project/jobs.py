@@ -4,7 +4,10 @@ from dagster import AssetSelection, define_asset_job
 
 from assets.common import shard_partitions
 
-SHARD_CHAIN = ["normalized_images", "detections", "masks", "pseudo_labels"]
+SHARD_CHAIN = [
+    *("normalized_images", "detections", "masks", "pseudo_labels"),
+    *("video_frames", "video_tracks", "video_labels"),  # shards without videos pass in milliseconds
+]
 
 # Full refresh of the catalog and the sample (also what `pseudolabel demo` starts with).
 catalog_job = define_asset_job(
@@ -25,15 +28,15 @@ shard_chain_job = define_asset_job(
     "shard_chain_job",
     selection=AssetSelection.assets(*SHARD_CHAIN),
     partitions_def=shard_partitions,
-    description="Download, detect, segment and label one shard.",
+    description="Download (images and video frames), detect, segment, track and label one shard.",
 )
 
 # Re-threshold stored candidates only; never touches the GPU stages.
 relabel_job = define_asset_job(
     "relabel_job",
-    selection=AssetSelection.assets("pseudo_labels"),
+    selection=AssetSelection.assets("pseudo_labels", "video_labels"),
     partitions_def=shard_partitions,
-    description="Re-apply thresholds to stored detections/masks (CPU only).",
+    description="Re-apply thresholds to stored detections/masks and video tracks (CPU only).",
 )
 
 dataset_job = define_asset_job(

@@ -19,7 +19,7 @@ from typing import Any
 from dagster import ExecutorDefinition, multiprocess_executor
 
 from resources.catalog import catalog_from_env
-from resources.models import StageSettingsResource, model_resources
+from resources.models import StageSettingsResource, TrackerResource, model_resources
 from resources.storage import storage_from_env
 from resources.thresholds import ThresholdsResource
 from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
@@ -52,6 +52,7 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, An
         "catalog": catalog_from_env(),
         "detector": detector,
         "segmenter": segmenter,
+        "tracker": TrackerResource(),
         "stage_settings": StageSettingsResource(),
         "thresholds": ThresholdsResource(),
         "model_workers": model_workers_from_env(environ),

@@ -14,6 +14,8 @@ pseudo_labels/<shard>.parquet             kept instances after thresholds
 pseudo_labels/<shard>.coco.json           the same as COCO
 video_frames/<shard>/<video_id>/<n>.jpg   upright RGB frames of each video, n = frame_index:06d
 video_frames/<shard>.parquet              per-shard frame index (one row per frame; quarantined videos)
+video_tracks/<shard>.parquet              tracked masks (COCO RLE), one row per (video, frame, track)
+video_labels/<shard>.parquet|.vis.json    thresholded tracks: Parquet index + YouTube-VIS style JSON
 autosam2/...                              the AutoSAM2 training layout
 label_quality/...                         evaluation reports
 """
@@ -98,6 +100,18 @@ def video_frame(shard: str, video_id: str, frame_index: int) -> str:
 
 def video_frames_index(shard: str) -> str:
     return f"video_frames/{shard}.parquet"
+
+
+def video_tracks(shard: str) -> str:
+    return f"video_tracks/{shard}.parquet"
+
+
+def video_labels(shard: str) -> str:
+    return f"video_labels/{shard}.parquet"
+
+
+def video_labels_json(shard: str) -> str:
+    return f"video_labels/{shard}.vis.json"
 
 
 def pseudo_labels(shard: str) -> str:

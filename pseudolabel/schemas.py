@@ -139,3 +139,42 @@ VIDEO_FRAMES = pa.schema(
         ("detail", pa.string()),
     ]
 )
+
+# video_tracks/<shard>.parquet: one row per (video, frame, track) the tracker followed, every track kept
+# (the video_labels stage thresholds them). Written by the model worker as it goes, so rows are grouped
+# by keyframe interval, not sorted; readers sort by (video_id, frame_index, track_id).
+VIDEO_TRACKS = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("frame_index", pa.int32()),  # VIDEO_FRAMES.frame_index: video_frames/<shard>/<video_id>/<n>.jpg
+        ("track_id", pa.int32()),  # 1.. within a video; kept across keyframes while detections re-match it
+        ("phrase", pa.string()),  # of the detection that started the track
+        ("x0", pa.float32()),  # the mask's box, xyxy, upright frame pixels
+        ("y0", pa.float32()),
+        ("x1", pa.float32()),
+        ("y1", pa.float32()),
+        ("box_score", pa.float32()),  # of the detection that started the track
+        ("text_score", pa.float32()),
+        ("match_box_score", pa.float32()),  # of the detection that last re-matched it (= box_score at start)
+        (
+            "mask_score",
+            pa.float32(),
+        ),  # tracker's confidence in this frame (SAM2: object-presence probability)
+        ("rle_counts", pa.string()),  # COCO compressed RLE of the frame's mask
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_area", pa.int64()),
+        ("keyframe", pa.bool_()),  # a detector keyframe (prompts and matching happen there)
+    ]
+)
+
+# video_labels/<shard>.parquet: the VIDEO_TRACKS rows kept by the thresholds, plus per-track summary
+# columns; video_labels/<shard>.vis.json holds the same as YouTube-VIS style JSON.
+VIDEO_LABELS = pa.schema(
+    list(VIDEO_TRACKS)
+    + [
+        ("track_mean_mask_score", pa.float32()),
+        ("area_fraction", pa.float32()),  # mask_area / frame area
+        ("thresholds_fingerprint", pa.string()),
+    ]
+)

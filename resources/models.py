@@ -1,4 +1,5 @@
-"""Model resources: which detector (``detector``) and segmenter (``segmenter``) the GPU stages use.
+"""Model resources: which detector (``detector``), segmenter (``segmenter``) and video tracker
+(``tracker``) the GPU stages use.
 
 They are configuration only: each turns its typed, launchpad-editable config into a spec
 (:mod:`pseudolabel.models.loading`) that a model worker builds the model from. Nothing here imports
@@ -21,7 +22,7 @@ from dataclasses import replace
 
 from dagster import ConfigurableResource, Failure
 
-from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec
+from pseudolabel.models.loading import FAKE, DetectorSpec, ModelConfigError, SegmenterSpec, TrackerSpec
 from pseudolabel.models.stages import DetectionSettings, SegmentationSettings
 
 MODELS_ENV = "PSEUDOLABEL_MODELS"
@@ -33,6 +34,11 @@ PRESETS: dict[str, tuple[DetectorSpec, SegmenterSpec]] = {
         SegmenterSpec(checkpoint="random", tiny=True, variant="tiny"),
     ),
     FAKE: (DetectorSpec(backend=FAKE), SegmenterSpec(backend=FAKE)),
+}
+TRACKER_PRESETS: dict[str, TrackerSpec] = {
+    OFFICIAL: TrackerSpec(),
+    RANDOM: TrackerSpec(checkpoint="random", tiny=True, variant="tiny"),
+    FAKE: TrackerSpec(backend=FAKE),
 }
 
 
@@ -96,6 +102,17 @@ class SegmenterResource(_ModelResource):
 
     def spec(self) -> SegmenterSpec:
         return self._spec(PRESETS[self.preset()][1])
+
+
+class TrackerResource(_ModelResource):
+    """SAM2.1's video predictor (``backend="sam2"``; variants tiny, small, base_plus, large; the same
+    checkpoints as the segmenter) or ``"fake"`` (follows flat-coloured synthetic shapes)."""
+
+    offload_video_to_cpu: bool | None = None  # window frames in host memory (default True)
+    offload_state_to_cpu: bool | None = None  # tracking memory in host memory (default False)
+
+    def spec(self) -> TrackerSpec:
+        return self._spec(TRACKER_PRESETS[self.preset()])
 
 
 def model_resources(choice: str = "") -> tuple[DetectorResource, SegmenterResource]:

@@ -38,6 +38,7 @@ SHARDS = IMAGES // SHARD_SIZE  # 5
 CHAIN_RUNS = -(-SHARDS // SHARDS_PER_RUN)  # 3 runs compete for the pool's 2 slots
 GPU_POOL_LIMIT = 2
 GPU_STEPS = {"detections", "masks"}
+LABEL_STEPS = {"pseudo_labels", "video_labels"}  # what relabel_job runs: the label assets, no GPU stage
 SAMPLE_CONFIG = {
     "ops": {
         "stratified_sample": {
@@ -241,7 +242,7 @@ def ui_workflow(
         assert len(relabel_runs) == 1, relabel_runs  # single-run backfill policy: one run, all shards
         events = server.events(relabel_runs[0]["runId"])
         started = {e["stepKey"] for e in events if e.get("eventType") == "STEP_START"}
-        assert started == {"pseudo_labels"}
+        assert started == LABEL_STEPS
         assert not [e for e in events if WORKER_LINE in (e.get("message") or "")]
         relabelled = {
             e["partition"]: metadata_json(e, "thresholds")
@@ -262,9 +263,7 @@ def ui_workflow(
             assert len(runs) == len(shards)  # the CLI makes one run per shard
             for run in runs:
                 events = server.events(run["runId"])
-                assert {e["stepKey"] for e in events if e.get("eventType") == "STEP_START"} == {
-                    "pseudo_labels"
-                }
+                assert {e["stepKey"] for e in events if e.get("eventType") == "STEP_START"} == LABEL_STEPS
                 assert not [e for e in events if WORKER_LINE in (e.get("message") or "")]
             runs = readme_cli_backfill(server, "shard_chain_job", shards)
             partitions = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition"}

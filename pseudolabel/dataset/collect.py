@@ -1,4 +1,5 @@
-"""Gather every materialised pseudo_labels shard in storage into one sample table + instance table."""
+"""Gather every materialised pseudo_labels shard in storage into one sample table + instance table,
+plus every ``frame_stride``-th labelled frame of each video of the materialised video_labels shards."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pseudolabel import layout
 from pseudolabel.fingerprint import THRESHOLDS_METADATA_KEY, table_fingerprint
 from pseudolabel.labels.coco import image_mask_fractions
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
+from pseudolabel.video.track_labels import stride_frames
 
 _LABEL_KEY = re.compile(r"^pseudo_labels/(?P<shard>[^/]+)\.parquet$")
+_VIDEO_LABEL_KEY = re.compile(r"^video_labels/(?P<shard>[^/]+)\.parquet$")
 
 # Per-shard provenance the model workers write next to the detection / mask Parquet
 # (``layout.provenance``): the model's describe() plus backend, settings and the output's fingerprint.
@@ -40,6 +43,7 @@ SAMPLE_COLUMNS = [
     "segmenter_backend",
     "segmenter_checkpoint_sha256",
     "segmenter_fingerprint",
+    "source_key",  # storage key of the source picture: the shard's image, or a video frame
 ]
 
 
@@ -52,13 +56,19 @@ class Collected:
     warnings: list[str] = field(default_factory=list)
 
 
-def labelled_shards(store: ObjectStore) -> list[str]:
+def labelled_shards(
+    store: ObjectStore, prefix: str = "pseudo_labels/", pattern: re.Pattern = _LABEL_KEY
+) -> list[str]:
     shards = []
-    for info in store.list("pseudo_labels/"):
-        match = _LABEL_KEY.match(info.key)
+    for info in store.list(prefix):
+        match = pattern.match(info.key)
         if match:
             shards.append(match.group("shard"))
     return shards
+
+
+def video_labelled_shards(store: ObjectStore) -> list[str]:
+    return labelled_shards(store, "video_labels/", _VIDEO_LABEL_KEY)
 
 
 def _first(mapping: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -121,6 +131,7 @@ def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.Data
     samples["instance_count"] = samples["image_id"].map(counts).fillna(0).astype(np.int64)
     samples["mask_fraction"] = samples["image_id"].map(image_mask_fractions(instances)).fillna(0.0)
     samples["shard"] = shard
+    samples["source_key"] = [layout.image(shard, image_id) for image_id in samples["image_id"]]
     instances["shard"] = shard
     samples["thresholds_fingerprint"] = fingerprint
     for column, value in read_provenance(store, shard).items():
@@ -128,13 +139,75 @@ def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.Data
     return samples[SAMPLE_COLUMNS], instances
 
 
-def collect(store: ObjectStore, shards: list[str] | None = None) -> Collected:
+def frame_sample_id(video_id: str, frame_index: int) -> str:
+    return f"{video_id}-f{int(frame_index):06d}"
+
+
+def collect_video_shard(store: ObjectStore, shard: str, stride: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(samples, instances) of every ``stride``-th labelled frame of each video of one video_labels
+    shard; a sample's id is ``<video_id>-f<frame_index:06d>``, its instances the frame's kept tracks
+    (``candidate_id`` = track id). Provenance: the tracks' detector, and the tracker as "segmenter"."""
+    table = read_parquet(store, layout.video_labels(shard))
+    kept = table.to_pandas()
+    picked = stride_frames(kept, stride)
+    instances = kept.merge(picked, on=["video_id", "frame_index"])
+    instances["image_id"] = [
+        frame_sample_id(v, n) for v, n in zip(instances["video_id"], instances["frame_index"], strict=True)
+    ]
+    instances["candidate_id"] = instances["track_id"]
+    instances["shard"] = shard
+    frames = read_parquet(store, layout.video_frames_index(shard)).to_pandas()
+    samples = picked.merge(
+        frames[["video_id", "frame_index", "url", "label", "width", "height", "sha256"]],
+        on=["video_id", "frame_index"],
+        how="left",
+    ).rename(columns={"sha256": "source_sha256"})
+    samples["image_id"] = [
+        frame_sample_id(v, n) for v, n in zip(samples["video_id"], samples["frame_index"], strict=True)
+    ]
+    samples["source_key"] = [
+        layout.video_frame(shard, v, int(n))
+        for v, n in zip(samples["video_id"], samples["frame_index"], strict=True)
+    ]
+    counts = instances.groupby("image_id").size()
+    samples["instance_count"] = samples["image_id"].map(counts).fillna(0).astype(np.int64)
+    samples["mask_fraction"] = samples["image_id"].map(image_mask_fractions(instances)).fillna(0.0)
+    samples["shard"] = shard
+    samples["thresholds_fingerprint"] = table_fingerprint(table, THRESHOLDS_METADATA_KEY)
+    for column, value in _video_provenance(store, shard).items():
+        samples[column] = value
+    return samples[SAMPLE_COLUMNS], instances.drop(columns=["video_id"])
+
+
+def _video_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
+    try:
+        meta = store.get_json(layout.provenance(layout.video_tracks(shard)))
+    except (ObjectNotFound, ValueError):
+        meta = {}
+    out: dict[str, str | None] = {}
+    for stage, entry in (("detector", meta.get("detector") or {}), ("segmenter", meta)):
+        out[f"{stage}_model"] = _model_variant(entry)
+        out[f"{stage}_backend"] = entry.get("backend")
+        out[f"{stage}_checkpoint_sha256"] = _first(entry, _CHECKPOINT_KEYS)
+        out[f"{stage}_fingerprint"] = meta.get("fingerprint")
+    return out
+
+
+def collect(store: ObjectStore, shards: list[str] | None = None, frame_stride: int = 0) -> Collected:
+    """Image samples of ``shards`` (default: every pseudo_labels shard), plus with ``frame_stride`` > 0
+    every ``frame_stride``-th labelled frame of each video of every video_labels shard."""
     shards = labelled_shards(store) if shards is None else shards
     sample_parts, instance_parts = [], []
     for shard in shards:
         samples, instances = collect_shard(store, shard)
         sample_parts.append(samples)
         instance_parts.append(instances)
+    video_shards = video_labelled_shards(store) if frame_stride > 0 else []
+    for shard in video_shards:
+        samples, instances = collect_video_shard(store, shard, frame_stride)
+        sample_parts.append(samples)
+        instance_parts.append(instances)
+    shards = list(shards) + [s for s in video_shards if s not in shards]
     if not sample_parts:
         return Collected(pd.DataFrame(columns=SAMPLE_COLUMNS), pd.DataFrame(), [])
     samples = pd.concat(sample_parts, ignore_index=True)

@@ -109,13 +109,20 @@ def _render_one(
             image_bytes = store.get_bytes(sample_key(previous_root, image_id))
             reused = True
         else:
-            image_bytes = render_image(store.get_bytes(layout.image(shard, image_id)), spec, (height, width))
+            image_bytes = render_image(store.get_bytes(source_key(sample)), spec, (height, width))
         mask_bytes = render_mask(counts, height, width, spec)
     except (ObjectNotFound, ValueError) as exc:  # RenderError, or an RLE pycocotools refuses
         return image_id, False, f"{shard}/{image_id}: {exc}"
     store.put_bytes(sample_key(root, image_id), image_bytes)
     store.put_bytes(mask_key(root, image_id), mask_bytes)
     return image_id, reused, None
+
+
+def source_key(sample: Mapping[str, Any]) -> str:
+    """Where a sample's source picture is stored: ``source_key`` when the sample has one (a video
+    frame), else the shard's normalised image."""
+    key = sample.get("source_key")
+    return key if isinstance(key, str) and key else layout.image(sample["shard"], sample["image_id"])
 
 
 def _manifest_line(sample: Mapping[str, Any]) -> str:
@@ -149,7 +156,7 @@ def merged_coco(samples: pd.DataFrame, instances: pd.DataFrame, info: dict[str, 
     """One COCO file for the whole set, at original resolution (``file_name`` = source image key,
     ``sample_file`` = the resized sample in this version)."""
     images = samples.assign(
-        file_name=[layout.image(s, i) for s, i in zip(samples["shard"], samples["image_id"], strict=True)],
+        file_name=[source_key(sample) for sample in samples.to_dict("records")],
         sample_file=[f"samples/{i}.jpg" for i in samples["image_id"]],
     )
     return build_coco(

@@ -23,6 +23,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import httpx
 
@@ -137,6 +138,21 @@ class ImageFetcher:
 
     async def fetch(self, url: str) -> bytes:
         """The body of ``url``; raises :class:`ImageRejected` once retries are exhausted."""
+        body = _MemoryBody()
+        await self._fetch(url, body)
+        return bytes(body.data)
+
+    async def fetch_to_file(self, url: str, file: BinaryIO) -> int:
+        """Write the body of ``url`` into ``file`` (emptied first, and again before each retry) rather
+        than memory, for large bodies such as videos; returns its size. Raises like :meth:`fetch`.
+
+        The writes are small (one network chunk each) and made on the event loop: meant for local disk.
+        """
+        body = _FileBody(file)
+        await self._fetch(url, body)
+        return body.size
+
+    async def _fetch(self, url: str, body: _Body) -> None:
         retrying = http_retrying(
             retry_on=_Transient,
             attempts=self.policy.max_retries + 1,
@@ -149,24 +165,25 @@ class ImageFetcher:
                 with attempt:
                     # The slot is held for the attempt only, never while sleeping between attempts.
                     async with self._slots:
-                        return await self._attempt_on_least_busy_client(url)
+                        body.reset()
+                        return await self._attempt_on_least_busy_client(url, body)
         except _Transient as exc:
             attempts = self.policy.max_retries + 1
             tries = f"{attempts} attempts" if attempts > 1 else "1 attempt, no retries"
             raise ImageRejected(exc.reason, f"{exc.detail} (gave up after {tries})") from None
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def _attempt_on_least_busy_client(self, url: str) -> bytes:
+    async def _attempt_on_least_busy_client(self, url: str, body: _Body) -> None:
         if not self._clients:
             raise RuntimeError("ImageFetcher is used outside `async with`")
         pick = min(range(len(self._clients)), key=self._in_flight.__getitem__)
         self._in_flight[pick] += 1
         try:
-            return await self._attempt(self._clients[pick], url)
+            return await self._attempt(self._clients[pick], url, body)
         finally:
             self._in_flight[pick] -= 1
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str) -> bytes:
+    async def _attempt(self, client: httpx.AsyncClient, url: str, body: _Body) -> None:
         try:
             async with asyncio.timeout(self.policy.timeout_s):
                 for _ in range(self.policy.max_redirects + 1):
@@ -177,7 +194,7 @@ class ImageFetcher:
                             continue
                         _check_status(response)
                         _check_declared_size(response, self.policy.max_bytes)
-                        return await _read_capped(response, self.policy.max_bytes)
+                        return await _read_capped(response, self.policy.max_bytes, body)
                 raise ImageRejected(
                     RejectReason.HTTP_ERROR, f"more than {self.policy.max_redirects} redirects"
                 )
@@ -243,11 +260,48 @@ def _check_declared_size(response: httpx.Response, max_bytes: int) -> None:
         )
 
 
-async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+class _Body:
+    """Where a response body goes: ``reset`` before each attempt, then ``write`` per chunk."""
+
+    size = 0
+
+    def reset(self) -> None:
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+
+
+class _MemoryBody(_Body):
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def reset(self) -> None:
+        super().reset()
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> None:
+        super().write(chunk)
+        self.data += chunk
+
+
+class _FileBody(_Body):
+    def __init__(self, file: BinaryIO):
+        self.file = file
+
+    def reset(self) -> None:
+        super().reset()
+        self.file.seek(0)
+        self.file.truncate()
+
+    def write(self, chunk: bytes) -> None:
+        super().write(chunk)
+        self.file.write(chunk)
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int, body: _Body) -> None:
     # Servers may omit or understate Content-Length (or gzip a huge body): count what arrives.
-    body = bytearray()
     async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
+        if body.size + len(chunk) > max_bytes:
             raise ImageRejected(RejectReason.TOO_LARGE, f"body exceeds {max_bytes} bytes")
-    return bytes(body)
+        body.write(chunk)

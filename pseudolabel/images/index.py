@@ -1,7 +1,8 @@
 """A shard's items, its image index (``schemas.IMAGE_INDEX``) and parts, and the run's counters.
 
-The items are the sample rows the shard must turn into images (:func:`shard_items`); each becomes an
-index row, ``ok`` or quarantined; :class:`ShardStats` counts them for progress lines and metadata.
+The items are the sample rows the shard must turn into images (:func:`shard_items`; video items are
+set aside by :func:`split_videos`); each becomes an index row, ``ok`` or quarantined; :class:`ShardStats`
+counts them for progress lines and metadata.
 
 A run records each finished row (``ok`` or quarantined) in small index parts,
 ``images/<shard>.parts/<n>.parquet``, as it goes: every ``every`` rows, or once the oldest unrecorded
@@ -40,6 +41,7 @@ import pyarrow.parquet as pq
 from pseudolabel import layout
 from pseudolabel.images.errors import ImageRejected
 from pseudolabel.images.normalize import NormalizedImage
+from pseudolabel.media import media_kind
 from pseudolabel.schemas import IMAGE_INDEX
 from pseudolabel.storage import ObjectNotFound, ObjectStore, write_parquet
 
@@ -65,6 +67,16 @@ def shard_items(sample: pa.Table, shard: str) -> list[SampleItem]:
             seen.add(row["image_id"])
             items.append(SampleItem(image_id=row["image_id"], url=row["url"], label=row["label"]))
     return items
+
+
+def split_videos(items: Iterable[SampleItem]) -> tuple[list[SampleItem], list[SampleItem]]:
+    """``(images, videos)`` of ``items`` in their order, by URL (:func:`pseudolabel.media.media_kind`):
+    video files and frame prefixes are ``video_frames``' work, never downloaded as images."""
+    images: list[SampleItem] = []
+    videos: list[SampleItem] = []
+    for item in items:
+        (videos if media_kind(item.url).is_video else images).append(item)
+    return images, videos
 
 
 # -- index rows ------------------------------------------------------------------------------------

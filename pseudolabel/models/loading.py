@@ -1,5 +1,7 @@
 """Which model to run, as plain data, and building it inside a model worker.
 
+Detectors, segmenters and video trackers (:class:`TrackerSpec`, :data:`TRACKERS`) work alike.
+
 A :class:`DetectorSpec` / :class:`SegmenterSpec` is what the orchestrator's resources hand a worker
 (JSON through Dagster Pipes): backend, variant, checkpoint source and runtime knobs. This module is
 importable without torch: :func:`load_detector` / :func:`load_segmenter` look the backend up in
@@ -19,23 +21,34 @@ import importlib
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pseudolabel.models.checkpoints import RANDOM, ResolvedCheckpoint, default_cache_dir, resolve_checkpoint
 from pseudolabel.models.interfaces import Detector, Segmenter
 from pseudolabel.models.report import SMOKE_RUN_NOTE
 
+if TYPE_CHECKING:
+    from pseudolabel.video.tracking import Tracker
+
 GROUNDING_DINO = "grounding_dino"
 SAM2 = "sam2"
 FAKE = "fake"  # instant deterministic stand-ins (pseudolabel.testing.models): no torch, no weights
+FAKE_BLOBS = "fake_blobs"  # a stand-in detector that finds the flat-coloured shapes of synthetic videos
+FAKES = (FAKE, FAKE_BLOBS)
 # Backend name -> "module:attribute" of its builder, called with the spec; imported when selected.
 DETECTORS: dict[str, str] = {
     GROUNDING_DINO: "pseudolabel.models.grounding_dino_build:load_grounding_dino",
     FAKE: "pseudolabel.testing.models:FakeDetector.from_spec",
+    FAKE_BLOBS: "pseudolabel.testing.models:BlobDetector.from_spec",
 }
 SEGMENTERS: dict[str, str] = {
     SAM2: "pseudolabel.models.sam2_segmenter:load_sam2",
     FAKE: "pseudolabel.testing.models:FakeSegmenter.from_spec",
+}
+# Video trackers (pseudolabel.video.tracking.Tracker): SAM2's video predictor, or a colour follower.
+TRACKERS: dict[str, str] = {
+    SAM2: "pseudolabel.models.sam2_video:load_sam2_video",
+    FAKE: "pseudolabel.testing.models:FakeTracker.from_spec",
 }
 GROUNDING_DINO_VARIANTS = ("swint_ogc", "swinb_cogcoor")
 SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
@@ -82,7 +95,7 @@ class _Spec:
 
     @property
     def is_fake(self) -> bool:
-        return self.backend == FAKE
+        return self.backend in FAKES
 
     @property
     def needs_model_stack(self) -> bool:
@@ -131,6 +144,19 @@ class SegmenterSpec(_Spec):
         super().validate(SEGMENTERS, SAM2_VARIANTS)
 
 
+@dataclass(frozen=True)
+class TrackerSpec(_Spec):
+    """SAM2.1's video predictor (same variants and checkpoints as the segmenter) or ``"fake"``."""
+
+    backend: str = SAM2
+    variant: str = "large"
+    offload_video_to_cpu: bool = True  # window frames in host memory (saves GPU memory, ~no cost)
+    offload_state_to_cpu: bool = False  # tracking memory in host memory (less GPU memory, ~10 % slower)
+
+    def validate(self) -> None:  # type: ignore[override]
+        super().validate(TRACKERS, SAM2_VARIANTS)
+
+
 def load_detector(spec: DetectorSpec) -> Detector:
     """Build the detector a spec describes (checkpoint fetched and verified first)."""
     spec.validate()
@@ -141,6 +167,12 @@ def load_segmenter(spec: SegmenterSpec) -> Segmenter:
     """Build the segmenter a spec describes (checkpoint fetched and verified first)."""
     spec.validate()
     return _builder(SEGMENTERS[spec.backend])(spec)
+
+
+def load_tracker(spec: TrackerSpec) -> Tracker:
+    """Build the video tracker a spec describes (checkpoint fetched and verified first)."""
+    spec.validate()
+    return _builder(TRACKERS[spec.backend])(spec)
 
 
 def _builder(target: str) -> Any:

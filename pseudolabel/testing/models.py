@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,3 +215,184 @@ def box_prompts(image_id: str, width: int, height: int, boxes: np.ndarray) -> Ca
         ["box"] * len(boxes),
         np.arange(len(boxes), dtype=np.int32),
     )
+
+
+# ---- video: a detector and a tracker that really look at the pixels of simple synthetic scenes ----------
+
+
+def _colourful(pixels: np.ndarray, min_chroma: int) -> np.ndarray:
+    """(H, W) bool: pixels whose channels differ by at least ``min_chroma`` (the shapes, not the grey)."""
+    return (pixels.max(axis=2).astype(np.int16) - pixels.min(axis=2)) >= min_chroma
+
+
+def _hue_groups(pixels: np.ndarray, where: np.ndarray) -> dict[int, np.ndarray]:
+    """Colourful pixels within ``where``, grouped by their dominant channel: {channel: (H, W) bool}."""
+    colourful = where & _colourful(pixels, BlobDetector.min_chroma)
+    dominant = pixels.argmax(axis=2)
+    return {int(c): colourful & (dominant == c) for c in np.unique(dominant[colourful])}
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class BlobDetector:
+    """Finds the flat-coloured shapes of synthetic scenes (``pseudolabel.testing.videos``): one box per
+    dominant colour channel (so at most a red, a green and a blue object per frame) over the colourful
+    pixels of that colour, when there are at least ``min_pixels`` of them.
+
+    Scores derive from the colour: ``box_score`` = chroma / 255 (the channel spread: a saturated red
+    scores ~0.8, a dull one low, which tests of thresholds use), ``text_score`` = 0.9 x that; the
+    phrase is the caption's first. Deterministic, no model: backend ``fake_blobs``.
+    """
+
+    min_chroma = 40
+    min_pixels = 12
+
+    def __init__(self, *, batch_size: int = 8) -> None:
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> BlobDetector:
+        return cls(batch_size=spec.batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return _describe("fake_blob_detector", self.batch_size)
+
+    def prepare(self, image_id: str, data: bytes) -> PreparedImage:
+        pixels = _decode(data)
+        return PreparedImage(image_id, pixels.shape[1], pixels.shape[0], pixels)
+
+    def detect(
+        self,
+        batch: Sequence[PreparedImage],
+        captions: Sequence[str],
+        *,
+        box_floor: float = 0.05,
+        text_floor: float = 0.05,
+        max_candidates: int = 300,
+    ) -> list[Candidates]:
+        phrase = phrases_of(normalize_caption(captions[0]))[0]
+        return [self._one(item, phrase, box_floor, text_floor, max_candidates) for item in batch]
+
+    def _one(
+        self, item: PreparedImage, phrase: str, box_floor: float, text_floor: float, top: int
+    ) -> Candidates:
+        pixels = item.pixels
+        boxes, scores = [], []
+        for group in _hue_groups(pixels, np.ones(pixels.shape[:2], bool)).values():
+            ys, xs = np.nonzero(group)
+            if len(ys) < self.min_pixels:
+                continue
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            colour = pixels[ys, xs].astype(np.float32).mean(axis=0)
+            scores.append(float(colour.max() - colour.min()) / 255.0)
+        scores_array = np.asarray(scores, np.float32)
+        found = Candidates(
+            item.image_id,
+            item.width,
+            item.height,
+            boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+            box_scores=scores_array,
+            text_scores=scores_array * 0.9,
+            phrases=[phrase] * len(boxes),
+            query_indices=np.arange(len(boxes), dtype=np.int32),
+        )
+        keep = (found.box_scores > box_floor) & (found.text_scores > text_floor)
+        return found.take(np.flatnonzero(keep)).top(top)
+
+
+class FakeTracker:
+    """Follows a prompted object by its colour (backend ``fake``; see ``pseudolabel.video.tracking``).
+
+    A prompt (box or mask) fixes the object's colour: the mean of the colourful pixels it covers of
+    the dominant colour most of them share (so a box overlapping another shape still picks its own). On
+    each following frame (in either direction) the mask is every pixel within ``tolerance`` of that
+    colour inside the previous mask's bbox grown by ``margin`` (a fraction of its size, at least 4 px),
+    so it follows a shape that moves less than that per frame and vanishes when the shape leaves.
+    Score: 1 - mean colour distance / (2 x tolerance). Frames are decoded on demand and kept until
+    ``reset``; ``max_live_frames`` records the most ever held at once (tests of bounded memory).
+    """
+
+    def __init__(self, *, tolerance: float = 60.0, margin: float = 0.5) -> None:
+        self.tolerance = tolerance
+        self.margin = margin
+        self.max_live_frames = 0
+        self.windows = 0  # init calls
+        self._paths: list[Path] = []
+        self._frames: dict[int, np.ndarray] = {}
+        self._prompts: dict[int, tuple[int, np.ndarray]] = {}  # track_id -> (frame, mask)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> FakeTracker:
+        return cls()
+
+    def describe(self) -> dict[str, Any]:
+        return _describe("fake_tracker", 1) | {"tolerance": self.tolerance, "margin": self.margin}
+
+    def init(self, frames_dir: str) -> None:
+        self.reset()
+        self.windows += 1
+        self._paths = sorted(Path(frames_dir).glob("*.jpg"), key=lambda p: int(p.stem))
+
+    def _frame(self, index: int) -> np.ndarray:
+        if index not in self._frames:
+            self._frames[index] = _decode(self._paths[index].read_bytes())
+            self.max_live_frames = max(self.max_live_frames, len(self._frames))
+        return self._frames[index]
+
+    def add_box(self, frame: int, track_id: int, box: np.ndarray) -> None:
+        height, width = self._frame(frame).shape[:2]
+        x0, y0, x1, y1 = np.round(np.asarray(box, np.float64)).astype(int).tolist()
+        mask = np.zeros((height, width), bool)
+        mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+        self.add_mask(frame, track_id, mask)
+
+    def add_mask(self, frame: int, track_id: int, mask: np.ndarray) -> None:
+        self._prompts[track_id] = (frame, np.asarray(mask, bool))
+
+    def propagate(self, start: int, *, reverse: bool = False) -> Iterator[Any]:
+        from pseudolabel.video.tracking import TrackedFrame
+
+        ids = sorted(self._prompts)
+        colours = {}
+        for track_id in ids:
+            frame, region = self._prompts[track_id]
+            pixels = self._frame(frame)
+            groups = sorted(_hue_groups(pixels, region).values(), key=lambda g: -int(g.sum()))
+            colours[track_id] = pixels[groups[0]].astype(np.float32).mean(axis=0) if groups else None
+        previous = {track_id: self._prompts[track_id][1] for track_id in ids}
+        order = range(start, -1, -1) if reverse else range(start, len(self._paths))
+        for index in order:
+            pixels = self._frame(index).astype(np.float32)
+            masks, scores = [], []
+            for track_id in ids:
+                mask, score = self._follow(pixels, previous[track_id], colours[track_id])
+                previous[track_id] = mask
+                masks.append(mask)
+                scores.append(score)
+            stacked = np.stack(masks) if masks else np.zeros((0, *pixels.shape[:2]), bool)
+            yield TrackedFrame(index, ids, encode_host_masks(stacked), np.asarray(scores, np.float32))
+
+    def _follow(
+        self, pixels: np.ndarray, previous: np.ndarray, colour: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        mask = np.zeros(pixels.shape[:2], bool)
+        if colour is None or not previous.any():
+            return mask, 0.0
+        ys, xs = np.nonzero(previous)
+        grow_y = max(4, int(self.margin * (ys.max() - ys.min() + 1)))
+        grow_x = max(4, int(self.margin * (xs.max() - xs.min() + 1)))
+        y0, y1 = max(0, ys.min() - grow_y), ys.max() + 1 + grow_y
+        x0, x1 = max(0, xs.min() - grow_x), xs.max() + 1 + grow_x
+        distance = np.linalg.norm(pixels[y0:y1, x0:x1] - colour, axis=2)
+        mask[y0:y1, x0:x1] = distance < self.tolerance
+        if not mask.any():
+            return mask, 0.0
+        return mask, float(1.0 - distance[mask[y0:y1, x0:x1]].mean() / (2 * self.tolerance))
+
+    def reset(self) -> None:
+        self._frames.clear()
+        self._prompts.clear()
+        self._paths = []

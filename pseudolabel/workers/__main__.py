@@ -14,10 +14,11 @@ from functools import partial
 from typing import Any
 
 from pseudolabel.models.checkpoints import CheckpointError
-from pseudolabel.models.loading import ModelConfigError, load_detector, load_segmenter
+from pseudolabel.models.loading import ModelConfigError, load_detector, load_segmenter, load_tracker
 from pseudolabel.models.stages import DetectionSettings, SegmentationSettings
 from pseudolabel.storage import open_store
-from pseudolabel.workers.shards import detect_shard, gold_candidates, segment_shard
+from pseudolabel.video.tracking import TrackingSettings
+from pseudolabel.workers.shards import detect_shard, gold_candidates, segment_shard, track_shard
 from pseudolabel.workers.task import (
     DETECTIONS,
     FAILED,
@@ -25,6 +26,7 @@ from pseudolabel.workers.task import (
     MODELS_LOADED,
     SHARD_DONE,
     SHARD_STARTED,
+    VIDEO_TRACKS,
     FailureKind,
     WorkerTask,
     meta,
@@ -49,20 +51,26 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
         f"{task.stage} for {len(task.shards)} shard(s), storage {store.uri()}"
     )
     started = time.perf_counter()
-    detector_spec, segmenter_spec = task.detector_spec(), task.segmenter_spec()
+    detector_spec, segmenter_spec, tracker_spec = (
+        task.detector_spec(),
+        task.segmenter_spec(),
+        task.tracker_spec(),
+    )
     try:
         detector = load_detector(detector_spec) if detector_spec else None
         segmenter = load_segmenter(segmenter_spec) if segmenter_spec else None
+        tracker = load_tracker(tracker_spec) if tracker_spec else None
     except Exception as exc:
         _report_failure(pipes, None, exc)
         raise
     load_s = round(time.perf_counter() - started, 3)
-    models = {name: m.describe() for name, m in (("detector", detector), ("segmenter", segmenter)) if m}
+    loaded_models = (("detector", detector), ("segmenter", segmenter), ("tracker", tracker))
+    models = {name: m.describe() for name, m in loaded_models if m}
     pipes.report_custom_message({"event": MODELS_LOADED, "models": models, "seconds": load_s})
     loaded = ", ".join(f"{name}: {m.get('model')} on {m.get('device')}" for name, m in models.items())
     pipes.log.info(f"loaded {loaded} in {load_s}s")
 
-    workers = (detector_spec or segmenter_spec).num_workers
+    workers = (detector_spec or segmenter_spec or tracker_spec).num_workers
     worker = {
         "pid": os.getpid(),
         "cuda_visible_devices": devices,
@@ -80,6 +88,16 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
         settings = SegmentationSettings(**task.settings)
         process = partial(
             segment_shard, store, segmenter=segmenter, settings=settings, workers=workers, skip=skip
+        )
+    elif task.stage == VIDEO_TRACKS:
+        process = partial(
+            track_shard,
+            store,
+            detector=detector,
+            tracker=tracker,
+            detection=DetectionSettings(**task.settings["detections"]),
+            tracking=TrackingSettings(**task.settings["tracking"]),
+            skip=skip,
         )
     else:  # GOLD_CANDIDATES: the "shard" is the evaluation's storage prefix
         process = partial(

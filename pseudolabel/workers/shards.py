@@ -20,7 +20,7 @@ from pseudolabel import layout
 from pseudolabel.fingerprint import up_to_date
 from pseudolabel.ids import sha256_hex
 from pseudolabel.models.interfaces import Candidates, Detector, Segmenter
-from pseudolabel.models.report import boxes_preview, masks_preview, model_metadata, throughput
+from pseudolabel.models.report import SMOKE_RUN_NOTE, boxes_preview, masks_preview, model_metadata, throughput
 from pseudolabel.models.stages import (
     DetectionSettings,
     ImageRef,
@@ -32,6 +32,8 @@ from pseudolabel.models.stages import (
     segmentation_fingerprint,
 )
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from pseudolabel.video.tracking import Tracker, TrackingSettings
+from pseudolabel.video.tracks_table import ok_videos, track_shard_videos, tracking_fingerprint
 from pseudolabel.workers.task import meta
 
 
@@ -155,6 +157,56 @@ def gold_candidates(
         "detector": meta(model_metadata(detector.describe()), "json"),
         "segmenter": meta(model_metadata(segmenter.describe()), "json"),
     }
+
+
+def track_shard(
+    store: ObjectStore,
+    shard: str,
+    detector: Detector,
+    tracker: Tracker,
+    detection: DetectionSettings,
+    tracking: TrackingSettings,
+    *,
+    skip: bool,
+) -> dict[str, Any]:
+    """Detector keyframes + tracker over every video of ``shard`` -> video_tracks parquet (COCO RLE)."""
+    videos = ok_videos(read_parquet(store, layout.video_frames_index(shard)))
+    identity, tracker_identity = detector.describe(), tracker.describe()
+    fingerprint = tracking_fingerprint(videos, detection, tracking, identity, tracker_identity)
+    key = layout.video_tracks(shard)
+    if skip and up_to_date(store, [key], fingerprint):
+        return _skipped(store, key, fingerprint)
+
+    settings = {"detections": vars(detection), "tracking": vars(tracking)}
+    store.put_json(  # provenance first: a visible output never has an older sidecar
+        layout.provenance(key),
+        {
+            **model_metadata(tracker_identity),
+            "detector": model_metadata(identity),
+            "settings": settings,
+            "fingerprint": fingerprint,
+        },
+    )
+    result = track_shard_videos(store, shard, videos, detector, tracker, detection, tracking, fingerprint)
+    metadata = {name: meta(value) for name, value in result.summary().items()}
+    metadata |= {f"tracker_{k}": meta(v) for k, v in model_metadata(tracker_identity).items()}
+    metadata |= {f"detector_{k}": meta(v) for k, v in model_metadata(identity).items()}
+    smoke = bool(identity.get("smoke_run") or tracker_identity.get("smoke_run"))
+    metadata |= {
+        "smoke_run": meta(smoke),
+        "prompt": meta(detection.prompt),
+        "keyframe_every": meta(tracking.keyframe_every),
+        "match_iou": meta(tracking.match_iou),
+        "max_lost_keyframes": meta(tracking.max_lost_keyframes),
+        "fingerprint": meta(fingerprint),
+        "skipped": meta(False),
+        "path": meta(store.uri(key), "path"),
+    }
+    if smoke:
+        metadata["smoke_run_note"] = meta(SMOKE_RUN_NOTE)
+    if result.preview is not None:
+        metadata["preview"] = meta(result.preview, "md")
+    return metadata
 
 
 def _write_provenance(store: ObjectStore, key: str, identity: dict, settings: Any, fingerprint: str) -> None:

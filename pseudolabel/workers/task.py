@@ -3,7 +3,7 @@
 The orchestrator sends a :class:`WorkerTask` as Pipes extras. The worker answers with Pipes custom
 messages, one dict each, tagged by ``event``:
 
-``models_loaded``  {"detector": identity, "segmenter": identity, "seconds": float}
+``models_loaded``  {"models": {"detector"|"segmenter"|"tracker": identity}, "seconds": float}
 ``shard_started``  {"shard": str}
 ``shard_done``     {"shard": str, "metadata": {name: {"type": ..., "raw_value": ...}}}
 ``failed``         {"shard": str | None, "kind": FailureKind, "message": str}
@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pseudolabel.models.loading import DetectorSpec, SegmenterSpec
+from pseudolabel.models.loading import DetectorSpec, SegmenterSpec, TrackerSpec
 
 DETECTIONS = "detections"
 MASKS = "masks"
 GOLD_CANDIDATES = "gold_candidates"  # label_quality: both models over a gold set, the chain's settings
-STAGES = (DETECTIONS, MASKS, GOLD_CANDIDATES)
+VIDEO_TRACKS = "video_tracks"  # detector keyframes + tracker over every video of a shard
+STAGES = (DETECTIONS, MASKS, GOLD_CANDIDATES, VIDEO_TRACKS)
 
 # Event names of the worker's custom messages.
 MODELS_LOADED = "models_loaded"
@@ -36,14 +37,15 @@ FailureKind = Literal["config", "oom", "error"]
 
 @dataclass(frozen=True)
 class WorkerTask:
-    stage: str  # DETECTIONS | MASKS | GOLD_CANDIDATES
+    stage: str  # DETECTIONS | MASKS | GOLD_CANDIDATES | VIDEO_TRACKS
     shards: list[str]  # shard names; for GOLD_CANDIDATES the storage prefix of the evaluation
     storage: str  # a local directory or s3://bucket/prefix (credentials come from the environment)
     # The stage's settings: DetectionSettings / SegmentationSettings fields, or for GOLD_CANDIDATES
-    # {"detections": {...}, "masks": {...}}.
+    # {"detections": {...}, "masks": {...}}, for VIDEO_TRACKS {"detections": {...}, "tracking": {...}}.
     settings: dict[str, Any] = field(default_factory=dict)
     detector: dict[str, Any] | None = None  # DetectorSpec.to_dict()
     segmenter: dict[str, Any] | None = None  # SegmenterSpec.to_dict()
+    tracker: dict[str, Any] | None = None  # TrackerSpec.to_dict()
     skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
 
     def __post_init__(self) -> None:
@@ -65,10 +67,15 @@ class WorkerTask:
     def segmenter_spec(self) -> SegmenterSpec | None:
         return SegmenterSpec.from_dict(self.segmenter) if self.segmenter is not None else None
 
+    def tracker_spec(self) -> TrackerSpec | None:
+        return TrackerSpec.from_dict(self.tracker) if self.tracker is not None else None
+
     @property
     def needs_model_stack(self) -> bool:
         """Whether the worker needs torch and the model packages (False for fake models only)."""
-        specs = [s for s in (self.detector_spec(), self.segmenter_spec()) if s is not None]
+        specs = [
+            s for s in (self.detector_spec(), self.segmenter_spec(), self.tracker_spec()) if s is not None
+        ]
         return any(spec.needs_model_stack for spec in specs)
 
 
