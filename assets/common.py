@@ -14,14 +14,19 @@ A retried GPU step runs with half the batch size per retry.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from dagster import (
+    AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     BackfillPolicy,
     Backoff,
     DagsterInstance,
     DynamicPartitionsDefinition,
+    Failure,
     Jitter,
+    MaterializeResult,
     RetryPolicy,
 )
 
@@ -97,6 +102,45 @@ def gpu_shard_asset_args() -> dict:
         "retry_policy": gpu_retry(),
         "backfill_policy": shards_per_run(),
     }
+
+
+def materialize_each_shard(
+    context: AssetExecutionContext, process: Callable[[str], dict[str, object]]
+) -> MaterializeResult:
+    """``process(shard) -> metadata`` for every shard of the run (one, or a backfill range), one
+    materialization per shard. When a shard fails, the shards already finished are recorded before the
+    failure propagates, so a rerun shows what is done."""
+    done: dict[str, dict[str, object]] = {}
+    for shard in context.partition_keys:
+        try:
+            done[shard] = process(shard)
+        except BaseException:
+            for finished, metadata in done.items():
+                context.log_event(
+                    AssetMaterialization(context.asset_key, partition=finished, metadata=metadata)
+                )
+            raise
+    for shard, metadata in done.items():
+        context.add_asset_metadata(metadata, partition_key=shard)
+    return MaterializeResult()
+
+
+def fail_above_rate(
+    shard: str, quarantined: int, total: int, max_rate: float, what: str, metadata: dict, hint: str = ""
+) -> None:
+    """Fail the shard (once: the same inputs would fail the same way) when more than ``max_rate`` of
+    its ``total`` ``what`` were quarantined; the index was written first, so nothing is lost."""
+    rate = quarantined / total if total else 0.0
+    if rate > max_rate:
+        raise Failure(
+            description=(
+                f"{shard}: {quarantined} of {total} {what} quarantined ({rate:.0%} > max_failure_rate "
+                f"{max_rate:.0%}); the index was written, see the quarantine reasons. Fix the cause and "
+                f"re-materialize{hint}."
+            ),
+            metadata=metadata,
+            allow_retries=False,
+        )
 
 
 # The catalog cursor lives in Dagster: ``catalog_offset`` metadata of the latest ``stratified_sample``.

@@ -6,16 +6,20 @@ import os
 
 from dagster import (
     AssetExecutionContext,
-    AssetMaterialization,
     Config,
-    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 from pydantic import Field
 
-from assets.common import network_retry, shard_partitions, shards_per_run
+from assets.common import (
+    fail_above_rate,
+    materialize_each_shard,
+    network_retry,
+    shard_partitions,
+    shards_per_run,
+)
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items, split_videos
@@ -81,41 +85,25 @@ def normalized_images(
     its own materialization."""
     store = storage.store()
     sample = read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS)
-    shards = list(context.partition_keys)
-    done: dict[str, dict[str, object]] = {}
-    for shard in shards:
+
+    def one_shard(shard: str) -> dict[str, object]:
         stale = _remove_stale_temp(context, store, shard)
         items, videos = split_videos(shard_items(sample, shard))
         context.log.info(f"{shard}: {len(items)} sampled images")
         if videos:  # video files and frame prefixes are video_frames' work: not downloaded here
             context.log.info(f"{shard}: skipped {len(videos)} video items (see video_frames)")
-        try:
-            # Writes the index (before any failure below, so a failure loses nothing) and records
-            # progress as it goes, so a rerun after a crash fetches only what was not finished.
-            result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
-            metadata = _metadata(store, shard, result, stale, videos_skipped=len(videos))
-            stats = result.stats
-            if stats.failure_rate > config.max_failure_rate:
-                raise Failure(
-                    description=(
-                        f"{shard}: {stats.quarantined} of {stats.total} images quarantined "
-                        f"({stats.failure_rate:.0%} > max_failure_rate {config.max_failure_rate:.0%}); the "
-                        "index was written, see the quarantine reasons. Fix the cause and re-materialize: "
-                        "stored images are reused."
-                    ),
-                    metadata=metadata,
-                    allow_retries=False,  # the same inputs would fail the same way
-                )
-        except BaseException:
-            for finished, finished_metadata in done.items():  # finished shards count even so
-                context.log_event(
-                    AssetMaterialization(context.asset_key, partition=finished, metadata=finished_metadata)
-                )
-            raise
-        done[shard] = metadata
-    for shard, metadata in done.items():
-        context.add_asset_metadata(metadata, partition_key=shard)
-    return MaterializeResult()
+        # Writes the index (before any failure below, so a failure loses nothing) and records
+        # progress as it goes, so a rerun after a crash fetches only what was not finished.
+        result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
+        metadata = _metadata(store, shard, result, stale, videos_skipped=len(videos))
+        stats = result.stats
+        hint = ": stored images are reused"
+        fail_above_rate(
+            shard, stats.quarantined, stats.total, config.max_failure_rate, "images", metadata, hint
+        )
+        return metadata
+
+    return materialize_each_shard(context, one_shard)
 
 
 def _remove_stale_temp(context: AssetExecutionContext, store: ObjectStore, shard: str) -> int:

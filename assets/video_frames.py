@@ -4,16 +4,20 @@
 # annotations at decoration time and cannot resolve them from strings.
 from dagster import (
     AssetExecutionContext,
-    AssetMaterialization,
     Config,
-    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 from pydantic import Field
 
-from assets.common import network_retry, shard_partitions, shards_per_run
+from assets.common import (
+    fail_above_rate,
+    materialize_each_shard,
+    network_retry,
+    shard_partitions,
+    shards_per_run,
+)
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items, split_videos
@@ -86,40 +90,23 @@ def video_frames(
     store = storage.store()
     sample = read_parquet(store, layout.SAMPLE, columns=SAMPLE_COLUMNS)
     options = config.video_options()
-    done: dict[str, dict[str, object]] = {}
-    for shard in context.partition_keys:
+
+    def one_shard(shard: str) -> dict[str, object]:
         images, videos = split_videos(shard_items(sample, shard))
         context.log.info(
             f"{shard}: {len(videos)} sampled videos ({len(images)} images left to normalized_images)"
         )
-        try:
-            result = process_video_shard(store, shard, videos, options, progress=context.log.info)
-            metadata = _metadata(store, shard, result)
-            stats = result.stats
-            context.log.info(
-                f"{shard}: {stats.ok} videos -> {stats.frames} frames, {stats.quarantined} quarantined, "
-                f"in {stats.elapsed_s:.1f}s"
-            )
-            if stats.failure_rate > config.max_failure_rate:
-                raise Failure(
-                    description=(
-                        f"{shard}: {stats.quarantined} of {stats.videos} videos quarantined "
-                        f"({stats.failure_rate:.0%} > max_failure_rate {config.max_failure_rate:.0%}); the "
-                        "index was written, see the quarantine reasons. Fix the cause and re-materialize."
-                    ),
-                    metadata=metadata,
-                    allow_retries=False,  # the same inputs would fail the same way
-                )
-        except BaseException:
-            for finished, finished_metadata in done.items():  # finished shards count even so
-                context.log_event(
-                    AssetMaterialization(context.asset_key, partition=finished, metadata=finished_metadata)
-                )
-            raise
-        done[shard] = metadata
-    for shard, metadata in done.items():
-        context.add_asset_metadata(metadata, partition_key=shard)
-    return MaterializeResult()
+        result = process_video_shard(store, shard, videos, options, progress=context.log.info)
+        metadata = _metadata(store, shard, result)
+        stats = result.stats
+        context.log.info(
+            f"{shard}: {stats.ok} videos -> {stats.frames} frames, {stats.quarantined} quarantined, "
+            f"in {stats.elapsed_s:.1f}s"
+        )
+        fail_above_rate(shard, stats.quarantined, stats.videos, config.max_failure_rate, "videos", metadata)
+        return metadata
+
+    return materialize_each_shard(context, one_shard)
 
 
 def _metadata(store: ObjectStore, shard: str, result: VideoShardResult) -> dict[str, object]:
