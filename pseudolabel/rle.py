@@ -2,7 +2,9 @@
 
 Masks are stored as ``rle_counts`` strings plus height and width. :func:`encode_device_masks` finds run
 boundaries on the mask's own device (GPU in production), so only O(perimeter) indices cross to the
-host; its output is byte-identical to ``pycocotools.mask.encode``. Area and bbox always go through
+host; its output is byte-identical to ``pycocotools.mask.encode``. :func:`encode_crops` encodes masks
+that are zero outside a rectangle from just that rectangle (the SAM2 segmenter's layout, see
+:func:`crop_slots`), equally byte-identical. Area and bbox always go through
 :func:`rle_areas` / :func:`rle_bboxes`, which chunk pycocotools' calls (2.0.11 + numpy 2 overflows
 above 255 RLEs per ``area`` call).
 """
@@ -84,8 +86,57 @@ def encode_device_masks(masks: torch.Tensor) -> EncodedMasks:
         runs = np.diff(np.concatenate(([0], ends, [total])))
         if starts_on[i]:
             runs = np.concatenate(([0], runs))  # COCO counts always start with a (possibly empty) 0-run
-        rles.append(mask_utils.frPyObjects({"counts": runs.tolist(), "size": [height, width]}, height, width))
+        rles.append(_runs_to_rle(runs, height, width))
     return _from_rles(rles, height, width)
+
+
+def crop_slots(widths: np.ndarray, heights: np.ndarray, height: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where :func:`encode_crops` expects each crop in one flat bool buffer: (offsets (M,), strides (M,), total).
+
+    Crop m is ``widths[m]`` columns of ``heights[m]`` pixels, stored column by column (COCO's pixel
+    order) as ``buffer[offsets[m] + 1 : offsets[m] + 1 + widths[m] * strides[m]].view(w, stride)[:, :h]``.
+    Everything else in its slot stays 0: one leading element, one trailing element, and, when the crop
+    is shorter than the image, one element after each column (``strides[m] = h + 1``) -- the pixel
+    below the crop or, at the bottom edge, above the next column's crop, which is 0 in the full mask too.
+    """
+    widths = np.asarray(widths, np.int64)
+    heights = np.asarray(heights, np.int64)
+    strides = np.where(heights < height, heights + 1, heights)
+    sizes = widths * strides + 2
+    offsets = np.cumsum(sizes) - sizes
+    return offsets, strides, int(sizes.sum())
+
+
+def encode_crops(buffer: np.ndarray, boxes: np.ndarray, height: int, width: int) -> EncodedMasks:
+    """Masks that are 0 outside ``boxes`` (M, 4) int ``x0, y0, w, h`` -> COCO RLE at ``height`` x ``width``.
+
+    ``buffer``: the flat bool crops laid out by :func:`crop_slots` (``boxes[:, 2]``, ``boxes[:, 3]``,
+    ``height``). Byte-identical to :func:`encode_host_masks` of the full masks, at a cost that grows
+    with the crop area, not the image area.
+    """
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    if not len(boxes):
+        return EncodedMasks.empty(height, width)
+    offsets, strides, _ = crop_slots(boxes[:, 2], boxes[:, 3], height)
+    total = height * width
+    rles = []
+    for (x0, y0, w, _), offset, stride in zip(
+        boxes.tolist(), offsets.tolist(), strides.tolist(), strict=True
+    ):
+        slot = buffer[offset : offset + w * stride + 2]
+        # Element e of the slot body (after the leading 0) is pixel (x0 + e // stride, y0 + e % stride):
+        # a change between slot elements e and e + 1 starts a run at body element e.
+        changes = np.flatnonzero(slot[1:] != slot[:-1])
+        column, row = np.divmod(changes, stride)
+        starts = (x0 + column) * height + y0 + row
+        runs = np.diff(starts[starts < total], prepend=0, append=total)
+        rles.append(_runs_to_rle(runs, height, width))
+    return _from_rles(rles, height, width)
+
+
+def _runs_to_rle(runs: np.ndarray, height: int, width: int) -> dict:
+    """Uncompressed COCO counts (a 0-run first) -> pycocotools' compressed RLE dict."""
+    return mask_utils.frPyObjects({"counts": runs.tolist(), "size": [height, width]}, height, width)
 
 
 def encode_host_masks(masks: np.ndarray) -> EncodedMasks:

@@ -90,6 +90,7 @@ class DetectorResource(_ModelResource):
     text_encoder: str | None = None  # local dir or hub name; "tiny-random" for smoke runs
     max_size: int | None = None  # input long-side cap; image_size is the short side
     max_boxes_per_caption: int | None = None  # fake backend only
+    compile: bool | None = None  # torch.compile backbone + transformer (default False)
 
     def spec(self) -> DetectorSpec:
         return self._spec(PRESETS[self.preset()][0])

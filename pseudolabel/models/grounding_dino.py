@@ -35,8 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pseudolabel.models.deformable_attention import install_host_shape_deformable_attention, spatial_shapes
 from pseudolabel.models.interfaces import Candidates, PreparedImage, normalize_caption
-from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, prepare_image
+from pseudolabel.models.runtime import (
+    FP32,
+    HostCopy,
+    describe_runtime,
+    enable_tf32,
+    inference,
+    normalization,
+    prepare_image,
+)
 
 
 def input_size(width: int, height: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -61,6 +70,7 @@ class EncodedCaption:
     self_attention: torch.Tensor  # (1, T, T) bool, tokens attend within their phrase
     phrase_tokens: torch.Tensor  # (C, T) bool, tokens of each of the C phrases
     phrases: list[str]  # (C,) decoded phrase text
+    has_phrase_tokens: bool = True  # any token in any phrase (known on the host: no sync per batch)
 
 
 class GroundingDinoDetector:
@@ -71,6 +81,8 @@ class GroundingDinoDetector:
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per forward pass.
       image_size, max_size: model input short side and long-side cap (800 / 1333 as trained).
+      compile: ``torch.compile`` the backbone and the transformer (opt-in: the first batches of every
+        new input shape pay the compilation; unmeasured here, see the README's GPU throughput notes).
       info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
     """
 
@@ -83,9 +95,18 @@ class GroundingDinoDetector:
         batch_size: int = 8,
         image_size: int = 800,
         max_size: int = 1333,
+        compile: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
+        install_host_shape_deformable_attention()
+        enable_tf32(device)
         self.model = model.to(device).eval()
+        self.compiled = compile
+        # Called through these (the model's own attributes stay as built: weights, indexing, state_dict).
+        self._backbone: Any = torch.compile(model.backbone, dynamic=True) if compile else model.backbone
+        self._transformer: Any = (
+            torch.compile(model.transformer, dynamic=True) if compile else model.transformer
+        )
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
@@ -132,14 +153,21 @@ class GroundingDinoDetector:
         with inference(self.device, self.precision):
             samples = self._batch_tensor(batch)
             features = self._image_features(samples)
-            for caption_index, caption in enumerate(captions):
+            for caption in captions:
                 encoded = self.encode_caption(caption)
                 logits, boxes = self._decode(features, encoded)
-                # Offset by the caption so merged query indices stay unique and in caption order.
-                offset = caption_index * logits.shape[1]
-                per_caption.append(self._select(batch, logits, boxes, encoded, box_floor, text_floor, offset))
+                scores = self._score(logits, boxes, encoded, box_floor, text_floor)
+                per_caption.append((encoded, logits.shape[1], scores))
+        # Every caption's (B, Q, 8) scores cross to the host together: one synchronisation per batch.
+        scored = [scores for _, _, scores in per_caption if scores is not None]
+        host = iter(HostCopy(scored).wait() if scored else [])
+        found = []
+        offset = 0  # caption_index * num_queries: merged query indices stay unique and in caption order
+        for encoded, queries, scores in per_caption:
+            found.append(self._select(batch, None if scores is None else next(host), encoded, offset))
+            offset += queries
         # Stable sort: equal box scores keep caption, then query order.
-        return [Candidates.concat(found).top(max_candidates) for found in zip(*per_caption, strict=True)]
+        return [Candidates.concat(parts).top(max_candidates) for parts in zip(*found, strict=True)]
 
     def encode_caption(self, caption: str) -> EncodedCaption:
         """Tokenise + BERT + feat_map for ``caption``; cached, so a fixed prompt is encoded once."""
@@ -189,6 +217,7 @@ class GroundingDinoDetector:
             self_attention=self_attention,
             phrase_tokens=phrase_tokens,
             phrases=phrases,
+            has_phrase_tokens=bool(phrases) and bool(phrase_tokens.cpu().any()),
         )
         self._captions[caption] = encoded
         return encoded
@@ -222,7 +251,7 @@ class GroundingDinoDetector:
         from groundingdino.util.misc import NestedTensor
 
         model = self.model
-        levels, positions = model.backbone(samples)
+        levels, positions = self._backbone(samples)
         sources, masks = [], []
         for level, feature in enumerate(levels):
             source, mask = feature.decompose()
@@ -252,7 +281,8 @@ class GroundingDinoDetector:
             "position_ids": encoded.position_ids.expand(batch, -1),
             "text_self_attention_masks": encoded.self_attention.expand(batch, -1, -1),
         }
-        hidden, references, _, _, _ = model.transformer(sources, masks, None, positions, None, None, text)
+        with spatial_shapes(sources):
+            hidden, references, _, _, _ = self._transformer(sources, masks, None, positions, None, None, text)
         # The transformer replaced text["encoded_text"] with the image-fused text features: the class
         # head must see those. Heads in fp32: bf16 box coordinates would be off by several pixels.
         with torch.autocast(self.device.type, enabled=False):
@@ -262,34 +292,54 @@ class GroundingDinoDetector:
             logits = model.class_embed[-1](last, text)[..., : encoded.features.shape[1]]
         return logits, boxes
 
-    def _select(
+    def _score(
         self,
-        batch: Sequence[PreparedImage],
         logits: torch.Tensor,
         boxes: torch.Tensor,
         encoded: EncodedCaption,
         box_floor: float,
         text_floor: float,
-        query_offset: int = 0,
-    ) -> list[Candidates]:
-        """One caption's candidates per image of ``batch``, boxes mapped to original pixels (xyxy,
-        clipped). Every query is scored on the device; the (B, Q) results cross to the host once for
-        selection. Survivors stay in query order; ``query_indices`` = ``query_offset`` + decoder query."""
+    ) -> torch.Tensor | None:
+        """Every query scored on the device: (B, Q, 8) fp32 = keep, cx, cy, w, h, box_score, text_score,
+        phrase index; None when the caption has no phrase token (nothing can be reported)."""
+        if not encoded.has_phrase_tokens:
+            return None
         probs = logits.sigmoid()  # (B, Q, T); padding tokens are -inf -> 0
         box_scores = probs.max(dim=-1).values
         phrase_tokens = encoded.phrase_tokens  # (C, T)
         in_phrase = phrase_tokens.any(dim=0)
-        if not bool(in_phrase.any()):
-            return [Candidates.empty(item.image_id, item.width, item.height) for item in batch]
         token_phrase = phrase_tokens.float().argmax(dim=0)  # (T,) phrase index of each phrase token
         best_token = probs.masked_fill(~in_phrase, -1.0).argmax(dim=-1)  # (B, Q)
         phrase = token_phrase[best_token]
         text_scores = probs.masked_fill(~phrase_tokens[phrase], 2.0).amin(dim=-1)
+        # keep is 0/1 and phrase a small integer: both exact in fp32.
         keep = (box_scores > box_floor) & (text_scores > text_floor)
-        # B x Q scores are a few KB: one transfer, then select on the host.
-        keep, boxes, box_scores, text_scores, phrase = (
-            t.cpu().numpy() for t in (keep, boxes, box_scores, text_scores, phrase)
-        )
+        return torch.cat(
+            [
+                keep[..., None].float(),
+                boxes.float(),
+                box_scores[..., None],
+                text_scores[..., None],
+                phrase[..., None].float(),
+            ],
+            dim=-1,
+        ).contiguous()
+
+    def _select(
+        self,
+        batch: Sequence[PreparedImage],
+        scores: np.ndarray | None,
+        encoded: EncodedCaption,
+        query_offset: int = 0,
+    ) -> list[Candidates]:
+        """One caption's candidates per image of ``batch`` from its host ``scores`` (B, Q, 8) (see
+        :meth:`_score`), boxes mapped to original pixels (xyxy, clipped). Survivors stay in query
+        order; ``query_indices`` = ``query_offset`` + decoder query."""
+        if scores is None:
+            return [Candidates.empty(item.image_id, item.width, item.height) for item in batch]
+        keep = scores[..., 0] > 0
+        boxes, box_scores, text_scores = scores[..., 1:5], scores[..., 5], scores[..., 6]
+        phrase = scores[..., 7].astype(np.int64)
         found = []
         for i, item in enumerate(batch):
             rows = np.flatnonzero(keep[i])

@@ -91,6 +91,7 @@ def load_grounding_dino(spec: DetectorSpec) -> GroundingDinoDetector:
         batch_size=spec.batch_size,
         image_size=spec.image_size or (tiny.TINY_DINO_IMAGE_SIZE if spec.tiny else 800),
         max_size=spec.max_size or (tiny.TINY_DINO_MAX_SIZE if spec.tiny else 1333),
+        compile=spec.compile,
         info=info,
     )
 

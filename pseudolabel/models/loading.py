@@ -129,6 +129,7 @@ class DetectorSpec(_Spec):
     text_encoder: str = "bert-base-uncased"
     max_size: int | None = None  # input long-side cap; default 1333 (224 when tiny); image_size = short side
     max_boxes_per_caption: int = 3  # fake backend only
+    compile: bool = False  # torch.compile backbone + transformer (opt-in; compiles per new input shape)
 
     def validate(self) -> None:  # type: ignore[override]
         super().validate(DETECTORS, GROUNDING_DINO_VARIANTS)
@@ -187,12 +188,12 @@ def _builder(target: str) -> Any:
 def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True) -> list[Path]:
     """Download (once) and verify the default checkpoints into the model cache; with ``text_encoder``,
     also bert-base-uncased into the Hugging Face cache. Returns the local paths."""
-    from pseudolabel.models import grounding_dino_build, sam2_segmenter
+    from pseudolabel.models import grounding_dino_build, sam2_build
 
     paths = []
     for spec, checkpoint in (
         (DetectorSpec(cache_dir=cache_dir), grounding_dino_build.VARIANTS[DetectorSpec.variant].checkpoint),
-        (SegmenterSpec(cache_dir=cache_dir), sam2_segmenter.VARIANTS[SegmenterSpec.variant].checkpoint),
+        (SegmenterSpec(cache_dir=cache_dir), sam2_build.VARIANTS[SegmenterSpec.variant].checkpoint),
     ):
         resolved = spec_checkpoint(spec, checkpoint)
         if resolved.path is not None:

@@ -1,95 +1,60 @@
-"""Batched SAM2 box-prompted segmentation, with masks encoded to COCO RLE on the device.
+"""Batched SAM2 box-prompted segmentation, masks upsampled only where they can be positive.
 
 ``SAM2ImagePredictor`` embeds one image per call (or a list through ``set_image_batch``, whose
 feature sizes are hard-wired to 1024 px inputs) and returns float32 masks at full resolution on the
-host: ~480 MB for a 12 MP image with 10 boxes. :class:`Sam2Segmenter` instead
+host: ~480 MB for a 12 MP image with 10 boxes. :class:`Sam2Segmenter` instead, per batch of B images
+with N boxes in all (S = model input size, s = S/4, H x W = each image's original size):
 
-    encodes a batch of images         (B, 3, S, S) -> image embeddings (B, 256, S/16, S/16) + 2 high-res levels
-    decodes per image, all boxes at once  (N, 4) boxes -> low-res logits (N, K, S/4, S/4), IoU (N, K)
-    upsamples on the device in chunks  -> (n, H, W) bool -> run boundaries -> RLE on the host
+    encode     (B, 3, S, S) uint8 -> embeddings (B, 256, S/16, S/16) + high-res (B, 32, s, s), (B, 64, s/2, s/2)
+    decode     all N boxes of the batch together, ``max_boxes_per_call`` at a time, each box reading its
+               own image's features -> low-res logits (N, K, s, s), IoU (N, K) -> best of K: (N, s, s)
+    bound      per mask, the low-res rows/columns holding a logit > 0            -> (N, 4), sync 1
+    upsample   bilinear to H x W inside each bound only, > 0, into one flat bool buffer (``rle.crop_slots``)
+    copy       that buffer to (pinned) host memory, ``non_blocking``                 -> sync 2, later
+    encode     COCO RLE from the crops (``rle.encode_crops``) on worker threads, overlapping the next batch
 
-so only RLE-sized data leaves the device.
+Why skipping everything outside the bound is exact: a bilinear output pixel is a convex combination
+(non-negative weights) of at most 2 x 2 low-res logits, so where those are all <= 0 it is <= 0 too,
+i.e. background. Inside the bound the interpolation uses PyTorch's source indices and weights
+(``mask_upsample.BilinearAxis``) as two separable passes; the values equal ``F.interpolate(mode="bilinear",
+align_corners=False)`` to within float rounding (PyTorch's kernel orders / fuses the products
+differently), so a pixel can only flip where its logit is within ~1 ulp of 0 (2 pixels in 216 M
+measured). ``tests/worker/test_sam2_segmenter.py`` checks both: nothing positive outside the crops,
+and the masks equal full upsampling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pseudolabel.models import tiny
-from pseudolabel.models.checkpoints import CheckpointSpec
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_identity, spec_runtime
-from pseudolabel.models.runtime import FP32, describe_runtime, inference, normalization, prepare_image, seeded
-from pseudolabel.rle import EncodedMasks, encode_device_masks
-
-_RELEASES = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
-
-
-@dataclass(frozen=True)
-class Sam2Variant:
-    config_file: str  # hydra config name inside the sam2 package
-    checkpoint: CheckpointSpec
-
-
-def _variant(name: str, letter: str) -> Sam2Variant:
-    filename = f"sam2.1_hiera_{name}.pt"
-    # Digests not pinned: no reliable published source; recorded on first download (checkpoints.py).
-    return Sam2Variant(
-        f"configs/sam2.1/sam2.1_hiera_{letter}.yaml",
-        CheckpointSpec(f"SAM2.1 hiera_{name}", filename, f"{_RELEASES}/{filename}", None),
-    )
-
-
-VARIANTS: dict[str, Sam2Variant] = {
-    "tiny": _variant("tiny", "t"),
-    "small": _variant("small", "s"),
-    "base_plus": _variant("base_plus", "b+"),
-    "large": _variant("large", "l"),
-}
-DEFAULT_VARIANT = "large"
-
-
-def build_sam2_model(
-    variant: str = DEFAULT_VARIANT,
-    checkpoint: Path | None = None,
-    *,
-    overrides: Sequence[str] = (),
-    seed: int = 0,
-) -> nn.Module:
-    """Build a SAM2.1 model on the CPU; load ``checkpoint`` or keep a seeded random init.
-
-    ``overrides`` are hydra overrides (see :func:`pseudolabel.models.tiny.tiny_sam2_overrides`).
-    The stock post-processing settings of ``build_sam2`` (dynamic multimask fallback) are kept.
-    """
-    from sam2.build_sam import build_sam2
-
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM2 variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    with seeded(seed):
-        return build_sam2(
-            VARIANTS[variant].config_file,
-            str(checkpoint) if checkpoint else None,
-            device="cpu",
-            hydra_overrides_extra=list(overrides),
-        )
+from pseudolabel.models.mask_upsample import DeviceAxes, crop_boxes, fill_crops, positive_bounds
+from pseudolabel.models.runtime import (
+    FP32,
+    HostCopy,
+    describe_runtime,
+    inference,
+    normalization,
+    prepare_image,
+    to_device,
+    usable_cpus,
+)
+from pseudolabel.models.sam2_build import VARIANTS, build_sam2_model, sam2_overrides
+from pseudolabel.rle import crop_slots, encode_crops
 
 
 def load_sam2(spec: SegmenterSpec) -> Sam2Segmenter:
     """The segmenter ``spec`` describes: checkpoint fetched and verified, model built and placed."""
     resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
     device, precision = spec_runtime(spec, resolved)
-    size = spec.image_size or (tiny.TINY_SAM2_IMAGE_SIZE if spec.tiny else None)
-    overrides = tiny.tiny_sam2_overrides(size) if spec.tiny else []
-    if spec.image_size and not spec.tiny:
-        overrides.append(f"++model.image_size={spec.image_size}")
+    overrides = sam2_overrides(spec.tiny, spec.image_size)
     model = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
     info = {
         "model": "sam2.1",
@@ -113,9 +78,13 @@ class Sam2Segmenter:
       model: a built ``SAM2Base`` (see :func:`build_sam2_model`); its ``image_size`` S sets the input size.
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per image-encoder pass.
-      max_boxes_per_call: boxes per mask-decoder call (all boxes of an image up to this many).
-      chunk_pixels: cap on masks x H x W upsampled at once on the device (bounds device memory
-        for 12 MP images with many boxes).
+      max_boxes_per_call: boxes per mask-decoder call, taken across the images of a batch.
+      chunk_pixels: cap on mask pixels (bytes) upsampled into one device buffer and copied to the host
+        at once; a batch whose masks need more is copied in several rounds (one sync each).
+      rle_workers: threads encoding RLE while the next batch runs (default: min(4, usable CPUs)).
+      mix_images: let one decoder call hold several images' boxes (default: on CUDA only; mixing saves
+        kernel launches on a GPU, while on the CPU gathering each box's image features costs more
+        than the call, see bench/gpu_host_overhead.py).
       info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
     """
 
@@ -127,7 +96,9 @@ class Sam2Segmenter:
         precision: str = FP32,
         batch_size: int = 8,
         max_boxes_per_call: int = 64,
-        chunk_pixels: int = 1 << 27,
+        chunk_pixels: int = 1 << 30,
+        rle_workers: int | None = None,
+        mix_images: bool | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.to(device).eval()
@@ -139,6 +110,12 @@ class Sam2Segmenter:
         self.chunk_pixels = chunk_pixels
         self._info = dict(info or {})
         self._scale, self._shift = normalization(device)
+        self._corner_labels = torch.tensor([[2, 3]], dtype=torch.int, device=device)  # box = 2 corner points
+        self._axes = DeviceAxes(device)
+        self.mix_images = device.type == "cuda" if mix_images is None else mix_images
+        self._rle = ThreadPoolExecutor(
+            max_workers=rle_workers or min(4, usable_cpus()), thread_name_prefix="rle"
+        )
 
     def describe(self) -> dict[str, Any]:
         return describe_runtime(
@@ -162,16 +139,43 @@ class Sam2Segmenter:
         With ``multimask`` SAM2 returns 3 masks per box and the highest predicted IoU is kept; without,
         1 mask (SAM2's own stability fallback may still pick among its 3 internally).
         """
+        return self.submit(batch, candidates, multimask=multimask).result()
+
+    def submit(
+        self, batch: Sequence[PreparedImage], candidates: Sequence[Candidates], *, multimask: bool = False
+    ) -> PendingMasks:
+        """:meth:`segment` whose RLE encoding is still running on worker threads: the device work and
+        copies are queued, so the caller can submit the next batch before collecting this one."""
         if len(batch) != len(candidates):
             raise ValueError(f"{len(batch)} images but {len(candidates)} candidate sets")
-        if not batch:
-            return []
+        outputs = 3 if multimask else 1
+        counts = [len(found) for found in candidates]
+        if not sum(counts):
+            return PendingMasks([_done(found.with_no_masks(outputs)) for found in candidates])
         with inference(self.device, self.precision):
             embeddings, high_res = self._encode(batch)
-            return [
-                self._segment_one(item, found, i, embeddings, high_res, multimask)
-                for i, (item, found) in enumerate(zip(batch, candidates, strict=True))
-            ]
+            low_res, iou, chosen = self._decode(batch, candidates, embeddings, high_res, multimask)
+            del embeddings, high_res
+            # Sync 1: which low-res rows/columns of each mask hold a positive logit, and the scores.
+            bounds, chosen_host, iou_host = HostCopy([positive_bounds(low_res), chosen, iou]).wait()
+            crops = crop_boxes(self.image_size // 4, batch, counts, bounds)
+            rounds = self._upsample(low_res, batch, counts, crops)
+        futures = []
+        first = 0
+        for found, count, (copy, base) in zip(candidates, counts, rounds, strict=True):
+            rows = slice(first, first + count)
+            first += count
+            if not count:
+                futures.append(_done(found.with_no_masks(outputs)))
+                continue
+            scores = iou_host[rows]
+            picked = chosen_host[rows].astype(np.int64)
+            futures.append(
+                self._rle.submit(
+                    _finish, found, copy, base, crops[rows], scores[np.arange(count), picked], picked, scores
+                )
+            )
+        return PendingMasks(futures)
 
     def _encode(self, batch: Sequence[PreparedImage]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image encoder on the whole batch: embeddings (B, C, S/16, S/16), high-res [(B, C0, S/4, S/4), (B, C1, S/8, S/8)]."""
@@ -190,84 +194,171 @@ class Sam2Segmenter:
         ]
         return maps[-1], maps[:-1]
 
-    def _segment_one(
-        self,
-        item: PreparedImage,
-        found: Candidates,
-        index: int,
-        embeddings: torch.Tensor,
-        high_res: list[torch.Tensor],
-        multimask: bool,
-    ) -> Candidates:
-        outputs = 3 if multimask else 1
-        if len(found) == 0:
-            return found.with_no_masks(outputs)
-        boxes = np.asarray(found.boxes, np.float32).reshape(-1, 4)
-        logits, scores = [], []
-        for start in range(0, len(boxes), self.max_boxes_per_call):
-            chunk_logits, chunk_scores = self._decode(
-                boxes[start : start + self.max_boxes_per_call], item, index, embeddings, high_res, multimask
-            )
-            logits.append(chunk_logits)
-            scores.append(chunk_scores)
-        low_res = torch.cat(logits)  # (N, K, S/4, S/4)
-        iou = torch.cat(scores).float()  # (N, K)
-        chosen = iou.argmax(dim=1)
-        picked = low_res[torch.arange(len(boxes), device=low_res.device), chosen].float()  # (N, S/4, S/4)
-        encoded = self._binarize_and_encode(picked, item.height, item.width)
-        iou_host = iou.cpu().numpy().astype(np.float32)
-        chosen_host = chosen.cpu().numpy()
-        return found.with_masks(
-            encoded,
-            mask_scores=iou_host[np.arange(len(boxes)), chosen_host],
-            multimask_index=chosen_host.astype(np.int8),
-            multimask_scores=iou_host.reshape(len(boxes), outputs),
-        )
-
     def _decode(
         self,
-        boxes: np.ndarray,
-        item: PreparedImage,
-        index: int,
+        batch: Sequence[PreparedImage],
+        candidates: Sequence[Candidates],
         embeddings: torch.Tensor,
         high_res: list[torch.Tensor],
         multimask: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for (n, 4) boxes of image ``index``: logits (n, K, S/4, S/4), IoU (n, K)."""
-        model = self.model
-        # Original pixels -> model input frame (the image was stretched to S x S).
-        scale = torch.tensor(
-            [self.image_size / item.width, self.image_size / item.height], device=self.device
-        )
-        corners = (
-            torch.tensor(boxes, dtype=torch.float32, device=self.device).view(-1, 2, 2) * scale
-        )  # (n, 2, 2)
-        labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device).expand(
-            len(boxes), 2
-        )  # box corners
-        sparse, dense = model.sam_prompt_encoder(points=(corners, labels), boxes=None, masks=None)
-        low_res, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=embeddings[index : index + 1],
-            image_pe=model.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-            repeat_image=len(boxes) > 1,
-            high_res_features=[level[index : index + 1] for level in high_res],
-        )
-        return low_res, iou
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder for the N boxes of the batch, ``max_boxes_per_call`` at a time.
 
-    def _binarize_and_encode(self, low_res: torch.Tensor, height: int, width: int) -> EncodedMasks:
-        """(N, s, s) fp32 logits -> bilinear to (H, W) -> > 0 on the device, a chunk of masks at a time -> RLE."""
-        per_chunk = max(1, self.chunk_pixels // (height * width))
-        parts = []
-        for start in range(0, low_res.shape[0], per_chunk):
-            upsampled = F.interpolate(
-                low_res[start : start + per_chunk, None],
-                (height, width),
-                mode="bilinear",
-                align_corners=False,
+        Returns the best of the K outputs per box: logits (N, S/4, S/4) fp32, and IoU (N, K) fp32, index (N,) int32.
+        """
+        model = self.model
+        # Original pixels -> model input frame (the image was stretched to S x S), on the host: one copy.
+        owner = np.concatenate([np.full(len(found), i, np.int64) for i, found in enumerate(candidates)])
+        scale = np.array(
+            [[self.image_size / item.width, self.image_size / item.height] for item in batch], np.float32
+        )
+        boxes = np.concatenate([np.asarray(found.boxes, np.float32).reshape(-1, 4) for found in candidates])
+        corners = to_device(boxes.reshape(-1, 2, 2) * scale[owner][:, None, :], self.device)  # (N, 2, 2)
+        owner_device = to_device(owner, self.device)
+        image_pe = model.sam_prompt_encoder.get_dense_pe()
+        logits, ious, chosen = [], [], []
+        counts = [len(found) for found in candidates]
+        for part in _decoder_calls(counts, self.max_boxes_per_call, self.mix_images):
+            n = part.stop - part.start
+            images = np.unique(owner[part])
+            if len(images) == 1:  # one image's boxes: its features broadcast, as the stock predictor does
+                one = slice(int(images[0]), int(images[0]) + 1)
+                image_embeddings, levels, repeat = embeddings[one], [level[one] for level in high_res], n > 1
+            else:  # several images' boxes: each box reads its own image's features
+                index = owner_device[part]
+                image_embeddings = embeddings.index_select(0, index)
+                levels, repeat = [level.index_select(0, index) for level in high_res], False
+            sparse, dense = model.sam_prompt_encoder(
+                points=(corners[part], self._corner_labels.expand(n, 2)), boxes=None, masks=None
             )
-            parts.append(encode_device_masks(upsampled[:, 0] > 0))
-            del upsampled
-        return EncodedMasks.concat(parts, height, width)
+            low_res, iou, _, _ = model.sam_mask_decoder(
+                image_embeddings=image_embeddings,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+                repeat_image=repeat,
+                high_res_features=levels,
+            )  # (n, K, S/4, S/4), (n, K)
+            iou = iou.float()
+            best = iou.argmax(dim=1)
+            logits.append(low_res[torch.arange(n, device=low_res.device), best].float())
+            ious.append(iou)
+            chosen.append(best.int())
+        return torch.cat(logits), torch.cat(ious), torch.cat(chosen)
+
+    def _upsample(
+        self, low_res: torch.Tensor, batch: Sequence[PreparedImage], counts: Sequence[int], crops: np.ndarray
+    ) -> list[tuple[HostCopy | None, int]]:
+        """Each mask (N, s, s) -> bilinear to its image's H x W inside its crop -> > 0, into flat bool buffers
+        laid out by ``rle.crop_slots``, copied to the host ``chunk_pixels`` at most at a time (whole images).
+
+        Returns, per image, the copy holding its crops and where they start in it.
+        """
+        sizes = []
+        first = 0
+        for item, count in zip(batch, counts, strict=True):
+            sizes.append(
+                crop_slots(crops[first : first + count, 2], crops[first : first + count, 3], item.height)
+            )
+            first += count
+        placed: list[tuple[HostCopy | None, int]] = []
+        pending: list[int] = []  # images of the round being filled
+        total = 0
+
+        def flush() -> None:
+            nonlocal total
+            buffer = torch.zeros(total, dtype=torch.bool, device=self.device)
+            base = 0
+            for i in pending:
+                start = sum(counts[:i])
+                fill_crops(
+                    self._axes,
+                    buffer,
+                    base,
+                    low_res[start : start + counts[i]],
+                    batch[i],
+                    crops[start : start + counts[i]],
+                    sizes[i],
+                )
+                base += sizes[i][2]
+            copy = HostCopy([buffer])
+            base = 0
+            for i in pending:
+                placed[i] = (copy, base)
+                base += sizes[i][2]
+            pending.clear()
+            total = 0
+
+        for i, (_, _, size) in enumerate(sizes):
+            placed.append((None, 0))
+            if pending and total + size > self.chunk_pixels:
+                flush()
+            pending.append(i)
+            total += size
+        if pending:
+            flush()
+        return placed
+
+
+class PendingMasks:
+    """A batch submitted to :meth:`Sam2Segmenter.submit`; :meth:`result` waits for its RLE encoding."""
+
+    def __init__(self, futures: list[Future[Candidates]]) -> None:
+        self._futures = futures
+
+    def result(self) -> list[Candidates]:
+        return [future.result() for future in self._futures]
+
+
+def _decoder_calls(counts: Sequence[int], limit: int, mix_images: bool = True) -> list[slice]:
+    """Boxes of consecutive images packed into mask-decoder calls of at most ``limit`` boxes; an image
+    with more boxes than that gets calls of its own. Slices of the batch's concatenated boxes.
+
+    ``mix_images=False``: one image per call, as the stock predictor does (its features broadcast).
+    """
+    if not mix_images:
+        calls, start = [], 0
+        for count in counts:
+            calls += [
+                slice(first, min(first + limit, start + count))
+                for first in range(start, start + count, limit)
+            ]
+            start += count
+        return calls
+    calls, start, size = [], 0, 0
+    for count in counts:
+        if size and size + count > limit:
+            calls.append(slice(start, start + size))
+            start, size = start + size, 0
+        if count > limit:
+            whole = count - count % limit
+            calls += [slice(first, first + limit) for first in range(start, start + whole, limit)]
+            start, count = start + whole, count % limit
+        size += count
+    if size:
+        calls.append(slice(start, start + size))
+    return calls
+
+
+def _finish(
+    found: Candidates,
+    copy: HostCopy,
+    base: int,
+    crops: np.ndarray,
+    mask_scores: np.ndarray,
+    chosen: np.ndarray,
+    scores: np.ndarray,
+) -> Candidates:
+    """On an RLE thread: wait for the crops (sync 2, once per copy) and encode one image's masks."""
+    (buffer,) = copy.wait()
+    encoded = encode_crops(buffer[base:], crops, found.height, found.width)
+    return found.with_masks(
+        encoded, mask_scores=mask_scores, multimask_index=chosen.astype(np.int8), multimask_scores=scores
+    )
+
+
+def _done(value: Candidates) -> Future[Candidates]:
+    future: Future[Candidates] = Future()
+    future.set_result(value)
+    return future

@@ -14,52 +14,25 @@ the video predictor is the same SAM2.1 model with its memory modules in use.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pseudolabel.models import tiny
 from pseudolabel.models.loading import TrackerSpec, spec_checkpoint, spec_identity, spec_runtime
-from pseudolabel.models.runtime import FP32, inference, seeded
-from pseudolabel.models.sam2_segmenter import DEFAULT_VARIANT, VARIANTS
+from pseudolabel.models.runtime import FP32, inference
+from pseudolabel.models.sam2_build import VARIANTS, build_sam2_model, sam2_overrides
 from pseudolabel.rle import encode_device_masks
 from pseudolabel.video.tracking import TrackedFrame
-
-
-def build_sam2_video_model(
-    variant: str = DEFAULT_VARIANT,
-    checkpoint: Path | None = None,
-    *,
-    overrides: list[str] | tuple[str, ...] = (),
-    seed: int = 0,
-) -> nn.Module:
-    """A ``SAM2VideoPredictor`` on the CPU with the stock video post-processing (hole filling,
-    dynamic multimask fallback); ``checkpoint`` loaded, or a seeded random init."""
-    from sam2.build_sam import build_sam2_video_predictor
-
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM2 variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    with seeded(seed):
-        return build_sam2_video_predictor(
-            VARIANTS[variant].config_file,
-            str(checkpoint) if checkpoint else None,
-            device="cpu",
-            hydra_overrides_extra=list(overrides),
-        )
 
 
 def load_sam2_video(spec: TrackerSpec) -> Sam2VideoTracker:
     """The tracker ``spec`` describes: checkpoint fetched and verified, predictor built and placed."""
     resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
     device, precision = spec_runtime(spec, resolved)
-    size = spec.image_size or (tiny.TINY_SAM2_IMAGE_SIZE if spec.tiny else None)
-    overrides = tiny.tiny_sam2_overrides(size) if spec.tiny else []
-    if spec.image_size and not spec.tiny:
-        overrides.append(f"++model.image_size={spec.image_size}")
-    predictor = build_sam2_video_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
+    overrides = sam2_overrides(spec.tiny, spec.image_size)
+    predictor = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed, video=True)
     info = {
         "model": "sam2.1-video",
         "variant": spec.variant + ("-tiny" if spec.tiny else ""),

@@ -178,11 +178,23 @@ def run_segmentation(
             )
 
     segmented: dict[str, Candidates] = {}
+    # A segmenter with ``submit`` (Sam2Segmenter) encodes a batch's RLE on worker threads while the
+    # next batch runs on the device: collect each batch after submitting the next.
+    submit = getattr(segmenter, "submit", None)
+    pending = None
     for batch in _prepared_batches(todo, read_image, segmenter, workers, check):
-        results = segmenter.segment(
-            batch, [by_id[item.image_id] for item in batch], multimask=settings.multimask
-        )
-        segmented.update((result.image_id, result) for result in results)
+        prompts = [by_id[item.image_id] for item in batch]
+        if submit is None:
+            segmented.update(
+                (r.image_id, r) for r in segmenter.segment(batch, prompts, multimask=settings.multimask)
+            )
+            continue
+        submitted = submit(batch, prompts, multimask=settings.multimask)
+        if pending is not None:
+            segmented.update((r.image_id, r) for r in pending.result())
+        pending = submitted
+    if pending is not None:
+        segmented.update((r.image_id, r) for r in pending.result())
     outputs = 3 if settings.multimask else 1
     ordered = [
         segmented[found.image_id] if len(found) else found.with_no_masks(outputs)

@@ -204,3 +204,28 @@ def test_prepare_handles_grayscale_jpeg(detector):
     Image.new("L", (50, 40), 128).save(buffer, format="JPEG")
     item = detector.prepare("gray", buffer.getvalue())
     assert item.pixels.shape[0] == 3 and (item.width, item.height) == (50, 40)
+
+
+def test_deformable_attention_matches_groundingdino_without_syncs():
+    """The patched fallback (level sizes as ints) equals groundingdino's original, and reads nothing back."""
+    from groundingdino.models.GroundingDINO import ms_deform_attn
+
+    from pseudolabel.models.deformable_attention import deformable_attention, original_deformable_attention
+    from pseudolabel.models.runtime import counting_syncs
+
+    original = original_deformable_attention()
+    assert original.__module__ == ms_deform_attn.__name__
+    shapes = [(12, 9), (6, 5), (3, 3)]
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8, generator=generator)
+    locations = torch.rand(2, 7, 4, len(shapes), 3, 2, generator=generator)
+    weights = torch.rand(2, 7, 4, len(shapes), 3, generator=generator)
+    spatial = torch.tensor(shapes)
+    reference = original(value, spatial, locations, weights)
+    with counting_syncs(emulate_device=True) as syncs:
+        ours = deformable_attention(value, shapes, locations, weights)
+    assert syncs.count == 0
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    torch.testing.assert_close(
+        deformable_attention(value, spatial, locations, weights), reference, rtol=0, atol=0
+    )

@@ -52,3 +52,31 @@ def test_empty_inputs_and_concat():
     assert len(joined) == 3 and joined.areas.tolist() == [35, 35, 0]
     with pytest.raises(ValueError):
         encode_device_masks(torch.zeros(5, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("height, width", [(37, 53), (1, 9), (64, 1), (20, 20)])
+def test_crop_encoding_matches_pycocotools(height, width):
+    """Masks that are 0 outside a rectangle, encoded from the rectangle alone (every edge case of the
+    slot layout: full height, touching each border, one pixel, empty) equal pycocotools' encoding."""
+    from pseudolabel.rle import crop_slots, encode_crops
+
+    rng = np.random.default_rng(height * width)
+    boxes = [(0, 0, width, height), (0, 0, 0, 0), (width - 1, height - 1, 1, 1), (0, 0, 1, height)]
+    for _ in range(8):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        boxes.append((x0, y0, rng.integers(1, width - x0 + 1), rng.integers(1, height - y0 + 1)))
+    boxes = np.array(boxes, np.int64)
+    full = np.zeros((len(boxes), height, width), bool)
+    offsets, strides, total = crop_slots(boxes[:, 2], boxes[:, 3], height)
+    buffer = np.zeros(total, bool)
+    for m, (x0, y0, w, h) in enumerate(boxes):
+        crop = rng.random((h, w)) > 0.4
+        if m == 0:
+            crop[:] = True
+        full[m, y0 : y0 + h, x0 : x0 + w] = crop
+        buffer[offsets[m] + 1 : offsets[m] + 1 + w * strides[m]].reshape(w, strides[m])[:, :h] = crop.T
+    encoded = encode_crops(buffer, boxes, height, width)
+    reference = encode_host_masks(full)
+    assert encoded.counts == reference.counts
+    np.testing.assert_array_equal(encoded.areas, reference.areas)
+    np.testing.assert_array_equal(encoded.bboxes, reference.bboxes)

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.nn.functional as F
 from images import random_jpeg
 from PIL import Image
 
 from pseudolabel import schemas
 from pseudolabel.models import tiny
-from pseudolabel.models.interfaces import Candidates
+from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
-from pseudolabel.models.sam2_segmenter import Sam2Segmenter, build_sam2_model
+from pseudolabel.models.mask_upsample import crop_boxes, positive_bounds
+from pseudolabel.models.runtime import counting_syncs, inference
+from pseudolabel.models.sam2_segmenter import (
+    Sam2Segmenter,
+    _decoder_calls,
+    build_sam2_model,
+)
 from pseudolabel.models.stages import SegmentationSettings, run_segmentation
-from pseudolabel.rle import decode_rle
+from pseudolabel.rle import decode_rle, encode_crops
 from pseudolabel.testing.models import FakeSegmenter, box_prompts
 
 SIZE = 128
@@ -49,10 +57,15 @@ def _prompts(items, boxes) -> list[Candidates]:
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("multimask", [False, True])
-def test_matches_the_stock_predictor(model, segmenter, multimask):
-    """Same masks and scores as SAM2ImagePredictor.set_image + predict (the seeds' per-image loop)."""
+@pytest.mark.parametrize(
+    ("multimask", "mix_images"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_matches_the_stock_predictor(model, segmenter, multimask, mix_images, monkeypatch):
+    """Same masks and scores as SAM2ImagePredictor.set_image + predict (the seeds' per-image loop), with
+    decoder calls per image (the CPU default) and mixing the batch's images (the CUDA default)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    monkeypatch.setattr(segmenter, "mix_images", mix_images)
 
     data = [random_jpeg(200, 150, seed=1), random_jpeg(90, 160, seed=2)]
     boxes = [
@@ -175,3 +188,117 @@ def test_spec_identity_and_tiny_guard(tmp_path):
     assert identity["variant"] == "tiny-tiny" and identity["weights"] == "random"
     with pytest.raises(ModelConfigError, match="random"):
         load_segmenter(SegmenterSpec(tiny=True, cache_dir=str(tmp_path)))
+
+
+def _smooth_logits(count: int, size: int, seed: int) -> torch.Tensor:
+    """(count, size, size) logits mostly < 0 with positive blobs; plus all-negative, all-positive and
+    single-positive-pixel masks at the edges."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(count, 1, size // 4, size // 4, generator=generator)
+    logits = F.interpolate(noise, (size, size), mode="bilinear")[:, 0] * 4 - 3
+    logits[0] = -1.0
+    logits[1] = 2.0
+    logits[2] = -5.0
+    logits[2, -1, 0] = 0.5
+    return logits
+
+
+def _crops_then_encode(segmenter, low_res, items, counts):
+    bounds = positive_bounds(low_res).numpy()
+    crops = crop_boxes(segmenter.image_size // 4, items, counts, bounds)
+    placed = segmenter._upsample(low_res, items, counts, crops)
+    encoded, first = [], 0
+    for item, count, (copy, base) in zip(items, counts, placed, strict=True):
+        (buffer,) = copy.wait()
+        encoded.append(encode_crops(buffer[base:], crops[first : first + count], item.height, item.width))
+        first += count
+    return encoded, crops
+
+
+def _assert_same_as_full_upsampling(encoded, crops, low_res, height, width):
+    """Nothing positive outside the crops (the exact part), and the masks equal full upsampling up to
+    pixels whose logit is within float rounding of 0."""
+    full = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0]
+    for j, (x0, y0, w, h) in enumerate(crops):
+        outside = full[j].clone()
+        outside[y0 : y0 + h, x0 : x0 + w] = -1
+        assert not (outside > 0).any()
+        ours = torch.from_numpy(decode_rle(encoded.counts[j], height, width))
+        differ = ours != (full[j] > 0)
+        assert differ.sum() <= 2 and (full[j][differ].abs() < 1e-5).all()
+
+
+@pytest.mark.parametrize("chunk_pixels", [1 << 30, 500])
+def test_upsampling_only_where_positive_equals_full_upsampling(model, chunk_pixels):
+    """Masks from the crops (bounds of the positive low-res logits, bilinear inside them) equal
+    F.interpolate over the whole image then > 0, for up-, down- and unscaled sizes in one batch
+    (chunk_pixels=500: several copy rounds)."""
+    segmenter = Sam2Segmenter(model, device=torch.device("cpu"), chunk_pixels=chunk_pixels)
+    low = SIZE // 4
+    sizes = [(53, 37), (low, low), (15, 20), (450, 300), (13, 700)]
+    items = [PreparedImage(f"i{k}", w, h, None) for k, (w, h) in enumerate(sizes)]
+    logits = _smooth_logits(6 * len(sizes), low, seed=5)
+    encoded, crops = _crops_then_encode(segmenter, logits, items, [6] * len(sizes))
+    for k, (item, result) in enumerate(zip(items, encoded, strict=True)):
+        rows = slice(6 * k, 6 * k + 6)
+        _assert_same_as_full_upsampling(result, crops[rows], logits[rows], item.height, item.width)
+
+
+def test_decoder_calls_pack_images_and_split_large_ones():
+    assert _decoder_calls([3, 0, 5, 130, 2, 64], 64) == [
+        slice(0, 8),
+        slice(8, 72),
+        slice(72, 136),
+        slice(136, 140),
+        slice(140, 204),
+    ]
+    assert _decoder_calls([0, 0], 4) == []
+    # One image per call: split at every image boundary and every `limit` boxes.
+    assert _decoder_calls([3, 0, 5, 130, 2], 64, mix_images=False) == [
+        slice(0, 3),
+        slice(3, 8),
+        slice(8, 72),
+        slice(72, 136),
+        slice(136, 138),
+        slice(138, 140),
+    ]
+
+
+@pytest.mark.model
+def test_300_candidates_on_a_small_and_a_large_image(model, segmenter):
+    """300 boxes: on a small image the same masks and scores as the stock predictor; on a 1 MP image the
+    same masks as full upsampling of the decoder's logits; one batch, two host synchronisations."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    rng = np.random.default_rng(3)
+    data = [random_jpeg(200, 150, seed=7), random_jpeg(1200, 900, seed=8)]
+    items = [segmenter.prepare(f"i{k}", d) for k, d in enumerate(data)]
+    boxes = []
+    for item in items:
+        size = rng.uniform(0.05, 0.6, (300, 2)) * [item.width, item.height]
+        corner = rng.uniform(0, 1, (300, 2)) * ([item.width, item.height] - size)
+        boxes.append(np.concatenate([corner, corner + size], 1).astype(np.float32))
+    prompts = _prompts(items, boxes)
+    with counting_syncs(emulate_device=True) as syncs:
+        small, large = segmenter.segment(items, prompts)
+    assert syncs.count == 2, syncs.by_kind
+    assert len(small.masks) == len(large.masks) == 300
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(SIZE // 4,) * 2, (SIZE // 8,) * 2, (SIZE // 16,) * 2]
+    predictor.set_image(np.array(Image.open(io.BytesIO(data[0])).convert("RGB")))
+    masks, scores, _ = predictor.predict(box=boxes[0], multimask_output=False)
+    np.testing.assert_allclose(small.mask_scores, scores[:, 0], atol=2e-3)
+    ious = [_iou(_mask(small, j), masks[j, 0] > 0) for j in range(300)]
+    assert np.mean(ious) > 0.99 and min(ious) > 0.9
+
+    with inference(segmenter.device, segmenter.precision):
+        embeddings, high_res = segmenter._encode(items)
+        low_res, _, _ = segmenter._decode(items, prompts, embeddings, high_res, False)
+    for start in range(0, 300, 60):
+        rows = slice(start, start + 60)
+        part = replace(large.masks, counts=large.masks.counts[rows])
+        crops = crop_boxes(
+            segmenter.image_size // 4, items[1:], [60], positive_bounds(low_res[300:][rows]).numpy()
+        )
+        _assert_same_as_full_upsampling(part, crops, low_res[300:][rows], 900, 1200)
