@@ -2,8 +2,6 @@
 
 # No `from __future__ import annotations` here: Dagster resolves the config/resource parameter
 # annotations at decoration time and cannot resolve them from strings.
-import os
-
 from dagster import (
     AssetExecutionContext,
     Config,
@@ -23,8 +21,8 @@ from assets.common import (
 from pseudolabel import layout
 from pseudolabel.images.download import DownloadPolicy
 from pseudolabel.images.index import SAMPLE_COLUMNS, shard_items, split_videos
-from pseudolabel.images.normalize import NormalizeOptions
-from pseudolabel.images.shard import ShardOptions, ShardResult, process_shard
+from pseudolabel.images.normalize import DEFAULT_MAX_SIDE, NormalizeOptions
+from pseudolabel.images.shard import ShardOptions, ShardResult, process_shard, usable_cpus
 from pseudolabel.markdown import markdown_image
 from pseudolabel.preview import shard_thumbnails, thumbnail_grid
 from pseudolabel.storage import ObjectStore, read_parquet
@@ -44,11 +42,19 @@ class NormalizedImagesConfig(Config):
     )
     max_pixels: int = Field(default=100_000_000, description="Decompression-bomb limit (width x height).")
     jpeg_quality: int = Field(default=95, description="Quality of the stored JPEGs.")
+    # 2048: the models resize anyway (Grounding DINO 800 short / 1333 long side, SAM2 1024, AutoSAM2
+    # 512), so this keeps headroom above all of them while a 12 MP photo stores ~4x fewer pixels.
+    # Every downstream box is in stored pixels, so the index records the stored (scaled) size.
+    max_side: int = Field(
+        default=DEFAULT_MAX_SIDE,
+        description="Longer side of the stored images, px: larger ones are scaled down (0: full resolution).",
+    )
     max_failure_rate: float = Field(
         default=0.2, description="Fail the shard above this quarantined fraction."
     )
     decode_workers: int | None = Field(
-        default=None, description="Decode/encode threads (default: CPU count)."
+        default=None,
+        description="Decode/encode threads (default: the CPUs this process may use: affinity, cgroup quota).",
     )
     progress_every: int = Field(default=100, description="Log progress every N downloaded images.")
 
@@ -60,8 +66,10 @@ class NormalizedImagesConfig(Config):
                 max_retries=self.max_retries,
                 max_bytes=self.max_bytes,
             ),
-            normalize=NormalizeOptions(max_pixels=self.max_pixels, jpeg_quality=self.jpeg_quality),
-            decode_workers=self.decode_workers or os.cpu_count() or 1,
+            normalize=NormalizeOptions(
+                max_pixels=self.max_pixels, jpeg_quality=self.jpeg_quality, max_side=self.max_side
+            ),
+            decode_workers=self.decode_workers or usable_cpus(),
             progress_every=self.progress_every,
         )
 

@@ -7,8 +7,9 @@ import struct
 import zlib
 
 import numpy as np
+import piexif
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, JpegImagePlugin
 
 from pseudolabel.images.errors import ImageRejected, RejectReason
 from pseudolabel.images.normalize import NormalizeOptions, decompression_bomb_guard, normalize_image
@@ -210,6 +211,107 @@ def test_quality_is_configurable():
     high = normalize_image(data, NormalizeOptions(jpeg_quality=95))
 
     assert len(low.jpeg) < len(high.jpeg) / 2
+
+
+# -- working resolution (max_side) -----------------------------------------------------------------
+
+QUADRANTS = {(0, 0): (255, 0, 0), (0, 1): (0, 255, 0), (1, 0): (0, 0, 255), (1, 1): (255, 255, 0)}
+
+
+def quadrant_scene(width: int, height: int) -> np.ndarray:
+    """Upright scene: red top-left, green top-right, blue bottom-left, yellow bottom-right."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    for (row, col), colour in QUADRANTS.items():
+        pixels[row * height // 2 : (row + 1) * height // 2, col * width // 2 : (col + 1) * width // 2] = (
+            colour
+        )
+    return pixels
+
+
+def assert_quadrants(pixels: np.ndarray) -> None:
+    height, width = pixels.shape[:2]
+    for (row, col), colour in QUADRANTS.items():
+        assert_close(pixels[(2 * row + 1) * height // 4, (2 * col + 1) * width // 4], colour)
+
+
+def sideways_phone_photo() -> bytes:
+    """A 4000x3000 JPEG as a phone stores a portrait shot: scene turned 90 CCW, EXIF orientation 6."""
+    stored = np.ascontiguousarray(np.rot90(quadrant_scene(3000, 4000), 1))  # 3000 rows x 4000 columns
+    exif = {
+        "0th": {piexif.ImageIFD.Orientation: 6, piexif.ImageIFD.Make: b"Acme"},
+        "Exif": {
+            piexif.ExifIFD.PixelXDimension: 4000,
+            piexif.ExifIFD.PixelYDimension: 3000,
+            # Not only numbers: piexif's dump of an all-LONG Exif IFD reads as truncated to Pillow.
+            piexif.ExifIFD.DateTimeOriginal: b"2024:05:06 07:08:09",
+        },
+    }
+    return encode(Image.fromarray(stored), "JPEG", quality=90, exif=piexif.dump(exif))
+
+
+def test_large_turned_jpeg_is_stored_upright_at_max_side():
+    result = normalize_image(sideways_phone_photo(), NormalizeOptions(max_side=2048))
+
+    assert (result.width, result.height) == (1536, 2048)  # portrait: the turn came first
+    assert result.original_orientation == 6
+    stored = Image.open(io.BytesIO(result.jpeg))
+    assert stored.size == (1536, 2048)
+    assert_quadrants(np.asarray(stored).astype(np.int16))
+    exif = piexif.load(result.jpeg)
+    assert piexif.ImageIFD.Orientation not in exif["0th"] and exif["0th"][piexif.ImageIFD.Make] == b"Acme"
+    assert (exif["Exif"][piexif.ExifIFD.PixelXDimension], exif["Exif"][piexif.ExifIFD.PixelYDimension]) == (
+        1536,
+        2048,
+    )
+
+
+def test_jpeg_is_reduced_by_the_decoder_in_its_encoded_orientation(monkeypatch):
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(image, mode, size):
+        drafts.append((size, draft(image, mode, size)[1][2:]))  # requested size, decoded size
+        return None
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+
+    result = normalize_image(sideways_phone_photo(), NormalizeOptions(max_side=1000))
+
+    # Asked in the encoded (landscape) orientation, so libjpeg can scale by 1/4 and no further.
+    assert drafts == [((1000, 750), (1000, 750))]
+    assert (result.width, result.height) == (750, 1000)
+    assert_quadrants(np.asarray(Image.open(io.BytesIO(result.jpeg))).astype(np.int16))
+
+
+def test_max_side_zero_keeps_full_resolution():
+    data = encode(Image.fromarray(quadrant_scene(4000, 3000)), "JPEG", quality=90)
+
+    result = normalize_image(data, NormalizeOptions(max_side=0))
+
+    assert (result.width, result.height) == (4000, 3000)
+
+
+def test_image_within_max_side_is_untouched():
+    data = encode(Image.fromarray(quadrant_scene(64, 48)), "JPEG", quality=95)
+
+    fitted = normalize_image(data, NormalizeOptions(max_side=2048))
+
+    assert (fitted.width, fitted.height) == (64, 48)
+    assert fitted.jpeg == normalize_image(data, NormalizeOptions(max_side=0)).jpeg
+
+
+def test_other_formats_are_scaled_down_after_decoding():
+    data = encode(Image.fromarray(quadrant_scene(300, 200)), "PNG")
+
+    result = normalize_image(data, NormalizeOptions(max_side=150))
+
+    assert (result.width, result.height) == (150, 100)
+    assert_quadrants(np.asarray(Image.open(io.BytesIO(result.jpeg))).astype(np.int16))
+
+
+def test_negative_max_side_is_refused():
+    with pytest.raises(ValueError, match="max_side"):
+        NormalizeOptions(max_side=-1)
 
 
 def rejection(data: bytes, **options) -> ImageRejected:

@@ -16,6 +16,7 @@ from assets.normalized_images import NormalizedImagesConfig
 from pseudolabel import layout
 from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.index import shard_items
+from pseudolabel.images.shard import usable_cpus
 from pseudolabel.markdown import markdown_image
 from pseudolabel.preview import thumbnail_grid
 from pseudolabel.schemas import IMAGE_INDEX, SAMPLE
@@ -202,6 +203,17 @@ def test_bombs_and_truncated_images_are_quarantined_by_config(dev_server, storag
     assert rows["alpha.png"]["status"] == "ok"
 
 
+def test_index_records_the_stored_size_after_max_side(dev_server, storage_resource, store):
+    server = image_server(dev_server)
+    write_sample(store, [(server.image_url(n), "oak", SHARD) for n in ("a.jpg", "turned.jpg")])
+
+    assert run(storage_resource, max_side=32).success
+
+    for row in index_rows(store).values():  # 64x48 and a 48x64 quarter turn: both 64x48 upright
+        stored = Image.open(io.BytesIO(store.get_bytes(layout.image(SHARD, row["image_id"]))))
+        assert (row["width"], row["height"]) == stored.size == (32, 24)
+
+
 def test_empty_shard_writes_an_empty_index(storage_resource, store):
     write_sample(store, [("http://127.0.0.1:9/a.jpg", "oak", OTHER_SHARD)])
 
@@ -212,10 +224,21 @@ def test_empty_shard_writes_an_empty_index(storage_resource, store):
     assert "preview" not in metadata_of(result)
 
 
-@pytest.mark.parametrize("field", ["concurrency", "decode_workers"])
+@pytest.mark.parametrize("field", ["concurrency", "decode_workers", "max_side"])
 def test_config_reaches_the_domain_options(field):
     options = NormalizedImagesConfig(**{field: 3}).shard_options()
-    assert (options.download.concurrency if field == "concurrency" else options.decode_workers) == 3
+    reached = {
+        "concurrency": options.download.concurrency,
+        "decode_workers": options.decode_workers,
+        "max_side": options.normalize.max_side,
+    }
+    assert reached[field] == 3
+
+
+def test_config_defaults_to_the_working_resolution_and_the_usable_cpus():
+    options = NormalizedImagesConfig().shard_options()
+    assert options.normalize.max_side == 2048
+    assert options.decode_workers == usable_cpus()
 
 
 def test_preview_of_full_size_photos_stays_small_and_embeds_as_markdown():

@@ -1,7 +1,8 @@
 """Downloaded bytes -> one upright, 8-bit sRGB JPEG (or a typed :class:`ImageRejected`).
 
 Decoding accepts known raster formats only, within a pixel limit; the EXIF orientation is applied to
-the pixels and the rest of the EXIF block kept; any Pillow mode becomes RGB. Pure and blocking:
+the pixels and the rest of the EXIF block kept; any Pillow mode becomes RGB; images larger than the
+working resolution (``max_side``) are scaled down (JPEGs already while decoding). Pure and blocking:
 callers run it in a thread pool. Pillow releases the GIL while decoding and encoding, so threads
 overlap well.
 """
@@ -29,22 +30,31 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_JPEG_QUALITY = 95
 MAX_JPEG_SIDE = 65_500  # libjpeg's limit (JPEG_MAX_DIMENSION)
+# Working resolution of the stored images (longer side, px), the normalized_images default. The models
+# resize anyway (Grounding DINO 800 short / 1333 long side, SAM2 1024, AutoSAM2 512): 2048 keeps
+# headroom above all of them, while a 12 MP phone photo (4000x3000) stores ~4x fewer pixels.
+# NormalizeOptions itself defaults to 0 (full resolution), so callers opt in.
+DEFAULT_MAX_SIDE = 2048
 
 # Raster formats a catalog may serve. Everything else (EPS/PDF would shell out to Ghostscript,
 # fonts, exotic containers) is refused as "not an image" instead of widening the attack surface.
 _WANTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF", "ICO")
 Image.init()
 ACCEPTED_FORMATS = tuple(name for name in _WANTED_FORMATS if name in Image.OPEN)
+JPEG_FORMATS = ("JPEG", "MPO")  # decoded by libjpeg: draft mode (DCT scaling) applies
 
 
 @dataclass(frozen=True)
 class NormalizeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    max_side: int = 0  # longer side of the stored image, px; larger ones are scaled down; 0: full resolution
 
     def __post_init__(self) -> None:
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be > 0, got {self.max_pixels}")
+        if self.max_side < 0:
+            raise ValueError(f"max_side must be >= 0 (0: full resolution), got {self.max_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
@@ -52,7 +62,7 @@ class NormalizeOptions:
 @dataclass(frozen=True)
 class NormalizedImage:
     jpeg: bytes
-    width: int  # upright
+    width: int  # upright, as stored (after any downscale to max_side)
     height: int
     original_orientation: int  # EXIF value 1..8 of the source (1 when absent)
     sha256: str  # of ``jpeg``
@@ -61,15 +71,17 @@ class NormalizedImage:
 
 
 def normalize_image(data: bytes, options: NormalizeOptions | None = None) -> NormalizedImage:
-    """Decode ``data``, apply EXIF orientation, convert to RGB and re-encode as JPEG.
+    """Decode ``data``, apply EXIF orientation, convert to RGB, fit into ``max_side`` and re-encode as JPEG.
 
     Raises :class:`ImageRejected` (not_an_image / truncated / decompression_bomb / corrupt).
     """
     options = options or NormalizeOptions()
-    with _decode(data, options.max_pixels) as image:
+    with _decode(data, options.max_pixels, options.max_side) as (image, target):
         try:
             turned, orientation = upright(image)
             rgb = to_rgb(turned)
+            if target is not None and rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.LANCZOS)
         except MemoryError:
             raise
         except Exception as exc:  # e.g. a mode Pillow cannot convert
@@ -90,8 +102,31 @@ def normalize_image(data: bytes, options: NormalizeOptions | None = None) -> Nor
 # -- decoding and encoding -------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Open and fully load ``data``; truncated files are errors (LOAD_TRUNCATED_IMAGES stays off)."""
+@contextmanager
+def _decode(
+    data: bytes, max_pixels: int, max_side: int
+) -> Iterator[tuple[Image.Image, tuple[int, int] | None]]:
+    """Open and fully load ``data``: (image, upright size to scale it to, None when it fits ``max_side``).
+
+    A JPEG larger than ``max_side`` is decoded in draft mode: libjpeg's DCT scaling reduces it by
+    1/2, 1/4 or 1/8 while decoding, never below the target, and the caller finishes the job.
+    """
+    image = _open(data, max_pixels)
+    with image:
+        encoded_size = image.size  # before any EXIF rotation
+        draft_size = fitted_size(encoded_size, max_side)
+        if draft_size is not None and image.format in JPEG_FORMATS:
+            # The draft size is in the encoded orientation (the decoder knows no EXIF): for 5..8 the
+            # upright target's width and height are swapped. The scale is the same either way.
+            image.draft("RGB", draft_size)
+        _load(image)
+        # Read after loading: a PNG may carry its EXIF after the pixel data.
+        target = fitted_size(sensor_size(encoded_size, orientation_of(image)), max_side)
+        yield image, target
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open ``data`` and check its declared size (the pixels are not decoded yet)."""
     if not data:
         raise ImageRejected(RejectReason.NOT_AN_IMAGE, "empty body")
     try:
@@ -116,17 +151,19 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             RejectReason.DECOMPRESSION_BOMB,
             f"{image.width}x{image.height} = {pixels} pixels exceeds the limit of {max_pixels}",
         )
+    return image
+
+
+def _load(image: Image.Image) -> None:
+    """Decode the pixels; truncated files are errors (LOAD_TRUNCATED_IMAGES stays off)."""
     try:
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        image.close()
         raise ImageRejected(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
     except MemoryError:
         raise
     except Exception as exc:
-        image.close()
         raise _load_error(exc) from exc
-    return image
 
 
 def _load_error(exc: Exception) -> ImageRejected:
@@ -217,6 +254,25 @@ def upright(image: Image.Image) -> tuple[Image.Image, int]:
         return image, UPRIGHT
     # orientation_of() already parsed (and cached) the EXIF, so exif_transpose cannot trip on it.
     return ImageOps.exif_transpose(image), orientation
+
+
+def sensor_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``size`` with width and height swapped for the quarter-turn orientations (5..8): encoded
+    (width, height) <-> upright (width, height)."""
+    return (size[1], size[0]) if orientation >= 5 else size
+
+
+def fitted_size(size: tuple[int, int], max_side: int) -> tuple[int, int] | None:
+    """``size`` scaled so its longer side is ``max_side``; None when it fits already or ``max_side`` is 0."""
+    width, height = size
+    longer = max(width, height)
+    if max_side <= 0 or longer <= max_side:
+        return None
+    scale = max_side / longer
+    return (
+        max_side if width == longer else max(1, round(width * scale)),
+        max_side if height == longer else max(1, round(height * scale)),
+    )
 
 
 def exif_without_orientation(raw: bytes | None, size: tuple[int, int], *, turned: bool) -> bytes | None:

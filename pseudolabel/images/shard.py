@@ -11,11 +11,13 @@ so a rerun after a crash or a failure fetches only what was not finished.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -33,17 +35,39 @@ from pseudolabel.images.index import (
     read_progress,
     reusable_rows,
 )
-from pseudolabel.images.normalize import NormalizeOptions, decompression_bomb_guard, normalize_image
+from pseudolabel.images.normalize import (
+    DEFAULT_MAX_SIDE,
+    NormalizeOptions,
+    decompression_bomb_guard,
+    normalize_image,
+)
 from pseudolabel.storage import ObjectStore
 
 ProgressCallback = Callable[[str], None]
 
 
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota
+    (a container limited to 2 CPUs on a 64-core host reports 64 from ``os.cpu_count()``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
-    normalize: NormalizeOptions = field(default_factory=NormalizeOptions)
-    decode_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Stored at the working resolution by default, as the normalized_images asset does.
+    normalize: NormalizeOptions = field(default_factory=lambda: NormalizeOptions(max_side=DEFAULT_MAX_SIDE))
+    decode_workers: int = field(default_factory=usable_cpus)
     store_workers: int = 8  # threads for blocking object-store writes (S3 PUT latency)
     progress_every: int = 100
     # Finished rows go to an index part every `record_every` rows, or once the oldest unrecorded one

@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+# Moved to the torch-free domain code (the CPU stages use it too); re-exported for the model code.
+from pseudolabel.images.shard import usable_cpus as usable_cpus
 from pseudolabel.models.interfaces import PreparedImage
 
 AUTO = "auto"
@@ -131,22 +131,6 @@ _NUMPY = {
     torch.int64: np.int64,
     torch.float32: np.float32,
 }
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota
-    (a container limited to 2 CPUs on a 64-core host reports 64 from ``os.cpu_count()``)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 # (width, height) of the original image -> (width, height) the model input will be resized to.
