@@ -9,7 +9,8 @@ driven through the GraphQL API the UI uses, on each instance storage (SQLite; Po
 3. Edit the thresholds file, press "Reload", see every `pseudo_labels` shard unsynced (code version),
    backfill `relabel_job`: one run, only `pseudo_labels` steps, no model worker, every shard relabelled.
 
-The fake models sleep `seconds_per_image` so GPU steps last long enough to overlap. Dagster's backfill
+The fake models sleep `seconds_per_image` so GPU steps last long enough to overlap (1.5 s: at 0.75 s a
+run's `video_tracks` step, which holds a `gpu` pool slot, could shift the runs apart on a busy box). Dagster's backfill
 daemon looks at backfills every 30 s (not an instance setting); `dagster_dev.BACKFILL_DAEMON_INTERVAL_S`
 shortens that pass for the test. What remains is mostly process start-up: each run and each step is a
 fresh Python process that loads the code location (spawn), which on 2 cores is ~3-6 s apiece.
@@ -49,8 +50,8 @@ SAMPLE_CONFIG = {
 # Run config replaces a resource's code-given values wholesale, so `backend` must be repeated here.
 SLOW_FAKE_MODELS = {
     "resources": {
-        "detector": {"config": {"backend": "fake", "seconds_per_image": 0.75, "batch_size": 1}},
-        "segmenter": {"config": {"backend": "fake", "seconds_per_image": 0.75, "batch_size": 1}},
+        "detector": {"config": {"backend": "fake", "seconds_per_image": 1.5, "batch_size": 1}},
+        "segmenter": {"config": {"backend": "fake", "seconds_per_image": 1.5, "batch_size": 1}},
     }
 }
 WORKER_LINE = "starting model worker"  # logged once per GPU step (resources/workers.py)
