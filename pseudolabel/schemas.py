@@ -52,8 +52,10 @@ DETECTIONS = pa.schema(
         ("y0", pa.float32()),
         ("x1", pa.float32()),
         ("y1", pa.float32()),
-        ("box_score", pa.float32()),  # max token logit (sigmoid) over the caption
-        ("text_score", pa.float32()),  # score of the phrase's tokens
+        # Scores: what each means depends on the detector backend (README, "Backends"); NaN = the backend
+        # does not produce this score, so thresholds on it do not apply and policies needing it refuse.
+        ("box_score", pa.float32()),  # Grounding DINO: max token logit (sigmoid) over the caption
+        ("text_score", pa.float32()),  # Grounding DINO: score of the phrase's tokens
         ("phrase", pa.string()),
         # The detector's output order, which the both_scores_agree pick policy scans in: the Grounding
         # DINO decoder query the box came from (0..num_queries-1). With one prompt per class the
@@ -61,6 +63,13 @@ DETECTIONS = pa.schema(
         # order, then query order within a caption. Unique within an image; not related to score. Shards
         # written before it existed lack it: readers treat it as optional (see labels/relabel.py).
         ("query_index", pa.int32()),
+        # The segmenter's prompt beyond (or instead of) the box: clicks in original-image pixels as
+        # flattened [x0, y0, x1, y1, ...] with one label each (1 = object, 0 = background); empty = none.
+        # box_prompt False = the box is only the region's extent and is not given to the segmenter
+        # (click-only prompts). Shards written before these existed read as box prompts without clicks.
+        ("box_prompt", pa.bool_()),
+        ("points", pa.list_(pa.float32())),
+        ("point_labels", pa.list_(pa.int8())),
     ]
 )
 

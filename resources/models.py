@@ -76,6 +76,8 @@ class _ModelResource(ConfigurableResource):
             for name in type(self).model_fields
             if name != "models" and (value := getattr(self, name)) is not None
         }
+        if "backend" in overrides and "variant" not in overrides and overrides["backend"] != base.backend:
+            overrides["variant"] = ""  # another backend: its own default variant, not the preset's
         spec = replace(base, **overrides)
         try:
             spec.validate()
@@ -85,19 +87,28 @@ class _ModelResource(ConfigurableResource):
 
 
 class DetectorResource(_ModelResource):
-    """Grounding DINO (``backend="grounding_dino"``; variants swint_ogc, swinb_cogcoor) or ``"fake"``."""
+    """Which detector finds the candidates: ``grounding_dino`` (default; swint_ogc, swinb_cogcoor), ``owlv2``,
+    ``owlvit``, ``dinov2_saliency`` (prompt-free), ``annotations`` (boxes/clicks from a file), ``sam3``
+    (its own worker environment) or ``fake``. See the README's backend table."""
 
     text_encoder: str | None = None  # local dir or hub name; "tiny-random" for smoke runs
     max_size: int | None = None  # input long-side cap; image_size is the short side
     max_boxes_per_caption: int | None = None  # fake backend only
     compile: bool | None = None  # torch.compile backbone + transformer (default False)
+    prompt_mode: str | None = None  # dinov2_saliency / annotations: box | point | box+point (default box)
+    num_objects: int | None = None  # dinov2_saliency: regions per image (default 5)
+    attention_threshold: float | None = None  # dinov2_saliency: share of attention kept (default 0.6)
+    min_area: float | None = None  # dinov2_saliency: smallest region, fraction of the image (default 0.01)
+    annotations: str | None = None  # annotations: COCO .json or .jsonl, local path or s3:// URI
+    match_on: str | None = None  # annotations: url | image_id | file_name | auto (default auto)
 
     def spec(self) -> DetectorSpec:
         return self._spec(PRESETS[self.preset()][0])
 
 
 class SegmenterResource(_ModelResource):
-    """SAM2.1 (``backend="sam2"``; variants tiny, small, base_plus, large) or ``"fake"``."""
+    """SAM2.1 (``backend="sam2"``; variants tiny, small, base_plus, large), ``edgetam`` (light, CPU-friendly),
+    ``detector`` (keep the masks SAM 3 made while detecting) or ``"fake"``."""
 
     max_boxes_per_call: int | None = None  # boxes per mask-decoder call
 

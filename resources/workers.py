@@ -40,6 +40,7 @@ from dagster import (
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 
 from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
+from pseudolabel.models.loading import WORKER_ENV
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, source_path_entry
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
 from resources.k8s import plain_pod_env, worker_pod_spec
@@ -123,9 +124,10 @@ class LocalModelWorkers(ModelWorkersResource):
     def interpreter(self, task: WorkerTask, log: Any = print) -> str:
         if self.python:
             return self.python
-        if not task.needs_model_stack and not os.environ.get(PYTHON_ENV):
-            return sys.executable  # fake models: numpy + dagster-pipes, both here already
-        return ensure_worker_python(log=log)
+        environment = task.environment
+        if environment is None and not os.environ.get(PYTHON_ENV):
+            return sys.executable  # no model stack (stand-ins, annotation files): numpy + dagster-pipes
+        return ensure_worker_python((environment or WORKER_ENV,), log=log)
 
     def _launch(
         self, context: AssetExecutionContext, task: WorkerTask, python: str, env: Mapping[str, str]

@@ -238,3 +238,104 @@ def _mismatch_message(spec: CheckpointSpec, path: Path, expected: str, actual: s
         f"Refusing to use it (a different checkpoint changes every label). If the new file is intended, "
         f"set checkpoint_sha256 to its digest; otherwise delete {path} so it is fetched again."
     )
+
+
+# ---- Hugging Face model directories (OWLv2, DINOv2, EdgeTAM, SAM 3) ----------------------------------
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """An official Hugging Face model: repo id and the revision (commit) it is pinned to."""
+
+    name: str  # human label, e.g. "OWLv2 base-patch16-ensemble"
+    repo_id: str
+    revision: str = "main"  # pin a commit hash: a moving branch silently changes every label
+    gated: bool = False  # needs a token (HF_TOKEN) whose owner accepted the model's licence
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_pretrained_dir(
+    source: str,
+    model: HubModel,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_download: bool = True,
+    s3_list_get: Callable[[str], dict[str, bytes]] | None = None,
+) -> ResolvedCheckpoint:
+    """Turn a configured ``source`` into a local ``from_pretrained`` directory.
+
+    ``""`` / ``"official"``: ``model.repo_id`` at ``model.revision`` through the Hugging Face hub cache
+    (``HF_TOKEN`` for gated models); a local directory; ``s3://bucket/prefix`` = every object under
+    the prefix, fetched once into ``<cache>/s3/bucket/prefix``; ``"random"`` = no weights. The digest
+    is the sha256 over the weight files' own sha256s (sorted by name), so it identifies the weights.
+    """
+    source = (source or "").strip()
+    if source == RANDOM:
+        return ResolvedCheckpoint(path=None, sha256=None, source=RANDOM, status=RANDOM_WEIGHTS)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if source in ("", OFFICIAL):
+        origin = f"hf://{model.repo_id}@{model.revision}"
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(
+                snapshot_download(
+                    model.repo_id,
+                    revision=model.revision,
+                    local_files_only=not allow_download,
+                    token=os.environ.get("HF_TOKEN") or None,
+                )
+            )
+        except Exception as exc:  # offline, gated without a token, unknown revision
+            gated = (
+                " It is gated: accept its licence on the hub and set HF_TOKEN in the worker's environment."
+                if model.gated
+                else ""
+            )
+            raise CheckpointNotFound(
+                f"{model.name} ({origin}) is not available: {exc!r}.{gated} Or set the resource's "
+                "`checkpoint` to a local directory or an s3:// prefix holding it; 'random' for smoke runs."
+            ) from exc
+        return ResolvedCheckpoint(path, _directory_digest(path), origin, VERIFIED)
+    if source.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(source)
+        target = cache / "s3" / bucket / prefix
+        if not (target / ".complete").is_file():
+            if not allow_download:
+                raise CheckpointNotFound(
+                    f"{model.name}: {source} is not cached at {target} and downloads are off"
+                )
+            objects = (s3_list_get or _boto3_s3_prefix)(source)
+            if not objects:
+                raise CheckpointNotFound(f"{model.name}: nothing under {source}")
+            for name, data in objects.items():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                _write_bytes(data, target / name)
+            (target / ".complete").write_text(source + "\n")
+        return ResolvedCheckpoint(target, _directory_digest(target), source, FIRST_SEEN)
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise CheckpointNotFound(
+            f"{model.name}: {path} is not a model directory (no config.json). Point `checkpoint` at a "
+            f"save_pretrained() directory, an s3:// prefix holding one, or leave it empty for {model.repo_id}."
+        )
+    return ResolvedCheckpoint(path, _directory_digest(path), str(path), UNPINNED)
+
+
+def _directory_digest(path: Path) -> str:
+    weights = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in weights:
+        digest.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _boto3_s3_prefix(uri: str) -> dict[str, bytes]:
+    import boto3  # deferred: only S3 checkpoints need it
+
+    bucket, prefix = parse_s3_uri(uri)
+    prefix = prefix.rstrip("/") + "/"
+    store = S3ObjectStore(boto3.client("s3"), bucket)
+    return {info.key[len(prefix) :]: store.get_bytes(info.key) for info in store.list(prefix)}

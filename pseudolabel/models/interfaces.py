@@ -59,11 +59,16 @@ class PreparedImage:
     width: int
     height: int
     pixels: Any  # model-specific: e.g. a (3, h, w) uint8 tensor
+    url: str = ""  # the image's source URL when known (ImageRef.url)
 
 
 @dataclass(frozen=True)
 class Candidates:
     """The N candidate objects of one image, from the detector through the segmenter to the tables.
+
+    A candidate's segmenter prompt is its box, its clicks (``points`` with ``point_labels``), or both:
+    ``box_prompt[i]`` False leaves the box out (it is then only the extent of the clicks). Rows with
+    fewer clicks than P are padded with label -1.
 
     Row i is stored as ``candidate_id`` i: a detector returns them sorted by ``box_scores``
     descending. ``query_indices`` is the order the detector emitted them in (Grounding DINO's
@@ -79,6 +84,10 @@ class Candidates:
     text_scores: np.ndarray  # (N,) float32
     phrases: list[str]  # (N,)
     query_indices: np.ndarray  # (N,) int32, unique within the image
+    # Segmenter prompts beyond the box (None = box prompts only, the detectors' case):
+    points: np.ndarray | None = None  # (N, P, 2) float32 clicks in original-image pixels
+    point_labels: np.ndarray | None = None  # (N, P) int8: 1 object, 0 background, -1 padding (no click)
+    box_prompt: np.ndarray | None = None  # (N,) bool: False = the box is not a prompt (clicks only)
     masks: EncodedMasks | None = None  # N RLE masks at (height, width)
     mask_scores: np.ndarray | None = None  # (N,) float32: predicted IoU of the chosen mask
     multimask_index: np.ndarray | None = None  # (N,) int8: index of the chosen output (0 without multimask)
@@ -115,7 +124,37 @@ class Candidates:
             text_scores=np.concatenate([p.text_scores for p in parts]).astype(np.float32),
             phrases=[phrase for p in parts for phrase in p.phrases],
             query_indices=np.concatenate([p.query_indices for p in parts]).astype(np.int32),
+            **_concat_prompts(parts),
         )
+
+    @property
+    def has_clicks(self) -> bool:
+        return self.point_labels is not None and bool((self.point_labels >= 0).any())
+
+    def box_prompts(self) -> np.ndarray:
+        """(N,) bool: which boxes are given to the segmenter."""
+        return np.ones(len(self), bool) if self.box_prompt is None else self.box_prompt.astype(bool)
+
+    def with_prompts(
+        self, points: np.ndarray | None, point_labels: np.ndarray | None, box_prompt: np.ndarray | None = None
+    ) -> Candidates:
+        """These candidates with clicks (``(N, P, 2)`` points, ``(N, P)`` labels) and/or box-prompt flags."""
+        n = len(self)
+        if (points is None) != (point_labels is None):
+            raise ValueError("points and point_labels go together")
+        if points is not None:
+            points = np.asarray(points, np.float32).reshape(n, -1, 2)
+            point_labels = np.asarray(point_labels, np.int8).reshape(n, -1)
+            if point_labels.shape != points.shape[:2]:
+                raise ValueError(f"{points.shape[1]} points per candidate but labels {point_labels.shape}")
+            if not np.isin(point_labels, (-1, 0, 1)).all():
+                raise ValueError("point labels are 1 (object), 0 (background) or -1 (padding)")
+        if box_prompt is not None:
+            box_prompt = np.asarray(box_prompt, bool).reshape(n)
+            clicks = (point_labels >= 0).any(axis=1) if point_labels is not None else np.zeros(n, bool)
+            if (~box_prompt & ~clicks).any():
+                raise ValueError("a candidate without a box prompt needs at least one click")
+        return replace(self, points=points, point_labels=point_labels, box_prompt=box_prompt)
 
     def take(self, order: np.ndarray) -> Candidates:
         """The candidates at ``order`` (M,) indices, in that order, masks included."""
@@ -128,6 +167,9 @@ class Candidates:
             text_scores=self.text_scores[order],
             phrases=[self.phrases[i] for i in order],
             query_indices=self.query_indices[order],
+            points=pick(self.points),
+            point_labels=pick(self.point_labels),
+            box_prompt=pick(self.box_prompt),
             masks=None if self.masks is None else self.masks.take(order),
             mask_scores=pick(self.mask_scores),
             multimask_index=pick(self.multimask_index),
@@ -184,6 +226,7 @@ class Candidates:
         phrases = table.column("phrase").to_pylist()
         name = "query_index" if "query_index" in table.column_names else "candidate_id"
         query_indices = column(name).astype(np.int32)
+        prompts = _prompts_from_table(table)
         # Row offsets where a new image starts, plus the end: [0, ..., len(ids)].
         bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True]) if len(ids) else np.zeros(1, np.int64)
         spans = {ids[start]: slice(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)}
@@ -196,18 +239,20 @@ class Candidates:
                 result.append(Candidates.empty(image_id, width, height))
                 continue
             rows = spans[image_id]
-            result.append(
-                Candidates(
-                    image_id,
-                    width,
-                    height,
-                    boxes[rows],
-                    box_scores[rows],
-                    text_scores[rows],
-                    phrases[rows],
-                    query_indices[rows],
-                )
+            found = Candidates(
+                image_id,
+                width,
+                height,
+                boxes[rows],
+                box_scores[rows],
+                text_scores[rows],
+                phrases[rows],
+                query_indices[rows],
             )
+            if prompts is not None:
+                points, labels, box_prompt = prompts
+                found = found.with_prompts(*_padded_clicks(points[rows], labels[rows]), box_prompt[rows])
+            result.append(found)
         return result
 
 
@@ -228,8 +273,69 @@ def detections_table(items: Sequence[Candidates]) -> pa.Table:
         "text_score": _cat([c.text_scores for c in items], np.float32),
         "phrase": [p for c in items for p in c.phrases],
         "query_index": _cat([c.query_indices for c in items], np.int32),
+        "box_prompt": _cat([c.box_prompts() for c in items], bool),
+        "points": [clicks for c in items for clicks in _clicks(c)[0]],
+        "point_labels": [labels for c in items for labels in _clicks(c)[1]],
     }
     return pa.table(columns, schema=schemas.DETECTIONS)
+
+
+def _clicks(c: Candidates) -> tuple[list[list[float]], list[list[int]]]:
+    """Per candidate, its real clicks (padding dropped) as flat [x, y, ...] and their labels."""
+    if c.points is None:
+        return [[] for _ in range(len(c))], [[] for _ in range(len(c))]
+    keep = c.point_labels >= 0
+    return (
+        [c.points[i][keep[i]].reshape(-1).tolist() for i in range(len(c))],
+        [c.point_labels[i][keep[i]].tolist() for i in range(len(c))],
+    )
+
+
+def _prompts_from_table(table: pa.Table) -> tuple[list, list, np.ndarray] | None:
+    """(flat points per row, labels per row, box_prompt) when the table stores any click; else None."""
+    if "point_labels" not in table.column_names:
+        return None
+    labels = table.column("point_labels").to_pylist()
+    box_prompt = table.column("box_prompt").to_numpy(zero_copy_only=False).astype(bool)
+    if not any(labels) and box_prompt.all():
+        return None
+    return (
+        np.asarray(table.column("points").to_pylist(), dtype=object),
+        np.asarray(labels, dtype=object),
+        box_prompt,
+    )
+
+
+def _padded_clicks(points: Sequence, labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged per-row clicks -> (N, P, 2) points and (N, P) labels padded with -1."""
+    width = max((len(row) for row in labels), default=0)
+    out_points = np.zeros((len(labels), width, 2), np.float32)
+    out_labels = np.full((len(labels), width), -1, np.int8)
+    for i, (flat, row) in enumerate(zip(points, labels, strict=True)):
+        out_points[i, : len(row)] = np.asarray(flat or [], np.float32).reshape(-1, 2)
+        out_labels[i, : len(row)] = row or []
+    return out_points, out_labels
+
+
+def _concat_prompts(parts: Sequence[Candidates]) -> dict[str, np.ndarray | None]:
+    """The prompt fields of concatenated parts: None when no part has clicks or box-less rows."""
+    if all(p.points is None and p.box_prompt is None for p in parts):
+        return {"points": None, "point_labels": None, "box_prompt": None}
+    width = max((p.points.shape[1] for p in parts if p.points is not None), default=0)
+    points, labels = [], []
+    for p in parts:
+        padded_points = np.zeros((len(p), width, 2), np.float32)
+        padded_labels = np.full((len(p), width), -1, np.int8)
+        if p.points is not None:
+            padded_points[:, : p.points.shape[1]] = p.points
+            padded_labels[:, : p.points.shape[1]] = p.point_labels
+        points.append(padded_points)
+        labels.append(padded_labels)
+    return {
+        "points": np.concatenate(points),
+        "point_labels": np.concatenate(labels),
+        "box_prompt": np.concatenate([p.box_prompts() for p in parts]),
+    }
 
 
 def detection_images_table(items: Sequence[Candidates]) -> pa.Table:

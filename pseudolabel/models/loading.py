@@ -31,18 +31,32 @@ if TYPE_CHECKING:
     from pseudolabel.video.tracking import Tracker
 
 GROUNDING_DINO = "grounding_dino"
+OWLV2 = "owlv2"  # transformers Owlv2ForObjectDetection (text queries; objectness + class scores)
+OWLVIT = "owlvit"  # transformers OwlViTForObjectDetection (OWL-ViT v1)
+DINOV2_SALIENCY = "dinov2_saliency"  # prompt-free: DINOv2 attention -> salient regions -> boxes / points
+ANNOTATIONS = "annotations"  # boxes and clicks read from a COCO or JSONL file: no model
+SAM3 = "sam3"  # SAM 3: text -> boxes + masks in one pass (its own worker environment, transformers >= 5)
 SAM2 = "sam2"
+EDGETAM = "edgetam"  # EdgeTAM through transformers: a light SAM2-style segmenter for CPU-only machines
+DETECTOR_MASKS = "detector"  # segmenter backend: keep the masks the detector made (SAM 3), no model
 FAKE = "fake"  # instant deterministic stand-ins (pseudolabel.testing.models): no torch, no weights
 FAKE_BLOBS = "fake_blobs"  # a stand-in detector that finds the flat-coloured shapes of synthetic videos
 FAKES = (FAKE, FAKE_BLOBS)
 # Backend name -> "module:attribute" of its builder, called with the spec; imported when selected.
 DETECTORS: dict[str, str] = {
     GROUNDING_DINO: "pseudolabel.models.grounding_dino_build:load_grounding_dino",
+    OWLV2: "pseudolabel.models.owl:load_owl",
+    OWLVIT: "pseudolabel.models.owl:load_owl",
+    DINOV2_SALIENCY: "pseudolabel.models.dinov2_saliency:load_dinov2_saliency",
+    ANNOTATIONS: "pseudolabel.models.annotations:load_annotations",
+    SAM3: "pseudolabel.models.sam3:load_sam3",
     FAKE: "pseudolabel.testing.models:FakeDetector.from_spec",
     FAKE_BLOBS: "pseudolabel.testing.models:BlobDetector.from_spec",
 }
 SEGMENTERS: dict[str, str] = {
     SAM2: "pseudolabel.models.sam2_segmenter:load_sam2",
+    EDGETAM: "pseudolabel.models.hf_sam:load_edgetam",
+    DETECTOR_MASKS: "pseudolabel.models.sam3:load_detector_masks",
     FAKE: "pseudolabel.testing.models:FakeSegmenter.from_spec",
 }
 # Video trackers (pseudolabel.video.tracking.Tracker): SAM2's video predictor, or a colour follower.
@@ -51,7 +65,30 @@ TRACKERS: dict[str, str] = {
     FAKE: "pseudolabel.testing.models:FakeTracker.from_spec",
 }
 GROUNDING_DINO_VARIANTS = ("swint_ogc", "swinb_cogcoor")
-SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
+# Each backend's variants, the first being its default ("" selects it). Backends without variants: ("",).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    GROUNDING_DINO: GROUNDING_DINO_VARIANTS,
+    OWLV2: ("base-patch16-ensemble", "base-patch16", "large-patch14-ensemble"),
+    OWLVIT: ("base-patch32", "base-patch16", "large-patch14"),
+    DINOV2_SALIENCY: ("small", "base", "large", "giant"),
+    ANNOTATIONS: ("",),
+    SAM3: ("",),
+    SAM2: ("large", "tiny", "small", "base_plus"),
+    EDGETAM: ("",),
+    DETECTOR_MASKS: ("",),
+}
+# The worker environment (an extra of pyproject.toml) a backend runs in; None = the orchestrator's own
+# interpreter is enough (no torch: stand-ins, annotation files, the detector's stored masks).
+WORKER_ENV, SAM3_ENV = "worker", "worker-sam3"
+ENVIRONMENTS: dict[str, str | None] = {
+    SAM3: SAM3_ENV,
+    ANNOTATIONS: None,
+    DETECTOR_MASKS: None,
+    FAKE: None,
+    FAKE_BLOBS: None,
+}
+PROMPT_MODES = ("box", "point", "box+point")
+MATCH_ON = ("auto", "url", "image_id", "file_name")
 TINY_RANDOM_TEXT_ENCODER = "tiny-random"  # text_encoder value: a generated 1-layer BERT (smoke runs)
 
 
@@ -93,21 +130,31 @@ class _Spec:
         out-of-memory errors and lost workers are retried; both suggest memory pressure)."""
         return replace(self, batch_size=max(1, self.batch_size >> retry_number)) if retry_number else self
 
+    def __post_init__(self) -> None:
+        if self.variant == "" and self.backend in VARIANTS:  # "" = the backend's default variant
+            object.__setattr__(self, "variant", VARIANTS[self.backend][0])
+
     @property
     def is_fake(self) -> bool:
         return self.backend in FAKES
 
     @property
+    def environment(self) -> str | None:
+        """The worker environment (pyproject extra) this backend runs in; None = no model stack needed."""
+        return ENVIRONMENTS.get(self.backend, WORKER_ENV)
+
+    @property
     def needs_model_stack(self) -> bool:
-        """Whether running this spec needs the worker environment (torch and the model packages)."""
-        return not self.is_fake
+        """Whether running this spec needs a worker environment (torch and the model packages)."""
+        return self.environment is not None
 
     def cache(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
-    def validate(self, backends: dict[str, str], variants: tuple[str, ...]) -> None:
+    def validate(self, backends: dict[str, str]) -> None:
         if self.backend not in backends:
             raise ModelConfigError(f"unknown backend {self.backend!r}; one of {list(backends)}")
+        variants = VARIANTS.get(self.backend, ())
         if not self.is_fake and self.variant not in variants:
             raise ModelConfigError(
                 f"unknown {self.backend} variant {self.variant!r}; one of {list(variants)}"
@@ -130,9 +177,29 @@ class DetectorSpec(_Spec):
     max_size: int | None = None  # input long-side cap; default 1333 (224 when tiny); image_size = short side
     max_boxes_per_caption: int = 3  # fake backend only
     compile: bool = False  # torch.compile backbone + transformer (opt-in; compiles per new input shape)
+    # How regions prompt the segmenter (dinov2_saliency, annotations with boxes): "box", "point" (the
+    # region's centre / the file's clicks only) or "box+point".
+    prompt_mode: str = "box"
+    # dinov2_saliency: the most salient regions per image, the share of the CLS attention mass kept as
+    # foreground, and the smallest region as a fraction of the image.
+    num_objects: int = 5
+    attention_threshold: float = 0.6
+    min_area: float = 0.01
+    # annotations: a COCO .json or a .jsonl file (local path or s3:// URI) and which image key to match
+    # on: "url", "image_id", "file_name" (the URL's last path segment) or "auto" (first that matches).
+    annotations: str = ""
+    match_on: str = "auto"
 
     def validate(self) -> None:  # type: ignore[override]
-        super().validate(DETECTORS, GROUNDING_DINO_VARIANTS)
+        super().validate(DETECTORS)
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ModelConfigError(
+                f"prompt_mode must be one of {list(PROMPT_MODES)}, got {self.prompt_mode!r}"
+            )
+        if self.backend == ANNOTATIONS and not self.annotations:
+            raise ModelConfigError("the annotations backend needs `annotations`: a COCO .json or .jsonl file")
+        if self.match_on not in MATCH_ON:
+            raise ModelConfigError(f"match_on must be one of {list(MATCH_ON)}, got {self.match_on!r}")
 
 
 @dataclass(frozen=True)
@@ -142,7 +209,7 @@ class SegmenterSpec(_Spec):
     max_boxes_per_call: int = 64  # boxes per mask-decoder call
 
     def validate(self) -> None:  # type: ignore[override]
-        super().validate(SEGMENTERS, SAM2_VARIANTS)
+        super().validate(SEGMENTERS)
 
 
 @dataclass(frozen=True)
@@ -155,7 +222,7 @@ class TrackerSpec(_Spec):
     offload_state_to_cpu: bool = False  # tracking memory in host memory (less GPU memory, ~10 % slower)
 
     def validate(self) -> None:  # type: ignore[override]
-        super().validate(TRACKERS, SAM2_VARIANTS)
+        super().validate(TRACKERS)
 
 
 def load_detector(spec: DetectorSpec) -> Detector:

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
 import pyarrow as pa
@@ -63,13 +63,16 @@ class ImageRef:
     width: int
     height: int
     sha256: str = ""
+    url: str = ""  # where the image came from (the annotations backend can match on it)
 
 
 def ok_images(index: pa.Table) -> list[ImageRef]:
     """Rows of an IMAGE_INDEX table with status "ok", sorted by image_id."""
-    rows = index.select(["image_id", "width", "height", "sha256", "status"]).to_pylist()
+    rows = index.select(["image_id", "url", "width", "height", "sha256", "status"]).to_pylist()
     refs = [
-        ImageRef(r["image_id"], int(r["width"] or 0), int(r["height"] or 0), r["sha256"] or "")
+        ImageRef(
+            r["image_id"], int(r["width"] or 0), int(r["height"] or 0), r["sha256"] or "", r["url"] or ""
+        )
         for r in rows
         if r["status"] == "ok"
     ]
@@ -217,6 +220,8 @@ def _prepared_batches(
             prepared = model.prepare(item.image_id, read_image(item.image_id))
         except Exception as exc:
             raise RuntimeError(f"image {item.image_id}: {exc}") from exc
+        if getattr(item, "url", ""):
+            prepared = replace(prepared, url=item.url)
         if check is not None:
             check(prepared)
         return prepared

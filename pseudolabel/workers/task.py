@@ -71,12 +71,28 @@ class WorkerTask:
         return TrackerSpec.from_dict(self.tracker) if self.tracker is not None else None
 
     @property
-    def needs_model_stack(self) -> bool:
-        """Whether the worker needs torch and the model packages (False for fake models only)."""
+    def environment(self) -> str | None:
+        """The worker environment (pyproject extra) this task runs in; None = no model stack needed.
+
+        One worker runs one environment: a task whose models need two different ones cannot run."""
         specs = [
             s for s in (self.detector_spec(), self.segmenter_spec(), self.tracker_spec()) if s is not None
         ]
-        return any(spec.needs_model_stack for spec in specs)
+        needed = {spec.environment for spec in specs} - {None}
+        if len(needed) > 1:
+            from pseudolabel.models.loading import ModelConfigError
+
+            names = ", ".join(f"{spec.backend} -> {spec.environment}" for spec in specs if spec.environment)
+            raise ModelConfigError(
+                f"the {self.stage} stage's models need different worker environments ({names}); "
+                "one worker runs one environment"
+            )
+        return needed.pop() if needed else None
+
+    @property
+    def needs_model_stack(self) -> bool:
+        """Whether the worker needs torch and the model packages (False for stand-ins and annotation files)."""
+        return self.environment is not None
 
 
 def meta(value: Any, kind: str = "__infer__") -> dict[str, Any]:
