@@ -16,6 +16,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     Config,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -45,6 +46,7 @@ from pseudolabel.labels.relabel import (
     relabel_shard,
     score_histograms,
 )
+from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.thresholds import Thresholds
 from pseudolabel.markdown import markdown_table
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
@@ -116,7 +118,10 @@ def pseudo_labels(
     started = time.perf_counter()
     results, coco_files, dropped_polygons = [], [], None
     for shard in shards:
-        result, coco_bytes, dropped = _label_shard(store, shard, config, rules)
+        try:
+            result, coco_bytes, dropped = _label_shard(store, shard, config, rules)
+        except PolicyNeedsScore as exc:  # the thresholds ask for a score this detector never made
+            raise Failure(description=f"{shard}: {exc}", allow_retries=False) from exc
         results.append(result)
         coco_files.append(coco_bytes)
         if dropped is not None:
@@ -262,6 +267,9 @@ def _metadata(
         "parquet": MetadataValue.path(store.uri(layout.pseudo_labels(shards[0]))),
         "coco": MetadataValue.path(store.uri(layout.pseudo_labels_coco(shards[0]))),
     }
+    for score in ("box_score", "text_score"):  # NaN = the detector backend does not make this score
+        if missing := int(result.candidates[score].isna().sum()):
+            metadata[f"{score}_not_produced"] = MetadataValue.int(missing)
     if len(shards) > 1:  # a single-run backfill: the paths above are the first shard's
         metadata["shard_range"] = MetadataValue.text(f"{shards[0]} .. {shards[-1]}")
     if dropped_polygons is not None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from relabel_helpers import LOOSE, H, W, candidate, decisions, tables
 
-from pseudolabel.labels.picking import box_coverage, grouped_nms, pairwise_iou
+from pseudolabel.labels.picking import PolicyNeedsScore, box_coverage, grouped_nms, pairwise_iou
 from pseudolabel.labels.relabel import REJECT_REASONS, relabel_shard
+from pseudolabel.labels.thresholds import PickPolicy
 
 # --- filters -----------------------------------------------------------------------------------------
 
@@ -107,3 +110,30 @@ def test_nms_is_class_aware_and_per_image():
     ]
     result = relabel_shard(*tables(rows), LOOSE)
     assert decisions(result) == {("a", 0): "kept", ("a", 1): "nms", ("a", 2): "kept", ("b", 0): "kept"}
+
+
+# --- scores a detector backend does not produce (NaN) ----------------------------------------------
+
+
+def test_a_score_the_backend_does_not_make_is_not_thresholded_but_real_low_scores_still_are():
+    rows = [
+        candidate("a", 0, (0, 0, 10, 10), text_score=np.nan),  # e.g. OWL-ViT v1, DINOv2 saliency
+        candidate("a", 1, (20, 0, 30, 10), box_score=np.nan, text_score=np.nan),  # annotations, no score
+        candidate("a", 2, (40, 0, 50, 10), text_score=0.19),
+        candidate("a", 3, (60, 0, 70, 10), box_score=np.nan, mask_score=np.nan),  # a missing MASK score fails
+    ]
+    result = relabel_shard(*tables(rows), LOOSE)
+    assert decisions(result) == {
+        ("a", 0): "kept",
+        ("a", 1): "kept",
+        ("a", 2): "text_score",
+        ("a", 3): "mask_score",
+    }
+
+
+def test_both_scores_agree_refuses_candidates_without_a_box_score():
+    rows = [candidate("a", 0, (0, 0, 10, 10)), candidate("a", 1, (20, 0, 30, 10), box_score=np.nan)]
+    with pytest.raises(PolicyNeedsScore, match=r"1 of 2 candidates have no box_score.*best_mask_score"):
+        relabel_shard(*tables(rows), replace(LOOSE, pick_policy=PickPolicy.BOTH_SCORES_AGREE))
+    # the policies that need only mask scores work with the same candidates
+    assert relabel_shard(*tables(rows), replace(LOOSE, pick_policy=PickPolicy.BEST_MASK_SCORE)).num_kept == 1

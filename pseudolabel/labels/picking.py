@@ -12,6 +12,10 @@ import numpy as np
 
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
 
+class PolicyNeedsScore(ValueError):
+    """The pick policy compares a score the detector backend did not produce."""
+
+
 # -- per-candidate filters -------------------------------------------------------------------------
 # Every candidate gets the *first* filter it fails, in FILTER_ORDER, so reject counts add up to the
 # number of candidates and the most basic reason wins (a low-score whole-image box counts as
@@ -52,13 +56,15 @@ def first_failed_filter(
     """Index into :data:`FILTER_ORDER` of the first failed filter per candidate, or :data:`PASSED`.
 
     Scores pass when ``>=`` their threshold; coverage passes when ``<`` the maximum (a box covering
-    exactly 80 % is dropped, as in the production pipeline). NaNs fail, so a candidate with a
-    missing score is never kept by accident.
+    exactly 80 % is dropped, as in the production pipeline). A NaN detector score (``box_score``,
+    ``text_score``) means the detector backend does not produce that score (e.g. ``text_score`` of a
+    prompt-free or annotation backend), so its threshold does not apply; every other NaN fails, so a
+    candidate with a missing mask score or area is never kept by accident.
     """
     conditions = [
         ~has_mask,
-        ~(box_score >= thresholds.box_score),
-        ~(text_score >= thresholds.text_score),
+        ~(np.isnan(box_score) | (box_score >= thresholds.box_score)),
+        ~(np.isnan(text_score) | (text_score >= thresholds.text_score)),
         ~(coverage < thresholds.max_box_coverage),
         ~(mask_score >= thresholds.mask_score),
         ~(area_fraction >= thresholds.min_mask_area_fraction),
@@ -261,6 +267,12 @@ def apply_policy(
     if policy is PickPolicy.BEST_MASK_SCORE:
         return pick_best_mask_score(image, mask_score, box_score, candidate_id)
     if policy is PickPolicy.BOTH_SCORES_AGREE:
+        if (missing := int(np.isnan(np.asarray(box_score, np.float64)).sum())) > 0:
+            raise PolicyNeedsScore(
+                f"pick policy both_scores_agree compares the detector's box_score with the mask score, but "
+                f"{missing} of {len(box_score)} candidates have no box_score (their detector backend does not "
+                "produce one, e.g. annotations without scores). Use pick_policy best_mask_score or all."
+            )
         scan_order = None if query_index is None else scan_order_by_query(query_index, candidate_id)
         return pick_both_scores_agree(image, mask_score, box_score, candidate_id, scan_order)
     raise ValueError(f"unknown pick policy {policy!r}")
