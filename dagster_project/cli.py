@@ -75,6 +75,27 @@ def _workers_python(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    """Check the arguments here, then run ``python -m pseudolabel.segment`` with the same arguments in
+    the backends' model-worker environment (built on first use), streaming its progress."""
+    import os
+    import subprocess
+
+    from pseudolabel.models.loading import ModelConfigError
+    from pseudolabel.segment import request_from_args
+    from pseudolabel.workers.environment import ensure_worker_python, source_path_entry
+
+    try:
+        environment = request_from_args(args).environment
+    except ModelConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    python = ensure_worker_python((environment,), log=log) if environment else sys.executable
+    env = {**os.environ, "PYTHONPATH": source_path_entry()}
+    return subprocess.run([python, "-m", "pseudolabel.segment", *args.argv], env=env).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pseudolabel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--extra", action="append", metavar="NAME", help=extra_help)
     install.set_defaults(func=_workers_install)
+    from pseudolabel.segment import build_parser as segment_parser
+
+    segment = sub.add_parser(
+        "segment",
+        help="prompt and segment image files (text, --auto, --boxes, --points): masks, JSON, a 3-panel picture",
+        description="Runs the assets' detector and segmenter code on image files in the model-worker environment.",
+    )
+    segment_parser(segment).set_defaults(func=_segment)
+
     python = workers_sub.add_parser("python", help="print the worker interpreter (exit 1 if not built)")
     python.add_argument("--extra", action="append", metavar="NAME", help=extra_help)
     python.set_defaults(func=_workers_python)
@@ -115,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # what follows the subcommand, passed on unchanged (`segment` re-runs it)
     return args.func(args)
 
 

@@ -103,6 +103,65 @@ def shard_thumbnails(
 def draw_boxes(data: bytes, boxes: np.ndarray, labels: Sequence[str] = (), max_side: int = 256) -> bytes:
     """Boxes (N, 4) xyxy in original pixels, outlined on a thumbnail of image ``data``. PNG bytes."""
     thumb, scale = thumbnail(data, max_side)
+    return encode(_outline(thumb, scale, boxes, labels))
+
+
+def draw_masks(data: bytes, counts: Sequence[str], height: int, width: int, max_side: int = 256) -> bytes:
+    """COCO RLE masks (``height`` x ``width``, the original size) blended in colour over a thumbnail of
+    image ``data``. PNG bytes."""
+    thumb, _ = thumbnail(data, max_side)
+    return encode(_blend(thumb, counts, height, width))
+
+
+def three_panels(
+    data: bytes,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    counts: Sequence[str],
+    height: int,
+    width: int,
+    *,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    heat: np.ndarray | None = None,
+    titles: Sequence[str] = ("original", "prompts", "masks"),
+    max_side: int = 640,
+    quality: int = 90,
+) -> bytes:
+    """original | boxes and clicks (over ``heat``, an (h, w) map in [0, 1] such as an attention map,
+    when given) | masks, side by side. Boxes/clicks in original pixels; clicks (N, P, 2) with labels
+    1 (green), 0 (red), -1 (none). JPEG bytes at up to ``max_side`` px per panel."""
+    thumb, scale = thumbnail(data, max_side)
+    middle = thumb.copy()
+    if heat is not None:
+        small = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8)).resize(thumb.size)
+        hot = np.stack([np.asarray(small, np.float32)] * 3, axis=-1) * np.array([1.0, 0.55, 0.1], np.float32)
+        middle = Image.fromarray((0.4 * np.asarray(thumb, np.float32) + 0.6 * hot).astype(np.uint8))
+    middle = _outline(middle, scale, boxes, labels)
+    if points is not None and point_labels is not None:
+        draw = ImageDraw.Draw(middle)
+        for xy, label in zip(
+            np.asarray(points).reshape(-1, 2), np.asarray(point_labels).reshape(-1), strict=True
+        ):
+            if label < 0:
+                continue
+            x, y = (xy * scale).tolist()
+            color = (40, 220, 40) if label == 1 else (230, 30, 30)
+            draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=color, outline=(255, 255, 255), width=2)
+    panels = [thumb, middle, _blend(thumb, counts, height, width)]
+    gap, header = 6, 18
+    sheet = Image.new("RGB", (3 * thumb.width + 2 * gap, thumb.height + header), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for n, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        x = n * (thumb.width + gap)
+        sheet.paste(panel, (x, header))
+        draw.text((x + 4, 3), title, fill=(0, 0, 0))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _outline(thumb: Image.Image, scale: float, boxes: np.ndarray, labels: Sequence[str]) -> Image.Image:
     draw = ImageDraw.Draw(thumb)
     for i, box in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
         color = _COLORS[i % len(_COLORS)]
@@ -110,16 +169,13 @@ def draw_boxes(data: bytes, boxes: np.ndarray, labels: Sequence[str] = (), max_s
         draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
         if i < len(labels) and labels[i]:
             draw.text((x0 + 2, y0 + 1), labels[i], fill=color)
-    return encode(thumb)
+    return thumb
 
 
-def draw_masks(data: bytes, counts: Sequence[str], height: int, width: int, max_side: int = 256) -> bytes:
-    """COCO RLE masks (``height`` x ``width``, the original size) blended in colour over a thumbnail of
-    image ``data``. PNG bytes."""
-    thumb, _ = thumbnail(data, max_side)
+def _blend(thumb: Image.Image, counts: Sequence[str], height: int, width: int) -> Image.Image:
     canvas = np.asarray(thumb, dtype=np.float32).copy()
     for i, rle in enumerate(counts):
         mask = Image.fromarray(decode_rle(rle, height, width).astype(np.uint8) * 255)
         small = np.asarray(mask.resize(thumb.size, Image.Resampling.NEAREST)) > 0
         canvas[small] = 0.55 * canvas[small] + 0.45 * np.asarray(_COLORS[i % len(_COLORS)], np.float32)
-    return encode(Image.fromarray(canvas.astype(np.uint8)))
+    return Image.fromarray(canvas.astype(np.uint8))
