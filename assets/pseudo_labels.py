@@ -274,5 +274,5 @@ def _metadata(
         metadata["shard_range"] = MetadataValue.text(f"{shards[0]} .. {shards[-1]}")
     if dropped_polygons is not None:
         metadata["polygons"] = MetadataValue.path(store.uri(layout.pseudo_labels_polygons(shards[0])))
-        metadata["polygons_dropped_tiny"] = MetadataValue.int(dropped_polygons)
+        metadata["polygons_dropped_empty"] = MetadataValue.int(dropped_polygons)
     return metadata

@@ -283,3 +283,56 @@ def _run_totals_batch(counts: list[str]) -> tuple[np.ndarray, np.ndarray, np.nda
     foreground = position % 2 == 1  # COCO RLE starts with a background run
     area = np.bincount(token_owner[foreground], weights=runs[foreground], minlength=n).astype(np.int64)
     return total, area, well_formed
+
+
+# ---- masks -> COCO polygons ("box to polygon") ----------------------------------------------------
+
+
+def polygons(rle: dict[str, Any], tolerance: float = 0.0) -> list[list[float]]:
+    """One mask (a pycocotools RLE dict; ``counts`` as str or bytes) -> COCO polygon segmentation.
+
+    Returns ``[[x0, y0, x1, y1, ...], ...]``: one closed polygon per 8-connected part of the mask,
+    largest first, in COCO's continuous pixel-edge coordinates (pixel ``(x, y)`` spans ``[x, x + 1) x
+    [y, y + 1)``, as ``pycocotools.mask.frPyObjects`` rasterises). An empty mask gives ``[]``.
+
+    The polygons trace the pixels' outer EDGES, not their centres: ``cv2.findContours`` (external
+    contours, ``CHAIN_APPROX_SIMPLE``) runs on the grid of pixel corners of the mask upsampled 2x, a
+    corner being set when any pixel touching it is set. Plain contours of the mask would run through
+    the boundary pixels' centres and lose half a pixel all round (a 3 px wide stem would come back 2 px
+    wide); upsampling first keeps parts one pixel apart from being bridged. Rasterised back by
+    pycocotools, the polygons give exactly the mask's pixels, holes filled (tests/test_polygons.py).
+
+    Holes are FILLED: COCO polygons have no holes (a segmentation's polygons are unioned), so only
+    external contours are kept and a ring comes back as a disc. Use the RLE itself where holes matter.
+    Contours with fewer than 3 vertices cannot enclose area and are dropped (pycocotools would also
+    read a 4-number list as a box). ``tolerance`` > 0 simplifies each polygon with Douglas-Peucker
+    (``cv2.approxPolyDP``): no vertex moves the outline by more than ``tolerance`` pixels.
+    """
+    import cv2  # deferred: only polygon export needs OpenCV
+
+    counts = rle["counts"]
+    mask = mask_utils.decode(
+        {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+    )
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return []
+    top, left = int(rows[0]), int(cols[0])
+    crop = mask[top : rows[-1] + 1, left : cols[-1] + 1].astype(bool)
+    up = crop.repeat(2, axis=0).repeat(2, axis=1)
+    # corners[v, u]: corner (u, v) of the upsampled pixel grid, set when one of the <= 4 pixels around it is.
+    corners = np.zeros((up.shape[0] + 1, up.shape[1] + 1), bool)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            corners[dy : dy + up.shape[0], dx : dx + up.shape[1]] |= up
+    contours, _ = cv2.findContours(corners.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    found = []
+    for contour in contours:
+        if tolerance > 0:
+            contour = cv2.approxPolyDP(contour, 2 * tolerance, True)
+        points = contour.reshape(-1, 2)
+        if len(points) < 3:
+            continue
+        found.append((cv2.contourArea(contour), points / 2.0 + (left, top)))
+    found.sort(key=lambda item: -item[0])
+    return [points.reshape(-1).tolist() for _, points in found]

@@ -363,9 +363,8 @@ def _write_image(
     heat: np.ndarray | None,
     identities: dict[str, Any],
 ) -> dict[str, Any]:
-    from pseudolabel.labels.coco import rle_to_polygons
     from pseudolabel.preview import three_panels
-    from pseudolabel.rle import decode_rle, rle_object
+    from pseudolabel.rle import decode_rle, polygons, rle_object
 
     kept = [i for i in range(len(found)) if decisions.get((found.image_id, i)) == "kept"]
     mask_dir = request.out / f"{image.name}_masks"
@@ -394,7 +393,7 @@ def _write_image(
             "smoke_run": request.smoke_run,
         }
         if request.polygons:
-            record["polygons"] = rle_to_polygons(rle_object(counts, found.height, found.width))
+            record["polygons"] = polygons(rle_object(counts, found.height, found.width))
         _write_json(mask_dir / f"mask_{n:03d}.json", record)
         written.append(record["mask"])
     clicks = found.take(np.asarray(kept, np.int64)) if kept else None
