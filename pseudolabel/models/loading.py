@@ -131,8 +131,12 @@ class _Spec:
         return replace(self, batch_size=max(1, self.batch_size >> retry_number)) if retry_number else self
 
     def __post_init__(self) -> None:
-        if self.variant == "" and self.backend in VARIANTS:  # "" = the backend's default variant
-            object.__setattr__(self, "variant", VARIANTS[self.backend][0])
+        # "" = the backend's default variant; so is the class default (e.g. DetectorSpec's "swint_ogc")
+        # when it is not one of this backend's variants: DetectorSpec(backend="owlv2") needs no variant.
+        variants = VARIANTS.get(self.backend, ())
+        unchosen = self.variant == "" or (self.variant == type(self).variant and self.variant not in variants)
+        if unchosen and variants:
+            object.__setattr__(self, "variant", variants[0])
 
     @property
     def is_fake(self) -> bool:

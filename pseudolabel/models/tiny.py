@@ -69,3 +69,198 @@ def write_bert_dir(
     model.save_pretrained(directory)
     BertTokenizer(str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
     return directory
+
+
+# DINOv2 (dinov2_saliency): the real transformers Dinov2Model at width 32, 2 layers, 2 heads, with the
+# released patch size (14); the 4 x 4 position grid is interpolated to each input like the real 37 x 37.
+TINY_DINOV2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    # 10x the released init scale: at 0.02 random attention is nearly uniform (one region covering the
+    # image); 0.2 gives uneven maps, so smoke runs exercise several regions. Says nothing about quality.
+    "initializer_range": 0.2,
+}
+TINY_DINOV2_IMAGE_SIZE = 112  # short side (8 patches)
+TINY_DINOV2_MAX_SIZE = 196  # long-side cap (14 patches)
+
+
+# OWLv2 / OWL-ViT (owlv2, owlvit): the real transformers detection models with 1-layer, width-32 text and
+# vision towers; 96 px inputs in 16 px patches = 6 x 6 = 36 patch boxes per image.
+TINY_OWL_IMAGE_SIZE = 96
+TINY_OWL_PATCH_SIZE = 16
+TINY_OWL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def tiny_owl_config(model_type: str, vocab_size: int, image_size: int = TINY_OWL_IMAGE_SIZE):
+    """A tiny ``Owlv2Config`` (``model_type="owlv2"``) or ``OwlViTConfig`` (``"owlvit"``) whose text tower
+    reads ``vocab_size`` tokens (:func:`write_clip_tokenizer_dir`'s) of at most 16 per query."""
+    from transformers import Owlv2Config, OwlViTConfig
+
+    configs = {"owlv2": Owlv2Config, "owlvit": OwlViTConfig}
+    if model_type not in configs:
+        raise ValueError(f"model_type must be one of {list(configs)}, got {model_type!r}")
+    config = configs[model_type](
+        text_config={**TINY_OWL, "vocab_size": vocab_size, "max_position_embeddings": 16},
+        vision_config={**TINY_OWL, "image_size": image_size, "patch_size": TINY_OWL_PATCH_SIZE},
+        projection_dim=TINY_OWL["hidden_size"],
+    )
+    # transformers initialises every Linear with std 1.0 x this factor (not a constructor argument): at
+    # 1.0 the random heads saturate (objectness 1.0 everywhere, degenerate boxes); 0.2 spreads the
+    # scores over ~0.05..0.9.
+    config.initializer_factor = 0.2
+    return config
+
+
+def write_clip_tokenizer_dir(directory: str | Path, *, words: list[str] | None = None) -> Path:
+    """Write a byte-level BPE CLIP tokenizer (vocab.json, merges.txt) that ``from_pretrained`` can load.
+
+    The vocabulary is every byte symbol alone and word-final, plus whole-word merges for
+    :data:`PROMPT_WORDS` and ``words`` (ASCII words), so ANY text tokenizes (unknown words as single characters).
+    Ids follow the real CLIP layout that OWL relies on: the pad token "!" is id 0 and
+    <|startoftext|>, <|endoftext|> are the two highest ids (the text tower pools at the argmax id).
+    """
+    import json
+
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())  # "!" first
+    vocab = symbols + [symbol + "</w>" for symbol in symbols]
+    merges = []
+    extra = [
+        word for phrase in words or [] for word in phrase.lower().split() if word.isascii() and word.isalnum()
+    ]
+    for word in dict.fromkeys(PROMPT_WORDS + extra):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: "p l", "pl a", ... "plan t</w>"
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    vocab = [*dict.fromkeys(vocab), "<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="!")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# SAM 3 (sam3; the worker-sam3 environment, transformers >= 5): the real transformers Sam3Model with width-32
+# towers (ViT 2 layers, CLIP text 1 layer, DETR 1+1 layers, 20 queries) at the released patch size (14):
+# 112 px inputs = 8 x 8 patches, masks at 32 x 32 (4x the patch grid, as 288 for the released 1008 px).
+TINY_SAM3_IMAGE_SIZE = 112
+TINY_SAM3_QUERIES = 20
+SAM3_TEXT_LENGTH = 32  # tokens per phrase, SAM 3's own (its processor pads every phrase to 32)
+
+
+def tiny_sam3_config(vocab_size: int, image_size: int = TINY_SAM3_IMAGE_SIZE):
+    """A tiny ``Sam3Config`` whose text tower reads ``vocab_size`` tokens (:func:`sam3_tokenizer`'s)."""
+    from transformers import CLIPTextConfig, Sam3Config, Sam3VisionConfig, Sam3ViTConfig
+
+    # 10x the released init scale: at 0.02 every random query gives the same box and score 0.25; 0.2
+    # spreads boxes and scores (~0.1..0.6), so smoke runs sort and cut real lists. Says nothing about quality.
+    init = {"initializer_range": 0.2}
+    width = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, **init}
+    grid = image_size // 14
+    vit = Sam3ViTConfig(
+        **width,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=14,
+        window_size=grid // 2,
+        global_attn_indexes=[1],
+        pretrain_image_size=image_size,
+    )
+    return Sam3Config(
+        vision_config=Sam3VisionConfig(
+            backbone_config=vit,
+            fpn_hidden_size=32,
+            backbone_feature_sizes=[[4 * grid] * 2, [2 * grid] * 2, [grid] * 2],
+            **init,
+        ),
+        text_config=CLIPTextConfig(
+            **width,
+            vocab_size=vocab_size,
+            num_hidden_layers=1,
+            projection_dim=32,
+            max_position_embeddings=SAM3_TEXT_LENGTH,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        ),
+        geometry_encoder_config={**width, "num_layers": 1},
+        detr_encoder_config={**width, "num_layers": 1},
+        detr_decoder_config={**width, "num_layers": 1, "num_queries": TINY_SAM3_QUERIES},
+        mask_decoder_config={"hidden_size": 32, "num_attention_heads": 2, **init},
+        **init,
+    )
+
+
+def sam3_tokenizer(words: list[str] | None = None):
+    """A byte-level BPE ``CLIPTokenizer`` built in memory for transformers >= 5 (whose CLIPTokenizer takes
+    the vocabulary and merges themselves): every byte symbol alone and word-final, whole-word merges for
+    :data:`PROMPT_WORDS` and ``words``, then <|startoftext|> and <|endoftext|> as the two highest ids (as in
+    CLIP). ANY text tokenizes; unknown words as single characters."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = symbols + [symbol + "</w>" for symbol in symbols]
+    merges: list[tuple[str, str]] = []
+    extra = [
+        word for phrase in words or [] for word in phrase.lower().split() if word.isascii() and word.isalnum()
+    ]
+    for word in dict.fromkeys(PROMPT_WORDS + extra):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:  # merge left to right: "p l", "pl a", ... "plan t</w>"
+            merges.append((pieces[0], pieces[1]))
+            vocab.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    vocab = [*dict.fromkeys(vocab), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)}, merges=list(dict.fromkeys(merges))
+    )
+
+
+# EdgeTAM (edgetam): the real transformers EdgeTamModel with its timm RepViT-M1 backbone (random init,
+# nothing downloaded) at 1/4 width and one block per stage, and a width-32 neck, prompt encoder and mask
+# decoder; 128 px inputs -> features at 32, 16 and 8 px, mask logits at 32 x 32 (256 for the released 1024).
+TINY_EDGETAM_IMAGE_SIZE = 128
+TINY_EDGETAM_CHANNELS = (12, 24, 48, 96)  # RepViT stage widths (released: 48, 96, 192, 384)
+
+
+def tiny_edgetam_config(image_size: int = TINY_EDGETAM_IMAGE_SIZE):
+    """A tiny ``EdgeTamConfig`` for ``image_size`` px inputs (a multiple of 32)."""
+    from transformers import EdgeTamConfig, EdgeTamVisionConfig, TimmWrapperConfig
+
+    backbone = TimmWrapperConfig(
+        architecture="repvit_m1",
+        model_args={
+            "in_chans": 3,
+            "features_only": True,
+            "out_indices": [0, 1, 2, 3],
+            "embed_dim": list(TINY_EDGETAM_CHANNELS),
+            "depth": [1, 1, 1, 1],
+        },
+    )
+    vision = EdgeTamVisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=list(TINY_EDGETAM_CHANNELS[::-1]),
+        backbone_feature_sizes=[[image_size // stride] * 2 for stride in (4, 8, 16)],
+        fpn_hidden_size=32,
+    )
+    return EdgeTamConfig(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 32, "image_size": image_size, "mask_input_channels": 8},
+        mask_decoder_config={
+            "hidden_size": 32,
+            "mlp_dim": 64,
+            "num_attention_heads": 4,
+            "iou_head_hidden_dim": 32,
+        },
+    )
