@@ -35,6 +35,7 @@ from pseudolabel.labels.coco import (
     load_coco,
     within,
 )
+from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.relabel import (
     MASK_INPUT_COLUMNS,
     REJECT_REASONS,
@@ -46,7 +47,6 @@ from pseudolabel.labels.relabel import (
     relabel_shard,
     score_histograms,
 )
-from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.thresholds import Thresholds
 from pseudolabel.markdown import markdown_table
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet

@@ -9,6 +9,7 @@ images/<shard>.parts/<n>.parquet          index rows of a run still in progress 
                                           into images/<shard>.parquet and deleted when it finishes
 detections/<shard>.parquet                Grounding DINO candidates, one row per box
 detections/<shard>.images.parquet         one row per image (size, candidate count)
+detections/<shard>.masks.parquet          the detector's own masks (SAM 3), as masks/ rows; absent otherwise
 masks/<shard>.parquet                     SAM2 masks (COCO RLE), one row per candidate
 pseudo_labels/<shard>.parquet             kept instances after thresholds
 pseudo_labels/<shard>.coco.json           the same as COCO
@@ -82,6 +83,12 @@ def detections(shard: str) -> str:
 
 def detection_images(shard: str) -> str:
     return f"detections/{shard}.images.parquet"
+
+
+def detection_masks(shard: str) -> str:
+    """The masks a detector made with its boxes (SAM 3), in the MASKS schema; the masks stage's segmenter
+    backend "detector" copies them to :func:`masks`. Written only by detectors that make masks."""
+    return f"detections/{shard}.masks.parquet"
 
 
 def masks(shard: str) -> str:

@@ -6,6 +6,11 @@ Placement and size come from the environment, so a cluster can be targeted witho
 - ``PSEUDOLABEL_GPU_TOLERATIONS``: JSON list (default: tolerate the ``nvidia.com/gpu`` NoSchedule taint)
 - ``PSEUDOLABEL_GPU_POD_CPU`` (default ``8``) and ``PSEUDOLABEL_GPU_POD_MEMORY`` (default ``48Gi``)
 
+The image is per worker environment (pyproject extra, see :mod:`pseudolabel.workers.environment`):
+``PSEUDOLABEL_WORKER_IMAGE`` (deploy/Dockerfile.worker) for ``worker`` and for tasks that need no model
+stack, ``PSEUDOLABEL_WORKER_IMAGE_SAM3`` (deploy/Dockerfile.worker-sam3) for ``worker-sam3``: the same
+naming rule as the interpreters' ``PSEUDOLABEL_WORKER_PYTHON[_SAM3]`` (:func:`worker_image_env`).
+
 Pure functions over plain dicts: no cluster and no Kubernetes client needed.
 """
 
@@ -17,6 +22,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pseudolabel.workers.environment import DEFAULT_EXTRA, environment_suffix
+
+WORKER_IMAGE_ENV = "PSEUDOLABEL_WORKER_IMAGE"  # the "worker" environment's image
 GPU_NODE_SELECTOR_ENV = "PSEUDOLABEL_GPU_NODE_SELECTOR"  # JSON object
 GPU_TOLERATIONS_ENV = "PSEUDOLABEL_GPU_TOLERATIONS"  # JSON list
 GPU_POD_CPU_ENV = "PSEUDOLABEL_GPU_POD_CPU"
@@ -67,6 +75,35 @@ def gpu_placement(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     if not isinstance(tolerations, list):
         raise ValueError(f"{GPU_TOLERATIONS_ENV} must be a JSON list, got {tolerations!r}")
     return {"nodeSelector": node_selector, "tolerations": tolerations}
+
+
+def worker_image_env(extra: str) -> str:
+    """The variable naming the image of the worker environment ``extra``: ``PSEUDOLABEL_WORKER_IMAGE`` for
+    ``worker``, ``PSEUDOLABEL_WORKER_IMAGE_SAM3`` for ``worker-sam3``."""
+    return WORKER_IMAGE_ENV + environment_suffix(extra)
+
+
+def worker_image(
+    environment: str | None,
+    default: str,
+    images: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The image a model worker for ``environment`` (a pyproject extra; None = no model stack) runs in:
+    ``default`` for ``worker`` and None, else ``images[environment]`` or ``$PSEUDOLABEL_WORKER_IMAGE_<X>``.
+    Never another environment's image: SAM 3 on the ``worker`` image would meet transformers 4."""
+    if environment in (None, DEFAULT_EXTRA):
+        return default
+    environ = os.environ if environ is None else environ
+    name = worker_image_env(environment)
+    image = (images or {}).get(environment, "").strip() or environ.get(name, "").strip()
+    if not image:
+        raise ValueError(
+            f"the models of this step run in the {environment!r} worker environment, which has its own "
+            f"image: set {name} (or the model_workers resource's images[{environment!r}]) to an image "
+            f"built from deploy/Dockerfile.{environment}"
+        )
+    return image
 
 
 def worker_pod_spec(

@@ -43,7 +43,7 @@ from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
 from pseudolabel.models.loading import WORKER_ENV
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, source_path_entry
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
-from resources.k8s import plain_pod_env, worker_pod_spec
+from resources.k8s import plain_pod_env, worker_image, worker_pod_spec
 
 WORKER_MODULE = "pseudolabel.workers"
 GPUS_ENV = "PSEUDOLABEL_GPUS"  # how many GPUs this host's workers may use (default: nvidia-smi's count)
@@ -94,10 +94,13 @@ class ModelWorkersResource(ConfigurableResource):
 class LocalModelWorkers(ModelWorkersResource):
     """One worker subprocess per step on this host, on a GPU leased for the step."""
 
-    # Worker interpreter. "" = $PSEUDOLABEL_WORKER_PYTHON, else the managed worker environment (built
-    # on first use, see `pseudolabel workers install`); tasks with fake models only need no model stack
-    # and run on this interpreter.
-    python: str = ""
+    # Worker interpreters, one per worker environment (pyproject extra). "" = the environment's override
+    # variable ($PSEUDOLABEL_WORKER_PYTHON for "worker", $PSEUDOLABEL_WORKER_PYTHON_SAM3 for "worker-sam3",
+    # see python_env_var), else its managed environment (built on first use, see `pseudolabel workers
+    # install --extra ...`). Tasks that need no model stack (stand-ins, annotation files, the detector's
+    # stored masks) run on `python`, $PSEUDOLABEL_WORKER_PYTHON, or else this interpreter.
+    python: str = ""  # the "worker" environment's
+    pythons: dict[str, str] = {}  # other environments', by extra: {"worker-sam3": "/opt/sam3/bin/python"}
     gpus: str = ""  # number of GPUs to spread workers over; "" = $PSEUDOLABEL_GPUS or nvidia-smi
     lease_dir: str = ""  # "" = $PSEUDOLABEL_GPU_LOCK_DIR or /tmp/pseudolabel-gpu-locks
     lease_timeout_s: float = 3600.0  # wait this long for a free GPU before failing the step
@@ -122,12 +125,14 @@ class LocalModelWorkers(ModelWorkersResource):
         return record_worker_results(context, task, messages, _exit_problem(returncode))
 
     def interpreter(self, task: WorkerTask, log: Any = print) -> str:
-        if self.python:
-            return self.python
+        """The interpreter of the worker environment ``task`` runs in (see the ``python`` fields)."""
         environment = task.environment
-        if environment is None and not os.environ.get(PYTHON_ENV):
-            return sys.executable  # no model stack (stand-ins, annotation files): numpy + dagster-pipes
-        return ensure_worker_python((environment or WORKER_ENV,), log=log)
+        if environment is None:
+            if not self.python and not os.environ.get(PYTHON_ENV):
+                return sys.executable  # no model stack needed: numpy, pyarrow and dagster-pipes are here
+            environment = WORKER_ENV
+        configured = self.python if environment == WORKER_ENV else self.pythons.get(environment, "")
+        return configured or ensure_worker_python((environment,), log=log)
 
     def _launch(
         self, context: AssetExecutionContext, task: WorkerTask, python: str, env: Mapping[str, str]
@@ -164,15 +169,26 @@ class K8sModelWorkers(ModelWorkersResource):
     own pod only orchestrates: it needs no GPU.
     """
 
-    image: str  # the CUDA worker image (deploy/Dockerfile.worker)
+    image: str  # the CUDA worker image of the "worker" environment (deploy/Dockerfile.worker)
+    # Images of the other worker environments, by extra; one missing is read from the step's environment,
+    # $PSEUDOLABEL_WORKER_IMAGE_SAM3 for "worker-sam3" (deploy/Dockerfile.worker-sam3), see resources.k8s.
+    images: dict[str, str] = {}
     namespace: str = ""  # "" = the run's namespace / the kube config's default
     env_secrets: list[str] = []  # Kubernetes secrets exposed to the worker as environment variables
     service_account: str = ""
     pod_wait_timeout_s: float = 86400.0
 
-    def pod_spec(self, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The worker pod's spec (``base_pod_spec``); ``environ`` defaults to this process's."""
-        return worker_pod_spec(self.image, self.env_secrets, self.service_account, environ)
+    def image_for(self, environment: str | None, environ: Mapping[str, str] | None = None) -> str:
+        """The image of the worker environment ``environment`` (None: the task needs no model stack)."""
+        return worker_image(environment, self.image, self.images, environ)
+
+    def pod_spec(
+        self, environ: Mapping[str, str] | None = None, environment: str | None = None
+    ) -> dict[str, Any]:
+        """The spec (``base_pod_spec``) of a worker pod for ``environment``; ``environ`` defaults to this
+        process's."""
+        image = self.image_for(environment, environ)
+        return worker_pod_spec(image, self.env_secrets, self.service_account, environ)
 
     def pod_meta(self, context: AssetExecutionContext, task: WorkerTask) -> dict[str, Any]:
         return {
@@ -194,11 +210,20 @@ class K8sModelWorkers(ModelWorkersResource):
                 f"not passing {', '.join(dropped)} to the worker pod: credentials come only from its "
                 f"Kubernetes secrets ({', '.join(self.env_secrets) or 'none configured'})"
             )
-        pod_spec, pod_meta = self.pod_spec(), self.pod_meta(context, task)  # bad GPU_* settings fail here
+        try:
+            environment = task.environment
+            image = self.image_for(environment)
+        except ValueError as exc:  # no image for the environment, or models that need two environments
+            raise Failure(
+                description=f"{task.stage}: {exc}. Retrying will not help: fix the configuration and re-run.",
+                allow_retries=False,
+            ) from exc
+        # bad GPU_* settings fail here
+        pod_spec, pod_meta = self.pod_spec(environment=environment), self.pod_meta(context, task)
         from dagster_k8s import PipesK8sClient  # only a k8s deployment pays for the kubernetes client
 
         reader = _recording_pod_logs_reader()
-        where = f"model-worker pod for step {context.op.name} (image {self.image}"
+        where = f"model-worker pod for step {context.op.name} (image {image}"
         where += f", namespace {self.namespace})" if self.namespace else ")"
         context.log.info(f"starting {where}: {task.stage}, {task.shards}")
         try:

@@ -32,11 +32,12 @@ from moto.server import ThreadedMotoServer
 
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 from pseudolabel.testing.servers import DevServer
-from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python
+from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, python_env_var
 from resources.storage import LocalStorageResource, S3StorageResource, StorageResource
 
-# tests/worker/ runs on the model-worker interpreter (see test_worker_suite.py), not here.
-collect_ignore = ["worker"]
+# tests/worker/ and tests/worker_sam3/ run on model-worker interpreters (see test_worker_suite.py and
+# test_sam3_suite.py), not here.
+collect_ignore = ["worker", "worker_sam3"]
 
 # moto accepts any credentials; explicit ones keep boto3 away from the developer's ~/.aws.
 _MOTO_CREDENTIALS = {
@@ -126,6 +127,17 @@ def worker_python() -> str:
     `pseudolabel workers install` builds it; every model worker started by later tests uses it."""
     python = ensure_worker_python(extras=("worker", "worker-test"), log=lambda line: print(line, flush=True))
     os.environ[PYTHON_ENV] = python
+    return python
+
+
+@pytest.fixture(scope="session")
+def sam3_worker_python() -> str:
+    """The SAM 3 worker interpreter (the worker-sam3 extra: torch, transformers >= 5, + pytest), built on
+    first use exactly as `pseudolabel workers install --extra worker-sam3 --extra worker-test` builds it, in
+    the same cache; every SAM 3 worker started by later tests uses it ($PSEUDOLABEL_WORKER_PYTHON_SAM3)."""
+    extras = ("worker-sam3", "worker-test")
+    python = ensure_worker_python(extras=extras, log=lambda line: print(line, flush=True))
+    os.environ[python_env_var(extras[0])] = python
     return python
 
 

@@ -32,11 +32,14 @@ from kubernetes.client import ApiClient
 
 from dagster_project.definitions import defs as load_definitions
 from dagster_project.resource_defs import model_workers_from_env
+from pseudolabel.models.loading import DetectorSpec
 from pseudolabel.workers.task import DETECTIONS, WorkerTask
-from resources.k8s import plain_pod_env, worker_pod_spec
+from resources.k8s import plain_pod_env, worker_image_env, worker_pod_spec
 from resources.workers import K8sModelWorkers, ModelWorkersResource
 
 IMAGE = "registry.example.com/pseudolabel-worker:test"
+SAM3_IMAGE = "registry.example.com/pseudolabel-worker-sam3:test"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 defs = load_definitions()
 SECRET_VALUE = "wJalrXUtnFEMI-not-a-real-key"
 GPU_ENV = (
@@ -350,6 +353,67 @@ def test_a_pod_that_cannot_be_created_fails_once_with_a_clear_message(fake_kuber
     (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
     message = failure.step_failure_data.user_failure_data.description
     assert IMAGE in message and "Forbidden" in message and "Retrying will not help" in message
+
+
+def test_each_worker_environment_runs_in_its_own_image(monkeypatch):
+    """SAM 3 (worker-sam3: transformers >= 5) never lands on the worker image (transformers 4)."""
+    monkeypatch.delenv("PSEUDOLABEL_WORKER_IMAGE_SAM3", raising=False)
+    assert worker_image_env("worker") == "PSEUDOLABEL_WORKER_IMAGE"
+    assert worker_image_env("worker-sam3") == "PSEUDOLABEL_WORKER_IMAGE_SAM3"
+    workers = K8sModelWorkers(image=IMAGE)
+    assert workers.image_for(None) == workers.image_for("worker") == IMAGE  # None: no model stack needed
+    with pytest.raises(
+        ValueError, match=r"set PSEUDOLABEL_WORKER_IMAGE_SAM3 .*deploy/Dockerfile\.worker-sam3"
+    ):
+        workers.image_for("worker-sam3")
+    monkeypatch.setenv("PSEUDOLABEL_WORKER_IMAGE_SAM3", SAM3_IMAGE)
+    assert workers.pod_spec(environment="worker-sam3")["containers"][0]["image"] == SAM3_IMAGE
+    assert workers.pod_spec()["containers"][0]["image"] == IMAGE
+    configured = K8sModelWorkers(image=IMAGE, images={"worker-sam3": "registry.example.com/own:1"})
+    assert configured.image_for("worker-sam3") == "registry.example.com/own:1"
+
+
+SAM3_DETECTOR = DetectorSpec(backend="sam3", checkpoint="random", tiny=True).to_dict()
+
+
+@asset(partitions_def=SHARDS, name="detections")
+def sam3_stage(context: AssetExecutionContext, model_workers: ModelWorkersResource) -> MaterializeResult:
+    task = WorkerTask(DETECTIONS, list(context.partition_keys), "s3://bucket/prefix", detector=SAM3_DETECTOR)
+    model_workers.run(context, task, {})
+    return MaterializeResult()
+
+
+def test_a_sam3_step_submits_its_pod_from_the_sam3_image(fake_kubernetes, monkeypatch):
+    workers = K8sModelWorkers(image=IMAGE)
+    run = lambda: materialize(  # noqa: E731
+        [sam3_stage], partition_key="shard-00000", resources={"model_workers": workers}, raise_on_error=False
+    )
+    monkeypatch.delenv("PSEUDOLABEL_WORKER_IMAGE_SAM3", raising=False)
+    result = run()
+    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "PSEUDOLABEL_WORKER_IMAGE_SAM3" in message and "Retrying will not help" in message
+    assert not fake_kubernetes.core_api.created  # no pod from the wrong image
+
+    monkeypatch.setenv("PSEUDOLABEL_WORKER_IMAGE_SAM3", SAM3_IMAGE)
+    assert run().success
+    ((_, body),) = fake_kubernetes.core_api.created
+    assert body.spec.containers[0].image == SAM3_IMAGE
+
+
+def test_the_sam3_worker_image_mirrors_the_worker_image():
+    import yaml
+
+    values = yaml.safe_load((DEPLOY / "values.yaml").read_text())
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    env = {item["name"]: item["value"] for item in deployment["env"]}
+    assert env["PSEUDOLABEL_WORKER_IMAGE_SAM3"].startswith("registry.example.com/pseudolabel-worker-sam3:")
+    worker, sam3 = ((DEPLOY / name).read_text() for name in ("Dockerfile.worker", "Dockerfile.worker-sam3"))
+    assert 'pip install ".[worker]"' in worker and 'pip install ".[worker-sam3]"' in sam3
+    assert "PSEUDOLABEL_WORKER_PYTHON_SAM3=/opt/venv/bin/python" in sam3
+    base = lambda text: next(line for line in text.splitlines() if line.startswith("FROM"))  # noqa: E731
+    assert base(worker) == base(sam3)
+    assert 'CMD ["python", "-m", "pseudolabel.workers"]' in sam3
 
 
 def test_helm_values_put_postgres_where_the_chart_reads_it():

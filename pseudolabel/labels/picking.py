@@ -12,6 +12,7 @@ import numpy as np
 
 from pseudolabel.labels.thresholds import PickPolicy, Thresholds
 
+
 class PolicyNeedsScore(ValueError):
     """The pick policy compares a score the detector backend did not produce."""
 

@@ -2,10 +2,14 @@
 
 One pyproject.toml declares both environments: the orchestrator installs the core dependencies plus the
 ``orchestrator`` extra; the worker gets the core dependencies plus the ``worker`` extra (their pins, e.g.
-hydra-core's antlr 4.9, must never reach Dagster). :func:`ensure_worker_python` returns the interpreter
-that GPU stages run ``python -m pseudolabel.workers`` with: ``$PSEUDOLABEL_WORKER_PYTHON`` if set (a
-prebuilt environment, e.g. the worker image), otherwise a virtualenv under :func:`workers_home` keyed
-by the requirement set, built on first use under a file lock so concurrent callers build it once.
+hydra-core's antlr 4.9, must never reach Dagster). Backends whose packages conflict with ``worker`` get an
+extra of their own (``worker-sam3``: transformers >= 5), hence an environment of their own; an
+environment is named by its first extra. :func:`ensure_worker_python` returns the interpreter that GPU
+stages run ``python -m pseudolabel.workers`` with: the environment's override variable if set (a
+prebuilt environment, e.g. the worker image; see :func:`python_env_var`: ``$PSEUDOLABEL_WORKER_PYTHON``
+for ``worker``, ``$PSEUDOLABEL_WORKER_PYTHON_SAM3`` for ``worker-sam3``), otherwise a virtualenv under
+:func:`workers_home` keyed by the requirement set, built on first use under a file lock so concurrent
+callers build it once.
 The worker env does not install this package: local workers get :func:`source_path_entry` as
 ``PYTHONPATH`` and so run exactly the orchestrator's copy of the domain code. Stdlib only.
 """
@@ -27,8 +31,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-PYTHON_ENV = "PSEUDOLABEL_WORKER_PYTHON"
+PYTHON_ENV = "PSEUDOLABEL_WORKER_PYTHON"  # the "worker" environment's interpreter; see python_env_var
 HOME_ENV = "PSEUDOLABEL_WORKER_HOME"
+DEFAULT_EXTRA = "worker"
 ORCHESTRATOR_EXTRAS = frozenset({"orchestrator", "dev"})
 _EXTRA_MARKER = re.compile(r"""^extra\s*==\s*['"]([^'"]+)['"]$""")
 _SELF_REF = re.compile(r"^pseudolabel\s*\[([^\]]*)\]")
@@ -72,18 +77,37 @@ def workers_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "pseudolabel" / "workers")
 
 
-def _from_env() -> str | None:
-    python = os.environ.get(PYTHON_ENV)
+def environment_suffix(extra: str) -> str:
+    """What names the environment of ``extra`` in per-environment settings: "" for ``worker``, else the
+    extra without its ``worker-`` prefix, upper-cased, other characters as "_" (``worker-sam3`` ->
+    ``_SAM3``)."""
+    if extra == DEFAULT_EXTRA:
+        return ""
+    return "_" + re.sub(r"[^A-Z0-9]", "_", extra.removeprefix(f"{DEFAULT_EXTRA}-").upper())
+
+
+def python_env_var(extra: str = DEFAULT_EXTRA) -> str:
+    """The variable naming a prebuilt interpreter for the environment of ``extra``:
+    ``PSEUDOLABEL_WORKER_PYTHON`` for ``worker``, ``PSEUDOLABEL_WORKER_PYTHON_SAM3`` for ``worker-sam3``.
+    Each environment has its own, so pointing ``worker`` at the worker image's interpreter never runs
+    SAM 3 on transformers 4."""
+    return PYTHON_ENV + environment_suffix(extra)
+
+
+def _from_env(extras: Sequence[str]) -> str | None:
+    name = python_env_var(extras[0] if extras else DEFAULT_EXTRA)
+    python = os.environ.get(name)
     if not python:
         return None
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        raise RuntimeError(f"{PYTHON_ENV}={python!r} is not an existing executable file")
+        raise RuntimeError(f"{name}={python!r} is not an existing executable file")
     return python
 
 
 def built_worker_python(extras: Sequence[str] = ("worker",)) -> str | None:
-    """The worker interpreter if ``$PSEUDOLABEL_WORKER_PYTHON`` is set or the env is built; never builds."""
-    if python := _from_env():
+    """The interpreter of the environment of ``extras`` if its override variable (:func:`python_env_var`)
+    is set or the env is built; never builds."""
+    if python := _from_env(extras):
         return python
     env_dir = workers_home() / environment_key(worker_requirements(extras))
     return str(env_dir / "bin" / "python") if (env_dir / ".complete").exists() else None
@@ -95,8 +119,9 @@ def ensure_worker_python(
     requirements: Sequence[str] | None = None,
     log: Callable[[str], object] = print,
 ) -> str:
-    """Path of the worker interpreter, building its virtualenv first if needed (once, under a lock)."""
-    if python := _from_env():
+    """Path of the interpreter of the environment of ``extras`` (named by the first): its override variable
+    (:func:`python_env_var`) if set, else its virtualenv, built first if needed (once, under a lock)."""
+    if python := _from_env(extras):
         return python
     reqs = list(requirements) if requirements is not None else worker_requirements(extras)
     key = environment_key(reqs)

@@ -3,24 +3,31 @@
 Reads the shard's inputs, skips it when its stored output is up to date, runs the stage
 (:mod:`pseudolabel.models.stages`), writes the provenance sidecar and the outputs, and returns the
 shard's materialization metadata (Pipes format, see :mod:`.task`): counts, timings, settings, model
-identity and a small preview. Outputs are written atomically by the store, images table before
-detections (masks reads both), so a half-written shard is never visible.
+identity and a small preview. Outputs are written atomically by the store, images table (and the
+detector's own masks, when it makes them: SAM 3) before detections (masks reads them all), so a
+half-written shard is never visible. The segmenter backend "detector" copies those stored masks
+instead of segmenting: no model, no GPU.
 """
 
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pseudolabel import layout
-from pseudolabel.fingerprint import up_to_date
+from pseudolabel.fingerprint import stored_fingerprint, table_fingerprint, up_to_date, with_fingerprint
 from pseudolabel.ids import sha256_hex
 from pseudolabel.models.interfaces import Candidates, Detector, Segmenter
+from pseudolabel.models.loading import ModelConfigError
 from pseudolabel.models.report import SMOKE_RUN_NOTE, boxes_preview, masks_preview, model_metadata, throughput
+from pseudolabel.models.sam3 import no_masks_message
 from pseudolabel.models.stages import (
     DetectionSettings,
     ImageRef,
@@ -31,6 +38,7 @@ from pseudolabel.models.stages import (
     run_segmentation,
     segmentation_fingerprint,
 )
+from pseudolabel.rle import EncodedMasks
 from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
 from pseudolabel.video.tracking import Tracker, TrackingSettings
 from pseudolabel.video.tracks_table import ok_videos, track_shard_videos, tracking_fingerprint
@@ -46,7 +54,8 @@ def detect_shard(
     workers: int,
     skip: bool,
 ) -> dict[str, Any]:
-    """Every candidate above the floors for every "ok" image of ``shard`` -> detections parquet files."""
+    """Every candidate above the floors for every "ok" image of ``shard`` -> detections parquet files, plus
+    the detector's masks (``detections/<shard>.masks.parquet``) when it makes them (SAM 3)."""
     images = ok_images(read_parquet(store, layout.image_index(shard)))
     identity = detector.describe()
     fingerprint = detection_fingerprint(images, settings, identity)
@@ -63,6 +72,12 @@ def detect_shard(
     )
     _write_provenance(store, keys[1], identity, settings, fingerprint)
     write_parquet(store, keys[0], result.images_table(fingerprint))  # images first: masks reads both
+    masks_key = layout.detection_masks(shard)
+    made_masks = any(found.masks is not None for found in result.images)
+    if made_masks:  # same fingerprint as the detections they belong to
+        write_parquet(store, masks_key, result.masks_table(fingerprint))
+    else:  # an earlier detector's masks must never pass for these detections
+        store.delete(masks_key)
     write_parquet(store, keys[1], result.detections_table(fingerprint))
 
     metadata = {
@@ -76,6 +91,7 @@ def detect_shard(
         "captions": meta(" | ".join(settings.captions())),
         "box_floor": meta(settings.box_floor),
         "text_floor": meta(settings.text_floor),
+        "detector_masks": meta(made_masks),
     }
     return metadata | _written(store, shard, keys[1], identity, fingerprint, result.images, boxes_preview)
 
@@ -89,7 +105,8 @@ def segment_shard(
     workers: int,
     skip: bool,
 ) -> dict[str, Any]:
-    """One mask per detection candidate of ``shard`` (box prompt) -> masks parquet (COCO RLE)."""
+    """One mask per detection candidate of ``shard`` (box prompt) -> masks parquet (COCO RLE); with the
+    segmenter backend "detector", the masks the detector stored with these detections (no model)."""
     detections_bytes = store.get_bytes(layout.detections(shard))
     detections = pq.read_table(io.BytesIO(detections_bytes))
     images = read_parquet(store, layout.detection_images(shard))
@@ -98,6 +115,8 @@ def segment_shard(
     key = layout.masks(shard)
     if skip and up_to_date(store, [key], fingerprint):
         return _skipped(store, key, fingerprint)
+    if getattr(segmenter, "from_detections", False):
+        return _copy_detection_masks(store, shard, detections, images, identity, settings, fingerprint)
 
     result = run_segmentation(
         Candidates.from_tables(detections, images),
@@ -119,6 +138,66 @@ def segment_shard(
         "multimask": meta(settings.multimask),
     }
     return metadata | _written(store, shard, key, identity, fingerprint, result.images, masks_preview)
+
+
+def _copy_detection_masks(
+    store: ObjectStore,
+    shard: str,
+    detections: pa.Table,
+    images: pa.Table,
+    identity: dict[str, Any],
+    settings: SegmentationSettings,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """The masks stage with the segmenter backend "detector": the detector's masks stored with exactly
+    these detections (same fingerprint), under the segmentation fingerprint."""
+    started = time.perf_counter()
+    source = layout.detection_masks(shard)
+    made_by = table_fingerprint(detections)
+    stored = stored_fingerprint(store, source)
+    if stored is None or stored != made_by:
+        why = "this shard's detections stored no masks" if stored is None else f"{source} is stale"
+        raise ModelConfigError(no_masks_message(f"{shard}: {why}"))
+    table = read_parquet(store, source)
+    key = layout.masks(shard)
+    _write_provenance(store, key, identity, settings, fingerprint)
+    write_parquet(store, key, with_fingerprint(table, fingerprint))
+
+    found = _with_stored_masks(Candidates.from_tables(detections, images), table)
+    metadata = {
+        "images": meta(len(found)),
+        "candidates": meta(sum(len(c) for c in found)),
+        "zero_candidate_images": meta(sum(1 for c in found if not len(c))),
+        "seconds": meta(round(time.perf_counter() - started, 3)),
+        "multimask": meta(False),  # one mask per instance (the detector's)
+        "masks_from": meta(store.uri(source), "path"),
+    }
+    return metadata | _written(store, shard, key, identity, fingerprint, found, masks_preview)
+
+
+def _with_stored_masks(items: list[Candidates], table: pa.Table) -> list[Candidates]:
+    """``items`` (sorted by image_id, rows in candidate_id order) with the masks of a MASKS table."""
+    table = table.sort_by([("image_id", "ascending"), ("candidate_id", "ascending")])
+    ids = table.column("image_id").to_pylist()
+    column = lambda name: table.column(name).to_numpy()  # noqa: E731
+    counts = table.column("rle_counts").to_pylist()
+    bboxes = np.stack([column(c) for c in ("mask_x", "mask_y", "mask_w", "mask_h")], axis=1).astype(
+        np.float32
+    )
+    areas, scores = column("mask_area").astype(np.int64), column("mask_score").astype(np.float32)
+    index, outputs = column("multimask_index").astype(np.int8), table.column("multimask_scores").to_pylist()
+    out, start = [], 0
+    for found in items:
+        rows = slice(start, start + len(found))
+        start += len(found)
+        if ids[rows] != [found.image_id] * len(found):
+            raise ValueError(f"the stored masks do not match the detections of image {found.image_id}")
+        masks = EncodedMasks(
+            counts[rows], found.height, found.width, areas[rows], bboxes[rows].reshape(-1, 4)
+        )
+        multimask = np.asarray(outputs[rows] or np.zeros((0, 1)), np.float32).reshape(len(found), -1)
+        out.append(found.with_masks(masks, scores[rows], index[rows], multimask))
+    return out
 
 
 def gold_candidates(
