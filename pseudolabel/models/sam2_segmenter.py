@@ -1,4 +1,4 @@
-"""Batched SAM2 box-prompted segmentation, masks upsampled only where they can be positive.
+"""Batched SAM2 segmentation of box and click prompts, masks upsampled only where they can be positive.
 
 ``SAM2ImagePredictor`` embeds one image per call (or a list through ``set_image_batch``, whose
 feature sizes are hard-wired to 1024 px inputs) and returns float32 masks at full resolution on the
@@ -6,7 +6,7 @@ host: ~480 MB for a 12 MP image with 10 boxes. :class:`Sam2Segmenter` instead, p
 with N boxes in all (S = model input size, s = S/4, H x W = each image's original size):
 
     encode     (B, 3, S, S) uint8 -> embeddings (B, 256, S/16, S/16) + high-res (B, 32, s, s), (B, 64, s/2, s/2)
-    decode     all N boxes of the batch together, ``max_boxes_per_call`` at a time, each box reading its
+    decode     all N prompts of the batch together, ``max_boxes_per_call`` at a time, each reading its
                own image's features -> low-res logits (N, K, s, s), IoU (N, K) -> best of K: (N, s, s)
     bound      per mask, the low-res rows/columns holding a logit > 0            -> (N, 4), sync 1
     upsample   bilinear to H x W inside each bound only, > 0, into one flat bool buffer (``rle.crop_slots``)
@@ -21,6 +21,14 @@ align_corners=False)`` to within float rounding (PyTorch's kernel orders / fuses
 differently), so a pixel can only flip where its logit is within ~1 ulp of 0 (2 pixels in 216 M
 measured). ``tests/worker/test_sam2_segmenter.py`` checks both: nothing positive outside the crops,
 and the masks equal full upsampling.
+
+Prompts. A candidate's prompt is its box (when ``Candidates.box_prompts()[i]``: two corner points with
+labels 2, 3, as ``SAM2ImagePredictor`` encodes boxes), then its clicks in their order (label 1 object,
+0 background; -1 padding is dropped), all in original pixels scaled to the S x S input like the boxes.
+SAM2's prompt encoder appends one padding token to every prompt. Candidates are decoded in groups of one
+layout (box or not, number of clicks: :func:`prompt_groups`), so no prompt carries extra padding tokens
+and each mask equals the stock predictor's ``predict(point_coords, point_labels, box)`` for that
+candidate alone; box-only batches (the detectors' case) are one group, in order, as before.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch import nn
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_identity, spec_runtime
 from pseudolabel.models.mask_upsample import DeviceAxes, crop_boxes, fill_crops, positive_bounds
+from pseudolabel.models.prompts import prompt_groups
 from pseudolabel.models.runtime import (
     FP32,
     HostCopy,
@@ -72,13 +81,13 @@ def load_sam2(spec: SegmenterSpec) -> Sam2Segmenter:
 
 
 class Sam2Segmenter:
-    """Segments box prompts with a SAM2 model, a batch of images at a time.
+    """Segments box and/or click prompts with a SAM2 model, a batch of images at a time.
 
     Arguments:
       model: a built ``SAM2Base`` (see :func:`build_sam2_model`); its ``image_size`` S sets the input size.
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per image-encoder pass.
-      max_boxes_per_call: boxes per mask-decoder call, taken across the images of a batch.
+      max_boxes_per_call: prompts (candidates) per mask-decoder call, taken across the images of a batch.
       chunk_pixels: cap on mask pixels (bytes) upsampled into one device buffer and copied to the host
         at once; a batch whose masks need more is copied in several rounds (one sync each).
       rle_workers: threads encoding RLE while the next batch runs (default: min(4, usable CPUs)).
@@ -134,9 +143,10 @@ class Sam2Segmenter:
     def segment(
         self, batch: Sequence[PreparedImage], candidates: Sequence[Candidates], *, multimask: bool = False
     ) -> list[Candidates]:
-        """``candidates[i]`` with one mask per box; their boxes: (N_i, 4) xyxy in original pixels of ``batch[i]``.
+        """``candidates[i]`` with one mask per candidate; their boxes (N_i, 4) xyxy and clicks (N_i, P, 2)
+        in original pixels of ``batch[i]`` (the module docstring says how they make a prompt).
 
-        With ``multimask`` SAM2 returns 3 masks per box and the highest predicted IoU is kept; without,
+        With ``multimask`` SAM2 returns 3 masks per prompt and the highest predicted IoU is kept; without,
         1 mask (SAM2's own stability fallback may still pick among its 3 internally).
         """
         return self.submit(batch, candidates, multimask=multimask).result()
@@ -202,50 +212,64 @@ class Sam2Segmenter:
         high_res: list[torch.Tensor],
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder for the N boxes of the batch, ``max_boxes_per_call`` at a time.
+        """Prompt encoder + mask decoder for the N candidates of the batch: per prompt layout
+        (:func:`prompt_groups`), ``max_boxes_per_call`` at a time.
 
-        Returns the best of the K outputs per box: logits (N, S/4, S/4) fp32, and IoU (N, K) fp32, index (N,) int32.
+        Returns, in candidate order, the best of the K outputs per prompt: logits (N, S/4, S/4) fp32,
+        and IoU (N, K) fp32, index (N,) int32.
         """
         model = self.model
-        # Original pixels -> model input frame (the image was stretched to S x S), on the host: one copy.
+        # Original pixels -> model input frame (the image was stretched to S x S), on the host: one copy
+        # per layout.
         owner = np.concatenate([np.full(len(found), i, np.int64) for i, found in enumerate(candidates)])
         scale = np.array(
             [[self.image_size / item.width, self.image_size / item.height] for item in batch], np.float32
         )
-        boxes = np.concatenate([np.asarray(found.boxes, np.float32).reshape(-1, 4) for found in candidates])
-        corners = to_device(boxes.reshape(-1, 2, 2) * scale[owner][:, None, :], self.device)  # (N, 2, 2)
-        owner_device = to_device(owner, self.device)
         image_pe = model.sam_prompt_encoder.get_dense_pe()
         logits, ious, chosen = [], [], []
-        counts = [len(found) for found in candidates]
-        for part in _decoder_calls(counts, self.max_boxes_per_call, self.mix_images):
-            n = part.stop - part.start
-            images = np.unique(owner[part])
-            if len(images) == 1:  # one image's boxes: its features broadcast, as the stock predictor does
-                one = slice(int(images[0]), int(images[0]) + 1)
-                image_embeddings, levels, repeat = embeddings[one], [level[one] for level in high_res], n > 1
-            else:  # several images' boxes: each box reads its own image's features
-                index = owner_device[part]
-                image_embeddings = embeddings.index_select(0, index)
-                levels, repeat = [level.index_select(0, index) for level in high_res], False
-            sparse, dense = model.sam_prompt_encoder(
-                points=(corners[part], self._corner_labels.expand(n, 2)), boxes=None, masks=None
+        groups = prompt_groups(candidates)
+        for group in groups:
+            owners = owner[group.rows]
+            points = to_device(group.points * scale[owners][:, None, :], self.device)  # (M, T, 2)
+            labels = (
+                self._corner_labels.expand(len(group.rows), 2)  # box-only: no per-prompt labels to copy
+                if group.clicks == 0
+                else to_device(group.labels, self.device)
             )
-            low_res, iou, _, _ = model.sam_mask_decoder(
-                image_embeddings=image_embeddings,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-                repeat_image=repeat,
-                high_res_features=levels,
-            )  # (n, K, S/4, S/4), (n, K)
-            iou = iou.float()
-            best = iou.argmax(dim=1)
-            logits.append(low_res[torch.arange(n, device=low_res.device), best].float())
-            ious.append(iou)
-            chosen.append(best.int())
-        return torch.cat(logits), torch.cat(ious), torch.cat(chosen)
+            owner_device = to_device(owners, self.device) if self.mix_images else None
+            counts = np.bincount(owners, minlength=len(batch))
+            for part in _decoder_calls(counts, self.max_boxes_per_call, self.mix_images):
+                n = part.stop - part.start
+                images = np.unique(owners[part])
+                if len(images) == 1:  # one image's prompts: its features broadcast, as the stock predictor
+                    one = slice(int(images[0]), int(images[0]) + 1)
+                    image_embeddings, levels, repeat = embeddings[one], [lvl[one] for lvl in high_res], n > 1
+                else:  # several images' prompts: each reads its own image's features
+                    index = owner_device[part]
+                    image_embeddings = embeddings.index_select(0, index)
+                    levels, repeat = [level.index_select(0, index) for level in high_res], False
+                sparse, dense = model.sam_prompt_encoder(
+                    points=(points[part], labels[part]), boxes=None, masks=None
+                )  # boxes=None: one padding token appended, as SAM2ImagePredictor does
+                low_res, iou, _, _ = model.sam_mask_decoder(
+                    image_embeddings=image_embeddings,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                    repeat_image=repeat,
+                    high_res_features=levels,
+                )  # (n, K, S/4, S/4), (n, K)
+                iou = iou.float()
+                best = iou.argmax(dim=1)
+                logits.append(low_res[torch.arange(n, device=low_res.device), best].float())
+                ious.append(iou)
+                chosen.append(best.int())
+        low_res, iou, best = torch.cat(logits), torch.cat(ious), torch.cat(chosen)
+        if len(groups) > 1:  # decoded layout by layout: back to candidate order
+            order = to_device(np.argsort(np.concatenate([group.rows for group in groups])), self.device)
+            low_res, iou, best = low_res[order], iou[order], best[order]
+        return low_res, iou, best
 
     def _upsample(
         self, low_res: torch.Tensor, batch: Sequence[PreparedImage], counts: Sequence[int], crops: np.ndarray

@@ -3,7 +3,8 @@
 For downstream tests and offline demos that need plausible, repeatable stage outputs fast; the
 worker loads them by name (backend "fake", see :mod:`pseudolabel.models.loading`). Boxes
 and scores derive from a hash of (image_id, caption), so results do not depend on batching; about
-a quarter of the images get zero candidates. Masks are the ellipses inscribed in the boxes.
+a quarter of the images get zero candidates. Masks are the ellipses inscribed in the boxes,
+with a disc added around each object click and cut out around each background click.
 
 Like Grounding DINO, each box records the decoder "query" it came from (``query_indices``): distinct
 hash-derived indices in 0..num_queries-1, offset by caption_index * num_queries, so the detector's
@@ -182,12 +183,22 @@ class FakeSegmenter:
         return [self._one(item, found, multimask) for item, found in zip(batch, candidates, strict=True)]
 
     def _one(self, item: PreparedImage, found: Candidates, multimask: bool) -> Candidates:
+        """Each mask: the ellipse inscribed in the box (with ``box_prompt`` False the box is the clicks'
+        extent, still a plausible region), plus a disc around each object click, minus a disc around
+        each background click (radius 5 % of the short side). Box-only candidates: the ellipse alone."""
         boxes = np.asarray(found.boxes, np.float32).reshape(-1, 4)
         ys, xs = np.mgrid[0 : item.height, 0 : item.width].astype(np.float32) + 0.5
         masks = np.zeros((len(boxes), item.height, item.width), bool)
+        radius = max(2.0, 0.05 * min(item.height, item.width))
         for i, (x0, y0, x1, y1) in enumerate(boxes):
             rx, ry = max((x1 - x0) / 2, 1e-6), max((y1 - y0) / 2, 1e-6)
             masks[i] = ((xs - (x0 + x1) / 2) / rx) ** 2 + ((ys - (y0 + y1) / 2) / ry) ** 2 <= 1.0
+            if found.points is None:
+                continue
+            for label in (1, 0):  # object clicks add, then background clicks remove
+                for x, y in found.points[i][found.point_labels[i] == label]:
+                    disc = (xs - x) ** 2 + (ys - y) ** 2 <= radius**2
+                    masks[i] = masks[i] | disc if label else masks[i] & ~disc
         best = np.array(
             [float(_rng(item.image_id, str(box.tolist())).uniform(0.5, 1.0)) for box in boxes], np.float32
         )

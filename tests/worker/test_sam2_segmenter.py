@@ -18,6 +18,7 @@ from pseudolabel.models import tiny
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
 from pseudolabel.models.mask_upsample import crop_boxes, positive_bounds
+from pseudolabel.models.prompts import prompt_groups
 from pseudolabel.models.runtime import counting_syncs, inference
 from pseudolabel.models.sam2_segmenter import (
     Sam2Segmenter,
@@ -160,6 +161,9 @@ def test_candidates_from_tables_join_in_candidate_order():
             "text_score": [0.9, 0.2, 0.8],
             "phrase": ["p"] * 3,
             "query_index": [5, 9, 2],
+            "box_prompt": [True] * 3,
+            "points": [[], [], []],
+            "point_labels": [[], [], []],
         },
         schema=schemas.DETECTIONS,
     )
@@ -302,3 +306,164 @@ def test_300_candidates_on_a_small_and_a_large_image(model, segmenter):
             segmenter.image_size // 4, items[1:], [60], positive_bounds(low_res[300:][rows]).numpy()
         )
         _assert_same_as_full_upsampling(part, crops, low_res[300:][rows], 900, 1200)
+
+
+# ---- clicks: box + clicks, clicks only, one click ---------------------------------------------------
+
+
+def _stock_predictor(model):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [
+        (SIZE // 4,) * 2,
+        (SIZE // 8,) * 2,
+        (SIZE // 16,) * 2,
+    ]  # stock assumes 1024 px
+    return predictor
+
+
+def _assert_matches_stock(model, segmenter, items, candidates, results, multimask):
+    """Each candidate's scores and mask equal SAM2ImagePredictor.predict with that candidate's box (or
+    None) and real clicks (or None), one prompt per call, on the same image features (ours, so the
+    comparison is the prompt path alone, exact up to float rounding: one padding token more or less
+    moves the scores by ~1e-3; the image preprocessing is test_matches_the_stock_predictor's)."""
+    predictor = _stock_predictor(model)
+    for item, found, result in zip(items, candidates, results, strict=True):
+        with torch.inference_mode():
+            embeddings, high_res = segmenter._encode([item])
+        predictor._features = {"image_embed": embeddings, "high_res_feats": high_res}
+        predictor._orig_hw, predictor._is_image_set = [(item.height, item.width)], True
+        boxed = found.box_prompts()
+        assert result.multimask_scores.shape == (len(found), 3 if multimask else 1)
+        for j in range(len(found)):
+            keep = found.point_labels[j] >= 0 if found.points is not None else np.zeros(0, bool)
+            masks, scores, _ = predictor.predict(
+                point_coords=found.points[j][keep] if keep.any() else None,
+                point_labels=found.point_labels[j][keep].astype(np.int32) if keep.any() else None,
+                box=found.boxes[j] if boxed[j] else None,
+                multimask_output=multimask,
+            )
+            np.testing.assert_allclose(result.multimask_scores[j], scores, atol=1e-4)
+            chosen = int(scores.argmax())
+            assert result.multimask_index[j] == chosen
+            assert result.mask_scores[j] == pytest.approx(scores[chosen], abs=1e-4)
+            assert _iou(_mask(result, j), masks[chosen] > 0) > 0.999, (found.image_id, j)
+
+
+def _with_clicks(item, boxes, points, labels, box_prompt) -> Candidates:
+    found = box_prompts(item.image_id, item.width, item.height, np.asarray(boxes, np.float32))
+    return found.with_prompts(np.asarray(points, np.float32), np.asarray(labels, np.int8), box_prompt)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("kind", "boxes", "points", "labels", "box_prompt"),
+    [
+        # box + a negative click inside it (the refinement case)
+        ("box+negative", [[20, 15, 170, 130]], [[[90, 70]]], [[0]], [True]),
+        # clicks only: two objects clicks and one background click
+        ("clicks", [[40, 30, 160, 120]], [[[60, 50], [150, 110], [100, 20]]], [[1, 1, 0]], [False]),
+        # one click (its "box" is only the click's extent)
+        ("one click", [[80, 60, 80, 60]], [[[80, 60]]], [[1]], [False]),
+    ],
+)
+def test_click_prompts_match_the_stock_predictor(model, segmenter, kind, boxes, points, labels, box_prompt):
+    data = random_jpeg(200, 150, seed=11)
+    item = segmenter.prepare("c", data)
+    found = _with_clicks(item, boxes, points, labels, box_prompt)
+    results = segmenter.segment([item], [found], multimask=True)
+    _assert_matches_stock(model, segmenter, [item], [found], results, multimask=True)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("multimask", "mix_images"), [(True, False), (False, True)])
+def test_mixed_prompt_kinds_in_one_batch_match_the_stock_predictor(
+    model, segmenter, multimask, mix_images, monkeypatch
+):
+    """Boxes, box + clicks, clicks only and single clicks, interleaved over three images of different
+    sizes in one batch (padding clicks in the middle of a row included): every candidate as the stock
+    predictor segments it alone, in the candidates' own order."""
+    monkeypatch.setattr(segmenter, "mix_images", mix_images)
+    data = [random_jpeg(200, 150, seed=1), random_jpeg(90, 160, seed=2), random_jpeg(130, 130, seed=3)]
+    items = [segmenter.prepare(f"m{k}", d) for k, d in enumerate(data)]
+    pad = [0, 0]
+    candidates = [
+        _with_clicks(
+            items[0],
+            [[10, 10, 120, 100], [50, 20, 190, 140], [30, 30, 90, 90], [100, 75, 100, 75]],
+            [[pad, pad], [[120, 80], pad], [[40, 40], [80, 85]], [[100, 75], pad]],
+            [[-1, -1], [0, -1], [1, 0], [1, -1]],
+            [True, True, False, False],
+        ),
+        _with_clicks(
+            items[1], [[45, 80, 45, 80], [5, 30, 80, 150]], [[[45, 80]], [pad]], [[1], [-1]], [False, True]
+        ),
+        # two prompts of one layout on one image: one decoder call, the image's features broadcast
+        _with_clicks(
+            items[2],
+            [[10, 10, 120, 120], [5, 20, 70, 110]],
+            [[[60, 60], pad, [100, 20]], [[20, 30], [50, 50], pad]],
+            [[1, -1, 0], [1, 0, -1]],
+            [True, True],
+        ),
+    ]
+    results = segmenter.segment(items, candidates, multimask=multimask)
+    _assert_matches_stock(model, segmenter, items, candidates, results, multimask=multimask)
+
+
+@pytest.mark.model
+def test_a_negative_click_refines_the_box_mask(segmenter):
+    """Box + a background click is a different prompt than the box alone: the mask changes (random
+    weights say nothing about whether it improves)."""
+    item = segmenter.prepare("r", random_jpeg(200, 150, seed=4))
+    box = np.array([[20, 15, 170, 130]], np.float32)
+    alone = box_prompts("r", 200, 150, box)
+    refined = alone.with_prompts(np.array([[[90, 70]]], np.float32), np.array([[0]], np.int8))
+    first, second = segmenter.segment([item, item], [alone, refined], multimask=True)
+    assert not np.allclose(first.multimask_scores, second.multimask_scores, atol=1e-3)
+    before, after = _mask(first, 0), _mask(second, 0)
+    assert (before != after).sum() > 0.01 * before.size
+    # the same box + click again gives the same mask: the change is the click, not noise
+    (again,) = segmenter.segment([item], [refined], multimask=True)
+    assert np.array_equal(_mask(again, 0), after)
+
+
+def test_prompt_groups_by_layout_without_padding():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9], [2, 2, 8, 8], [5, 5, 5, 5]], np.float32)
+    found = box_prompts("g", 20, 20, boxes).with_prompts(
+        np.array([[[0, 0], [0, 0]], [[3, 4], [0, 0]], [[0, 0], [6, 7]], [[5, 5], [0, 0]]], np.float32),
+        np.array([[-1, -1], [0, -1], [-1, 1], [1, -1]], np.int8),
+        np.array([True, True, True, False]),
+    )
+    plain = box_prompts("h", 20, 20, boxes[:1])
+    groups = prompt_groups([found, plain])
+    layouts = [(g.boxed, g.clicks, g.rows.tolist()) for g in groups]
+    assert layouts == [(True, 0, [0, 4]), (True, 1, [1, 2]), (False, 1, [3])]
+    assert groups[0].labels.tolist() == [[2, 3], [2, 3]] and groups[0].points.shape == (2, 2, 2)
+    assert groups[1].labels.tolist() == [[2, 3, 0], [2, 3, 1]]
+    assert groups[1].points[:, 2].tolist() == [[3, 4], [6, 7]]  # the padding dropped, wherever it was
+    assert groups[1].points[0, :2].tolist() == [[1, 1], [9, 9]]
+    assert groups[2].labels.tolist() == [[1]] and groups[2].points.tolist() == [[[5, 5]]]
+    # a candidate with neither a box prompt nor a click cannot be segmented
+    broken = replace(
+        found, box_prompt=np.array([True, True, True, False]), point_labels=np.full((4, 2), -1, np.int8)
+    )
+    with pytest.raises(ValueError, match="neither a box prompt nor a click"):
+        prompt_groups([broken])
+
+
+def test_fake_segmenter_takes_clicks_without_a_box_prompt():
+    """The stand-in follows the prompt kinds too: a lone click (degenerate extent box, not a prompt) gets
+    a disc around it, a background click cuts one out of the box's ellipse."""
+    item = PreparedImage("f", 100, 80, None)
+    found = box_prompts("f", 100, 80, np.array([[30, 20, 30, 20], [10, 10, 90, 70]], np.float32))
+    found = found.with_prompts(
+        np.array([[[30, 20]], [[50, 40]]], np.float32), np.array([[1], [0]], np.int8), np.array([False, True])
+    )
+    (result,) = FakeSegmenter().segment([item], [found], multimask=True)
+    click, refined = _mask(result, 0), _mask(result, 1)
+    assert click[20, 30] and 0 < click.sum() < 200  # a disc of radius 4 around (30, 20)
+    assert not refined[40, 50] and refined[40, 20] and refined.sum() > 2000  # ellipse minus a disc
+    (plain,) = FakeSegmenter().segment([item], [box_prompts("f", 100, 80, found.boxes[1:])])
+    assert _mask(plain, 0)[40, 50] and (_mask(plain, 0) & ~refined).sum() == pytest.approx(49, abs=10)
