@@ -3,6 +3,8 @@
     python bench/backends.py                    # every flow, tiny random-weight models, 8 images of 640x480
     python bench/backends.py --full-size        # the real architectures' sizes (still random weights)
     python bench/backends.py --flows owlv2+edgetam,dinov2_saliency+sam2 --images 4
+    python bench/backends.py --flows annotations+sam2,annotations+edgetam --full-size --threads 1
+                                                # the light segmenter vs SAM2.1-tiny, same boxes
 
 Every flow runs in a fresh subprocess of the interpreter its backends need (the model-worker
 environment, or SAM 3's own), through the same stage loops as the assets (``run_detection``,
@@ -63,8 +65,12 @@ def _annotations(names: list[str], size: tuple[int, int], directory: Path) -> st
     return str(path)
 
 
-def one(flow: str, count: int, size: tuple[int, int], full_size: bool) -> dict:
+def one(flow: str, count: int, size: tuple[int, int], full_size: bool, threads: int) -> dict:
     """Run ``flow`` on ``count`` synthetic images in this process; seconds and img/s per stage."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from pseudolabel.models.loading import DetectorSpec, SegmenterSpec, load_detector, load_segmenter
     from pseudolabel.models.stages import (
         DetectionSettings,
@@ -149,11 +155,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--full-size", action="store_true", help="real architecture sizes (random weights)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one flow here, print JSON
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
     if args.one:
-        print(json.dumps(one(args.one, args.images, size, args.full_size)))
+        print(json.dumps(one(args.one, args.images, size, args.full_size, args.threads)))
         return 0
     print(
         f"backends at {'full' if args.full_size else 'tiny'} size, {args.images} images of {args.size}, CPU ({NOTE})"

@@ -189,9 +189,12 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         raise ModelConfigError(f"no such image file: {', '.join(missing)}")
-    keep_all = bool(from_file) or args.all_candidates
-    if from_file:
-        notes.append("prompts from a file: every prompt's mask is kept (no thresholds)")
+    # Prompts from a file are the user's own; prompt-free regions are already limited by num_objects and
+    # min_area, and the packaged thresholds are calibrated for Grounding DINO's scores: keep them all
+    # unless a thresholds file is named.
+    keep_all = args.all_candidates or ((bool(from_file) or args.auto) and args.thresholds is None)
+    if keep_all and not args.all_candidates:
+        notes.append(f"{'prompts from a file' if from_file else 'prompt-free regions'}: every mask is kept (no thresholds)")
     thresholds = None
     if not keep_all:
         from pseudolabel.labels.thresholds import thresholds_path
@@ -397,7 +400,7 @@ def _write_image(
         _write_json(mask_dir / f"mask_{n:03d}.json", record)
         written.append(record["mask"])
     clicks = found.take(np.asarray(kept, np.int64)) if kept else None
-    titles = ("original", "prompts" + (" over attention" if heat is not None else ""), f"masks ({len(kept)})")
+    titles = ("original", "prompts / attention" if heat is not None else "prompts", f"masks ({len(kept)})")
     if request.smoke_run:
         titles = (f"original - {SMOKE_TITLE}", *titles[1:])
     picture = three_panels(

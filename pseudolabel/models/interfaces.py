@@ -299,11 +299,14 @@ def _prompts_from_table(table: pa.Table) -> tuple[list, list, np.ndarray] | None
     box_prompt = table.column("box_prompt").to_numpy(zero_copy_only=False).astype(bool)
     if not any(labels) and box_prompt.all():
         return None
-    return (
-        np.asarray(table.column("points").to_pylist(), dtype=object),
-        np.asarray(labels, dtype=object),
-        box_prompt,
-    )
+    return _ragged(table.column("points").to_pylist()), _ragged(labels), box_prompt
+
+
+def _ragged(rows: list) -> np.ndarray:
+    """A 1-D object array of lists (np.asarray makes a 2-D array when every row has the same length)."""
+    out = np.empty(len(rows), dtype=object)
+    out[:] = rows
+    return out
 
 
 def _padded_clicks(points: Sequence, labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -312,8 +315,9 @@ def _padded_clicks(points: Sequence, labels: Sequence) -> tuple[np.ndarray, np.n
     out_points = np.zeros((len(labels), width, 2), np.float32)
     out_labels = np.full((len(labels), width), -1, np.int8)
     for i, (flat, row) in enumerate(zip(points, labels, strict=True)):
-        out_points[i, : len(row)] = np.asarray(flat or [], np.float32).reshape(-1, 2)
-        out_labels[i, : len(row)] = row or []
+        if row:
+            out_points[i, : len(row)] = np.asarray(flat, np.float32).reshape(-1, 2)
+            out_labels[i, : len(row)] = row
     return out_points, out_labels
 
 

@@ -93,6 +93,8 @@ def detect_shard(
         "text_floor": meta(settings.text_floor),
         "detector_masks": meta(made_masks),
     }
+    if (report := getattr(detector, "match_report", None)) is not None:  # annotations: what matched
+        metadata["annotations_matched"] = meta(report(), "json")
     return metadata | _written(store, shard, keys[1], identity, fingerprint, result.images, boxes_preview)
 
 

@@ -86,3 +86,26 @@ def test_fake_detector_results_are_ranked_candidates():
     )
     assert len(found) <= 4 and np.all(np.diff(found.box_scores) <= 0) and found.masks is None
     assert found.query_indices.dtype == np.int32 and len(set(found.query_indices.tolist())) == len(found)
+
+
+@pytest.mark.parametrize("clicks_per_row", [(1, 1), (2, 2), (1, 3), (0, 2)])
+def test_clicks_and_box_prompt_flags_round_trip_through_the_tables(clicks_per_row):
+    """Rows with equal click counts too (a naive object array turns them 2-D)."""
+    n = len(clicks_per_row)
+    width = max(clicks_per_row)
+    points = np.arange(n * width * 2, dtype=np.float32).reshape(n, width, 2)
+    labels = np.array([[1 if j == 0 else 0 for j in range(width)] for _ in range(n)], np.int8)
+    for i, count in enumerate(clicks_per_row):
+        labels[i, count:] = -1
+    box_prompt = np.array([count == 0 or i % 2 == 0 for i, count in enumerate(clicks_per_row)])
+    found = Candidates(
+        "img", 50, 40, np.tile(np.float32([1, 2, 9, 9]), (n, 1)), np.full(n, 0.5, np.float32),
+        np.full(n, np.nan, np.float32), ["x"] * n, np.arange(n, dtype=np.int32),
+    ).with_prompts(points, labels, box_prompt)  # fmt: skip
+    (back,) = Candidates.from_tables(detections_table([found]), detection_images_table([found]))
+    np.testing.assert_array_equal(back.box_prompts(), box_prompt)
+    for i, count in enumerate(clicks_per_row):
+        np.testing.assert_array_equal(back.point_labels[i][:count], labels[i][:count])
+        np.testing.assert_array_equal(back.points[i][:count], points[i][:count])
+        assert (back.point_labels[i][count:] == -1).all()
+    assert np.isnan(back.text_scores).all()
