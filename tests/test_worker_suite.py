@@ -4,9 +4,10 @@ interpreter, as part of the one test command. It must pass with no test skipped.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from pathlib import Path
+
+from worker_helpers import run_worker_suite
 
 from pseudolabel.workers.environment import source_path_entry
 
@@ -18,24 +19,4 @@ def test_worker_suite_passes_in_the_worker_environment(worker_python):
     # The worker environment must not see Dagster: the antlr pin that breaks it lives there.
     probe = subprocess.run([worker_python, "-c", "import dagster"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'dagster'" in probe.stderr
-    result = subprocess.run(
-        [
-            worker_python,
-            "-m",
-            "pytest",
-            "-c",
-            str(TESTS / "worker" / "pytest.ini"),
-            str(TESTS / "worker"),
-            "-q",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    print(result.stdout[-6000:], result.stderr[-3000:])
-    assert result.returncode == 0, result.stdout[-6000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 30, summary
-    assert "skipped" not in summary and "error" not in summary, summary
+    run_worker_suite(worker_python, "worker", min_passed=30)

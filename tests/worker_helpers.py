@@ -3,6 +3,11 @@ with fake models by default, and each shard's latest metadata read back from the
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+from pathlib import Path
+
 from dagster import AssetKey, DagsterInstance, materialize
 from images import write_image_shard
 
@@ -57,3 +62,26 @@ def shard_metadata(instance: DagsterInstance, asset: str) -> dict[str, dict]:
         m = record.asset_materialization
         latest[m.partition] = {k: v.value for k, v in m.metadata.items()}
     return latest
+
+
+def run_worker_suite(python: str, folder: str, min_passed: int) -> None:
+    """``pytest tests/<folder>`` on a worker interpreter (its own pytest.ini); passes only when it does, with
+    at least ``min_passed`` tests and nothing skipped or erroring."""
+    from pseudolabel.workers.environment import source_path_entry
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source_path_entry(), str(tests)])}
+    ini = str(tests / folder / "pytest.ini")
+    result = subprocess.run(
+        [python, "-m", "pytest", "-c", ini, str(tests / folder), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    print(result.stdout[-6000:], result.stderr[-3000:])
+    assert result.returncode == 0, result.stdout[-6000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= min_passed, summary
+    assert "skipped" not in summary and "error" not in summary, summary
