@@ -267,3 +267,39 @@ def test_switching_backend_reruns_detections_and_the_same_backend_skips(tmp_path
         boxes.write_text(json.dumps({"image": ids[0], "boxes": [[1, 2, 30, 40], [5, 5, 9, 9]]}) + "\n")
         again = detect(annotations)
         assert again["skipped"] is False and again["candidates"] == 2
+
+
+def test_a_box_and_a_negative_click_refine_the_mask_as_assets(shard, tmp_path):
+    """JSONL box + clicks: with prompt_mode box the clicks are ignored, with box+point they reach SAM2 and
+    change the mask of the same box (random weights: a change, not a better mask)."""
+    store, instance, name = shard
+    ids = sorted(r["image_id"] for r in read_parquet(store, layout.image_index(name)).to_pylist())
+    row = {
+        "image": ids[0],
+        "boxes": [[10, 8, 80, 56]],
+        "points": [[[40, 30], [70, 15]]],
+        "point_labels": [[1, 0]],
+    }
+    (tmp_path / "clicks.jsonl").write_text(json.dumps(row) + "\n")
+    segmenter = SegmenterResource(backend="sam2", variant="tiny", **RANDOM)
+    masks_by_mode = {}
+    for mode in ("box", "box+point"):
+        detector = DetectorResource(
+            backend="annotations",
+            annotations=str(tmp_path / "clicks.jsonl"),
+            match_on="image_id",
+            prompt_mode=mode,
+        )
+        assert run(
+            store, [detections, masks], instance, detector=detector, segmenter=segmenter, shard=name
+        ).success
+        found = stored(store, name)
+        assert [len(c) for c in found] == [1, 0]
+        if mode == "box":
+            assert not found[0].has_clicks
+        else:
+            np.testing.assert_array_equal(found[0].point_labels, [[1, 0]])
+            np.testing.assert_array_equal(found[0].points, [[[40, 30], [70, 15]]])
+        row = read_parquet(store, layout.masks(name)).to_pylist()[0]
+        masks_by_mode[mode] = decode_rle(row["rle_counts"], row["height"], row["width"])
+    assert (masks_by_mode["box"] != masks_by_mode["box+point"]).any()

@@ -21,8 +21,10 @@ from pseudolabel.models.checkpoints import (
     CheckpointNotFound,
     CheckpointSpec,
     ChecksumMismatch,
+    HubModel,
     default_cache_dir,
     resolve_checkpoint,
+    resolve_pretrained_dir,
 )
 
 PAYLOAD = b"not really a checkpoint\n" * 1000
@@ -183,3 +185,56 @@ def test_official_tables_cover_every_variant():
         digest = variant.checkpoint.sha256
         assert digest is None or (len(digest) == 64 and int(digest, 16) >= 0)
         assert variant.checkpoint.url.endswith("/" + variant.checkpoint.filename)
+
+
+# ---- Hugging Face model directories ---------------------------------------------------------------
+
+HUB = HubModel("Tiny test model", "example/not-on-the-hub", revision="0123abcd", gated=True)
+
+
+def _model_dir(path, weights: bytes):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"model_type": "x"}')
+    (path / "model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_a_local_model_directory_is_identified_by_its_weights(tmp_path):
+    first = resolve_pretrained_dir(str(_model_dir(tmp_path / "a", b"w1")), HUB)
+    assert first.path == tmp_path / "a" and first.status == UNPINNED
+    (tmp_path / "a" / "config.json").write_text('{"model_type": "x", "note": "edited"}')
+    assert resolve_pretrained_dir(str(tmp_path / "a"), HUB).sha256 == first.sha256  # config only
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"w2")
+    assert resolve_pretrained_dir(str(tmp_path / "a"), HUB).sha256 != first.sha256
+    with pytest.raises(CheckpointNotFound, match="no config.json"):
+        resolve_pretrained_dir(str(tmp_path / "empty"), HUB)
+    assert resolve_pretrained_dir("random", HUB).is_random
+
+
+def test_an_s3_prefix_is_fetched_once_into_the_cache(tmp_path):
+    fetched = []
+
+    def list_get(uri):
+        fetched.append(uri)
+        return {"config.json": b'{"model_type": "x"}', "model.safetensors": b"w1", "sub/extra.bin": b"e"}
+
+    source = "s3://bucket/models/tiny/"
+    first = resolve_pretrained_dir(source, HUB, cache_dir=tmp_path, s3_list_get=list_get)
+    assert (
+        first.path == tmp_path / "s3" / "bucket" / "models/tiny"
+        and (first.path / "sub" / "extra.bin").is_file()
+    )
+    again = resolve_pretrained_dir(source, HUB, cache_dir=tmp_path, s3_list_get=list_get)
+    assert fetched == [source] and again.sha256 == first.sha256
+    with pytest.raises(CheckpointNotFound, match="nothing under"):
+        resolve_pretrained_dir("s3://bucket/none", HUB, cache_dir=tmp_path, s3_list_get=lambda uri: {})
+    with pytest.raises(CheckpointNotFound, match="downloads are off"):
+        resolve_pretrained_dir("s3://bucket/other", HUB, cache_dir=tmp_path, allow_download=False)
+
+
+def test_the_hub_model_offline_names_its_pinned_revision_and_the_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(CheckpointNotFound) as failure:
+        resolve_pretrained_dir("", HUB, allow_download=False)
+    message = str(failure.value)
+    assert "hf://example/not-on-the-hub@0123abcd" in message and "HF_TOKEN" in message and "s3://" in message
