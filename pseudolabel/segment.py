@@ -194,7 +194,9 @@ def request_from_args(args: argparse.Namespace) -> SegmentRequest:
     # unless a thresholds file is named.
     keep_all = args.all_candidates or ((bool(from_file) or args.auto) and args.thresholds is None)
     if keep_all and not args.all_candidates:
-        notes.append(f"{'prompts from a file' if from_file else 'prompt-free regions'}: every mask is kept (no thresholds)")
+        notes.append(
+            f"{'prompts from a file' if from_file else 'prompt-free regions'}: every mask is kept (no thresholds)"
+        )
     thresholds = None
     if not keep_all:
         from pseudolabel.labels.thresholds import thresholds_path
