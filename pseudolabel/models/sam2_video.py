@@ -112,16 +112,24 @@ class Sam2VideoTracker:
                 state, start_frame_idx=start, reverse=reverse
             ):
                 encoded = encode_device_masks(masks[:, 0] > 0.0)
-                scores = np.array([self._presence(state, i, frame) for i in range(len(obj_ids))], np.float32)
+                scores = self._presence(state, len(obj_ids), frame)
                 yield TrackedFrame(frame, [int(i) for i in obj_ids], encoded, scores)
 
     @staticmethod
-    def _presence(state: dict[str, Any], obj_idx: int, frame: int) -> float:
-        outputs = state["output_dict_per_obj"][obj_idx]
-        out = outputs["cond_frame_outputs"].get(frame) or outputs["non_cond_frame_outputs"].get(frame)
-        if out is None or out.get("object_score_logits") is None:
-            return 1.0
-        return float(torch.sigmoid(out["object_score_logits"].float()).reshape(-1)[0])
+    def _presence(state: dict[str, Any], count: int, frame: int) -> np.ndarray:
+        """The frame's ``count`` objects' presence probabilities, in one device->host copy (1.0 where the
+        model gives none)."""
+        scores = np.ones(count, np.float32)
+        found, logits = [], []
+        for obj_idx in range(count):
+            outputs = state["output_dict_per_obj"][obj_idx]
+            out = outputs["cond_frame_outputs"].get(frame) or outputs["non_cond_frame_outputs"].get(frame)
+            if out is not None and out.get("object_score_logits") is not None:
+                found.append(obj_idx)
+                logits.append(out["object_score_logits"].reshape(-1)[:1])
+        if logits:
+            scores[found] = torch.sigmoid(torch.cat(logits).float()).cpu().numpy()
+        return scores
 
     def reset(self) -> None:
         if self._state is not None:

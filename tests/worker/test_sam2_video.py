@@ -94,3 +94,23 @@ def test_track_video_with_the_real_predictor(tracker, tmp_path):
     for batch in rows:
         assert set(batch["height"]) == {H} and set(batch["width"]) == {W}
         assert all(1 <= t <= summary.started for t in batch["track_id"])
+
+
+def test_presence_scores_of_a_frame_cross_to_the_host_in_one_copy():
+    """Objects without a logit on this frame read 1.0; the others are sigmoid(logit), all in one copy."""
+    import torch
+
+    from pseudolabel.models.runtime import counting_syncs
+
+    logits = [torch.tensor([[2.0]]), None, torch.tensor([[-1.0]]), torch.tensor([[0.5]])]
+
+    def outputs(logit):
+        entry = {"object_score_logits": logit} if logit is not None else {}
+        return {"cond_frame_outputs": {}, "non_cond_frame_outputs": {7: entry} if logit is not None else {}}
+
+    state = {"output_dict_per_obj": {i: outputs(logit) for i, logit in enumerate(logits)}}
+    with counting_syncs(emulate_device=True) as syncs:
+        scores = Sam2VideoTracker._presence(state, len(logits), 7)
+    assert syncs.count == 1
+    expected = [1 / (1 + np.exp(-2.0)), 1.0, 1 / (1 + np.exp(1.0)), 1 / (1 + np.exp(-0.5))]
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
