@@ -1,4 +1,4 @@
-"""``detections``: Grounding DINO candidates for every "ok" image of a shard, in a model worker (GPU)."""
+"""``detections``: the detector backend's candidates for every "ok" image of a shard, in a model worker (GPU)."""
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
 
@@ -29,8 +29,9 @@ def detections(
     stage_settings: StageSettingsResource,
     model_workers: ModelWorkersResource,
 ) -> MaterializeResult:
-    """Every Grounding DINO candidate above the score floors, per image of the shard, with box and text
-    scores and phrase (detections/<shard>.parquet), and one row per image incl. zero-candidate ones
+    """Every candidate of the ``detector`` backend (Grounding DINO by default; OWLv2, DINOv2 saliency,
+    annotation files, SAM 3) above the score floors, per image of the shard, with box and text scores,
+    phrase and any clicks (detections/<shard>.parquet), and one row per image incl. zero-candidate ones
     (detections/<shard>.images.parquet). Prompt and floors: the ``stage_settings`` resource. One model
     load serves every shard of the run."""
     task = WorkerTask(

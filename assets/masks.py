@@ -1,4 +1,4 @@
-"""``masks``: a SAM2 mask (COCO RLE) for every detection candidate of a shard, in a model worker (GPU)."""
+"""``masks``: a mask (COCO RLE) for every detection candidate of a shard, in a model worker (GPU)."""
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
 
@@ -29,7 +29,8 @@ def masks(
     stage_settings: StageSettingsResource,
     model_workers: ModelWorkersResource,
 ) -> MaterializeResult:
-    """One SAM2 mask per detection candidate (box prompt), as COCO RLE with area, bbox and predicted IoU
+    """One mask per detection candidate from the ``segmenter`` backend (SAM2 by default, EdgeTAM, or the masks
+    SAM 3 made while detecting), prompted by its box and/or clicks, as COCO RLE with area, bbox and predicted IoU
     (masks/<shard>.parquet); ``multimask`` from the ``stage_settings`` resource. One model load serves
     every shard of the run."""
     task = WorkerTask(
