@@ -109,7 +109,10 @@ class LocalModelWorkers(ModelWorkersResource):
     def run(
         self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
     ) -> dict[str, dict[str, MetadataValue]]:
-        python = self.interpreter(task, context.log.info)
+        try:
+            python = self.interpreter(task, context.log.info)
+        except ValueError as exc:  # models that need two worker environments: no retry can help
+            raise Failure(description=f"{task.stage}: {exc}", allow_retries=False) from exc
         devices = visible_gpus(self.gpus)
         worker_env = {**env, "PYTHONPATH": source_path_entry()}
         with ExitStack() as stack:

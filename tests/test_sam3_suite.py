@@ -86,3 +86,18 @@ def test_sam3_suite_passes_in_the_sam3_worker_environment(sam3_worker_python):
     )
     assert probe.returncode == 0 and int(probe.stdout.split(".")[0]) >= 5, probe.stderr[-2000:]
     run_worker_suite(sam3_worker_python, "worker_sam3", min_passed=6)
+
+
+def test_a_task_whose_models_need_two_environments_is_refused_with_both_named(tmp_path):
+    from pseudolabel.models.loading import ModelConfigError, SegmenterSpec
+    from pseudolabel.workers.task import GOLD_CANDIDATES
+
+    task = WorkerTask(
+        GOLD_CANDIDATES,
+        ["gold"],
+        str(tmp_path),
+        detector=DetectorSpec(backend="sam3").to_dict(),
+        segmenter=SegmenterSpec(backend="sam2").to_dict(),
+    )
+    with pytest.raises(ModelConfigError, match=r"sam3 -> worker-sam3, sam2 -> worker.*one worker runs one"):
+        LocalModelWorkers().interpreter(task)
