@@ -95,6 +95,7 @@ class DetectorResource(_ModelResource):
     max_size: int | None = None  # input long-side cap; image_size is the short side
     max_boxes_per_caption: int | None = None  # fake backend only
     compile: bool | None = None  # torch.compile backbone + transformer (default False)
+    decode_on_device: bool | None = None  # grounding_dino / owl*: JPEGs decoded on the GPU (default off)
     prompt_mode: str | None = None  # dinov2_saliency / annotations: box | point | box+point (default box)
     num_objects: int | None = None  # dinov2_saliency: regions per image (default 5)
     attention_threshold: float | None = None  # dinov2_saliency: share of attention kept (default 0.6)

@@ -92,6 +92,7 @@ def load_grounding_dino(spec: DetectorSpec) -> GroundingDinoDetector:
         image_size=spec.image_size or (tiny.TINY_DINO_IMAGE_SIZE if spec.tiny else 800),
         max_size=spec.max_size or (tiny.TINY_DINO_MAX_SIZE if spec.tiny else 1333),
         compile=spec.compile,
+        decode_on_device=spec.decode_on_device,
         info=info,
     )
 

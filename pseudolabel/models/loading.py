@@ -181,6 +181,9 @@ class DetectorSpec(_Spec):
     max_size: int | None = None  # input long-side cap; default 1333 (224 when tiny); image_size = short side
     max_boxes_per_caption: int = 3  # fake backend only
     compile: bool = False  # torch.compile backbone + transformer (opt-in; compiles per new input shape)
+    # grounding_dino / owlv2 / owlvit: decode each batch's JPEGs on the model's device in one call (nvJPEG on
+    # CUDA) and resize them there, instead of in the CPU workers (opt-in; pixels differ slightly).
+    decode_on_device: bool = False
     # How regions prompt the segmenter (dinov2_saliency, annotations with boxes): "box", "point" (the
     # region's centre / the file's clicks only) or "box+point".
     prompt_mode: str = "box"
@@ -204,6 +207,8 @@ class DetectorSpec(_Spec):
             raise ModelConfigError("the annotations backend needs `annotations`: a COCO .json or .jsonl file")
         if self.match_on not in MATCH_ON:
             raise ModelConfigError(f"match_on must be one of {list(MATCH_ON)}, got {self.match_on!r}")
+        if self.decode_on_device and self.backend not in (GROUNDING_DINO, OWLV2, OWLVIT):
+            raise ModelConfigError(f"decode_on_device is for grounding_dino and owl*, not {self.backend!r}")
 
 
 @dataclass(frozen=True)

@@ -55,10 +55,10 @@ from pseudolabel.models.loading import (
 from pseudolabel.models.runtime import (
     FP32,
     HostCopy,
+    ImageDecoding,
     describe_runtime,
     enable_tf32,
     inference,
-    prepare_image,
     seeded,
 )
 
@@ -188,6 +188,7 @@ def load_owl(spec: DetectorSpec) -> OwlDetector:
         image_size=image_size,
         image_mean=mean,
         image_std=std,
+        decode_on_device=spec.decode_on_device,
         info=info,
     )
 
@@ -270,6 +271,8 @@ class OwlDetector:
       image_size: the square input side S (default: the model's own; other multiples of the patch
         size interpolate the position embeddings).
       image_mean, image_std: the processor's normalisation (0..1 units).
+      decode_on_device: decode each batch's JPEGs on ``device`` in one call and resize them there
+        (:class:`ImageDecoding`) instead of decoding + resizing in the CPU workers (opt-in).
       info: identity for metadata (backend, variant, checkpoint digest, ...), returned by :meth:`describe`.
     """
 
@@ -284,6 +287,7 @@ class OwlDetector:
         image_size: int | None = None,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
+        decode_on_device: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
         enable_tf32(device)
@@ -304,6 +308,7 @@ class OwlDetector:
         self.pads_to_square = hasattr(model, "objectness_head")
         self.max_text_length = model.config.text_config.max_position_embeddings
         self._info = dict(info or {})
+        self.decoding = ImageDecoding(device, decode_on_device)
         mean = torch.tensor(image_mean, dtype=torch.float32, device=device).view(3, 1, 1)
         std = torch.tensor(image_std, dtype=torch.float32, device=device).view(3, 1, 1)
         # Normalisation folded into one affine map of the 0..255 input (padding included).
@@ -319,13 +324,16 @@ class OwlDetector:
 
     def describe(self) -> dict[str, Any]:
         layout = "padded to a square" if self.pads_to_square else "stretched to a square"
-        return describe_runtime(
+        described = describe_runtime(
             self._info,
             self.device,
             self.precision,
             self.batch_size,
             f"{self.image_size}x{self.image_size} {layout}",
         )
+        if self.decoding.on_device:  # only when on: default runs keep their earlier fingerprints
+            described["decode_on_device"] = True
+        return described
 
     # ---- CPU side (background workers) ---------------------------------------------------------
 
@@ -338,8 +346,9 @@ class OwlDetector:
         return min(side, max(1, round(width * scale))), min(side, max(1, round(height * scale)))
 
     def prepare(self, image_id: str, data: bytes) -> PreparedImage:
-        """Decode + resize one image. ``pixels``: (3, h, w) uint8 (see :meth:`input_size`), pinned on CUDA."""
-        return prepare_image(image_id, data, self.input_size, self.device)
+        """Decode + resize one image. ``pixels``: (3, h, w) uint8 (see :meth:`input_size`), pinned on CUDA;
+        with ``decode_on_device`` the still-encoded JPEG, decoded with its batch on the device."""
+        return self.decoding.prepare(image_id, data, self.input_size)
 
     # ---- accelerator side --------------------------------------------------------------------------
 
@@ -359,6 +368,7 @@ class OwlDetector:
             return []
         if not captions:
             return [Candidates.empty(item.image_id, item.width, item.height) for item in batch]
+        batch = self.decoding.decoded(batch)
         queries = self._encode_queries(captions)
         with inference(self.device, self.precision):
             logits, boxes, objectness = self._predict(self._pixel_batch(batch), queries)
@@ -377,12 +387,12 @@ class OwlDetector:
         of the S x S input, objectness logits (B, P) or None (OWL-ViT). For parity checks."""
         queries = self._encode_queries(captions)
         with inference(self.device, self.precision):
-            return self._predict(self._pixel_batch(batch), queries)
+            return self._predict(self._pixel_batch(self.decoding.decoded(batch)), queries)
 
     def pixel_batch(self, batch: Sequence[PreparedImage]) -> torch.Tensor:
         """The normalised (B, 3, S, S) model input (exposed for parity checks)."""
         with inference(self.device, self.precision):
-            return self._pixel_batch(batch)
+            return self._pixel_batch(self.decoding.decoded(batch))
 
     def _encode_queries(self, captions: Sequence[str]) -> EncodedQueries:
         """The captions' phrases through the text tower (fp32), each phrase once per detector (cached)."""

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # Moved to the torch-free domain code (the CPU stages use it too); re-exported for the model code.
 from pseudolabel.images.shard import usable_cpus as usable_cpus
 from pseudolabel.models.interfaces import PreparedImage
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 BF16 = "bf16"
@@ -156,6 +162,131 @@ def prepare_image(image_id: str, data: bytes, target: TargetSize, device: torch.
         array = np.array(rgb)  # (h, w, 3), a writable copy: torch.from_numpy warns on read-only arrays
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return PreparedImage(image_id, width, height, pin(pixels, device))
+
+
+# ---- JPEG decoding on the model's device (opt-in: DetectorSpec.decode_on_device) --------------------------
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG the CPU workers left compressed; :meth:`ImageDecoding.decoded` turns it into pixels.
+
+    ``data``: (n,) uint8, the file's bytes. ``size``: (w, h) of the model input it is resized to.
+    """
+
+    data: torch.Tensor
+    size: tuple[int, int]
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, h, w) uint8 with (w, h) = ``size``, on the tensor's own device.
+
+    Bilinear with antialiasing (when downscaling the filter widens to the scale factor, as PIL's
+    BILINEAR does), computed in fp32 and rounded to the nearest integer.
+    """
+    width, height = size
+    if tuple(pixels.shape[1:]) == (height, width):
+        return pixels
+    resized = F.interpolate(
+        pixels[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )  # (1, 3, h, w) fp32
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+NOT_JPEG, DECODE_ERROR = "not_jpeg", "decode_error"  # why an image took the PIL path (ImageDecoding)
+
+
+class ImageDecoding:
+    """Where a detector's images are decoded and resized.
+
+    ``on_device=False`` (default): :func:`prepare_image` in the CPU workers (PIL, JPEG draft mode).
+
+    ``on_device=True``: the CPU workers only parse the header (PIL reads the size without decoding) and
+    keep the bytes (:class:`EncodedJpeg`); :meth:`decoded` then decodes the whole batch in ONE
+    ``torchvision.io.decode_jpeg`` call on ``device`` (nvJPEG on CUDA) and resizes each image there
+    (:func:`resize_pixels`). Pixels differ slightly from the PIL path (a full decode instead of DCT
+    scaling, another resize implementation: see the README), so the setting enters ``describe()``.
+    Data that is not an RGB or greyscale JPEG (PNG, CMYK, ...) and JPEGs the decoder rejects take the
+    PIL path instead: counted per reason in :attr:`fallbacks`, the first of each reason logged.
+    """
+
+    def __init__(self, device: torch.device, on_device: bool = False) -> None:
+        self.device = device
+        self.on_device = on_device
+        self.fallbacks: dict[str, int] = {NOT_JPEG: 0, DECODE_ERROR: 0}
+        self._lock = threading.Lock()
+
+    def prepare(self, image_id: str, data: bytes, target: TargetSize) -> PreparedImage:
+        """CPU worker side. ``pixels``: (3, h, w) uint8 (PIL path) or an :class:`EncodedJpeg`."""
+        if not self.on_device:
+            return prepare_image(image_id, data, target, self.device)
+        with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded here
+            width, height = image.size
+            jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+        if not jpeg:
+            self._fell_back(NOT_JPEG, image_id)
+            return prepare_image(image_id, data, target, self.device)
+        encoded = EncodedJpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), target(width, height))
+        return PreparedImage(image_id, width, height, encoded)
+
+    def decoded(self, batch: Sequence[PreparedImage]) -> list[PreparedImage]:
+        """``batch`` with every :class:`EncodedJpeg` replaced by its (3, h, w) uint8 pixels on the device;
+        other items unchanged. One decode call for the batch; a failing batch is retried image by image."""
+        todo = [i for i, item in enumerate(batch) if isinstance(item.pixels, EncodedJpeg)]
+        if not todo:
+            return list(batch)
+        encoded: list[EncodedJpeg] = [batch[i].pixels for i in todo]
+        try:
+            images = self._decode_jpegs([e.data for e in encoded])
+        except torch.OutOfMemoryError:  # not the data's fault: the stage's retry halves the batch
+            raise
+        except RuntimeError:  # one bad image fails the whole call: find it
+            images = [self._decode_one(batch[i].image_id, e) for i, e in zip(todo, encoded, strict=True)]
+        out = list(batch)
+        for i, e, image in zip(todo, encoded, images, strict=True):
+            out[i] = replace(batch[i], pixels=resize_pixels(image.to(self.device, non_blocking=True), e.size))
+        return out
+
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(n_i,) uint8 file bytes -> (3, H_i, W_i) uint8 full-size RGB images on the device."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if self.device.type == "cuda":
+            # torchvision's CUDA decoder writes its outputs from a private stream that is not ordered after
+            # the caller's (pytorch/vision#9606, torchcodec#1634): memory the caching allocator recycled
+            # could still be read by queued kernels. Wait on the host for the current stream first; the
+            # detectors' previous batch already ended with a host copy, so this costs ~nothing.
+            torch.cuda.current_stream(self.device).synchronize()
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+    def _decode_one(self, image_id: str, encoded: EncodedJpeg) -> torch.Tensor:
+        """(3, H, W) uint8: one image decoded on the device or, when the decoder rejects it, PIL's decode +
+        resize on the host (already at the target size, so :func:`resize_pixels` leaves it as it is)."""
+        try:
+            return self._decode_jpegs([encoded.data])[0]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            self._fell_back(DECODE_ERROR, image_id)
+        data = encoded.data.numpy().tobytes()
+        try:
+            return prepare_image(image_id, data, lambda w, h: encoded.size, self.device).pixels
+        except OSError as exc:  # PIL cannot read it either: fail as the CPU path would, naming the image
+            raise RuntimeError(f"image {image_id}: {exc}") from exc
+
+    def _fell_back(self, reason: str, image_id: str) -> None:
+        with self._lock:
+            self.fallbacks[reason] += 1
+            first = self.fallbacks[reason] == 1
+        if first:
+            log.warning(
+                "image %s: %s, decoded with PIL on the CPU instead of on %s (further ones are only counted)",
+                image_id,
+                "not an RGB/greyscale JPEG" if reason == NOT_JPEG else "the JPEG decoder rejected it",
+                self.device,
+            )
 
 
 @contextlib.contextmanager

@@ -63,6 +63,8 @@ def detect_shard(
     if skip and up_to_date(store, keys, fingerprint):
         return _skipped(store, keys[1], fingerprint)
 
+    decoding = getattr(detector, "decoding", None)  # device JPEG decoding (opt-in): counts fallbacks
+    before = dict(decoding.fallbacks) if decoding is not None else {}
     result = run_detection(
         images,
         lambda image_id: store.get_bytes(layout.image(shard, image_id)),
@@ -95,6 +97,9 @@ def detect_shard(
     }
     if (report := getattr(detector, "match_report", None)) is not None:  # annotations: what matched
         metadata["annotations_matched"] = meta(report(), "json")
+    if decoding is not None and decoding.on_device:  # this shard's images the device decoder left to PIL
+        fallbacks = {reason: n - before.get(reason, 0) for reason, n in decoding.fallbacks.items()}
+        metadata["device_decode_fallbacks"] = meta(fallbacks, "json")
     return metadata | _written(store, shard, keys[1], identity, fingerprint, result.images, boxes_preview)
 
 
