@@ -107,21 +107,27 @@ def crop_slots(widths: np.ndarray, heights: np.ndarray, height: int) -> tuple[np
     return offsets, strides, int(sizes.sum())
 
 
-def encode_crops(buffer: np.ndarray, boxes: np.ndarray, height: int, width: int) -> EncodedMasks:
+def encode_crops(
+    buffer: np.ndarray, boxes: np.ndarray, height: int, width: int, offsets: np.ndarray | None = None
+) -> EncodedMasks:
     """Masks that are 0 outside ``boxes`` (M, 4) int ``x0, y0, w, h`` -> COCO RLE at ``height`` x ``width``.
 
     ``buffer``: the flat bool crops laid out by :func:`crop_slots` (``boxes[:, 2]``, ``boxes[:, 3]``,
-    ``height``). Byte-identical to :func:`encode_host_masks` of the full masks, at a cost that grows
-    with the crop area, not the image area.
+    ``height``), or, with ``offsets`` (M,), slots of that shape starting wherever ``offsets`` says (in
+    any order, e.g. grouped by size as ``mask_upsample.plan_crops`` does). Byte-identical to
+    :func:`encode_host_masks` of the full masks, at a cost that grows with the crop area, not the
+    image area.
     """
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
     if not len(boxes):
         return EncodedMasks.empty(height, width)
-    offsets, strides, _ = crop_slots(boxes[:, 2], boxes[:, 3], height)
+    strides = np.where(boxes[:, 3] < height, boxes[:, 3] + 1, boxes[:, 3])
+    if offsets is None:
+        offsets = crop_slots(boxes[:, 2], boxes[:, 3], height)[0]
     total = height * width
-    rles = []
+    counts = []
     for (x0, y0, w, _), offset, stride in zip(
-        boxes.tolist(), offsets.tolist(), strides.tolist(), strict=True
+        boxes.tolist(), np.asarray(offsets).tolist(), strides.tolist(), strict=True
     ):
         slot = buffer[offset : offset + w * stride + 2]
         # Element e of the slot body (after the leading 0) is pixel (x0 + e // stride, y0 + e % stride):
@@ -129,9 +135,9 @@ def encode_crops(buffer: np.ndarray, boxes: np.ndarray, height: int, width: int)
         changes = np.flatnonzero(slot[1:] != slot[:-1])
         column, row = np.divmod(changes, stride)
         starts = (x0 + column) * height + y0 + row
-        runs = np.diff(starts[starts < total], prepend=0, append=total)
-        rles.append(_runs_to_rle(runs, height, width))
-    return _from_rles(rles, height, width)
+        edges = np.concatenate(([0], starts[starts < total], [total]))
+        counts.append({"counts": (edges[1:] - edges[:-1]).tolist(), "size": [height, width]})
+    return _from_rles(mask_utils.frPyObjects(counts, height, width), height, width)  # one call for all
 
 
 def _runs_to_rle(runs: np.ndarray, height: int, width: int) -> dict:

@@ -73,12 +73,12 @@ class DeviceAxes:
 
 def positive_bounds(low_res: torch.Tensor) -> torch.Tensor:
     """(N, s, s) logits -> (N, 4) int32: first and last row, first and last column holding a logit > 0
-    (s, -1 for a mask without any). No host synchronisation."""
-    positive = low_res > 0
+    (s, -1 for a mask without any). A row or column with a NaN counts as positive (upsampling it then
+    decides), so no positive pixel is ever left out. Two reductions, no host synchronisation."""
     size = low_res.shape[-1]
     bounds = []
-    for lines in (positive.any(dim=2), positive.any(dim=1)):  # (N, s) rows, then columns
-        lines = lines.to(torch.uint8)
+    for dim in (2, 1):  # (N, s) rows, then columns, holding a logit > 0: max > 0 (NaN counts as > 0)
+        lines = (~(low_res.amax(dim=dim) <= 0)).to(torch.uint8)
         found = lines.amax(dim=1).bool()
         first = lines.argmax(dim=1)  # index of the first maximum
         last = size - 1 - lines.flip(1).argmax(dim=1)
@@ -141,3 +141,178 @@ def fill_crops(
         )  # (w, h)
         start = base + offset + 1
         torch.gt(logits, 0, out=buffer[start : start + w * stride].view(w, stride)[:, :h])
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Masks filled by one batched pass: ``count`` masks of ``width`` x ``height`` output pixels, each
+    reading ``rows`` consecutive low-res rows; their slots (``slot`` elements, columns ``stride`` apart)
+    follow each other from ``start`` in the buffer; their indices and weights start at ``ints`` and
+    ``floats`` in the plan's packed arrays."""
+
+    count: int
+    width: int
+    height: int
+    rows: int
+    stride: int
+    slot: int
+    start: int
+    ints: int
+    floats: int
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where a round of masks goes in one flat bool buffer, and how it is filled bucket by bucket.
+
+    ``boxes`` (N, 4) int64 ``x0, y0, w, h``: the rectangle filled for each mask -- its :func:`crop_boxes`
+    rectangle grown to its bucket's size (still inside the image; every added pixel reads only logits
+    <= 0, so it is background either way), (0, 0, 0, 0) for a mask without a positive logit.
+    ``offsets`` (N,): where each mask's slot starts, in the layout of :func:`pseudolabel.rle.crop_slots`
+    but with the slots ordered by bucket. ``ints`` / ``floats``: every bucket's source rows, gather
+    indices and weights, packed so that they reach the device in two copies.
+    """
+
+    boxes: np.ndarray
+    offsets: np.ndarray
+    total: int
+    buckets: tuple[_Bucket, ...]
+    ints: np.ndarray  # int64
+    floats: np.ndarray  # float32
+
+
+def plan_crops(
+    low: int,
+    crops: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    steps_per_octave: int = 2,
+    grow_below: int = 1 << 15,
+) -> CropPlan:
+    """Group masks whose crops have similar sizes, so that each group is upsampled in one batched pass.
+
+    ``crops`` (N, 4) ``x0, y0, w, h`` from :func:`crop_boxes` for masks of ``low`` x ``low`` logits,
+    mask m belonging to an image of ``heights[m]`` x ``widths[m]`` pixels. Masks share a bucket when
+    their images have the same size and their crop widths and heights round up to the same power of
+    2 ** (1 / ``steps_per_octave``); every crop of a bucket grows to the bucket's largest width and
+    height (less than that factor per side: more pixels computed, far fewer device calls). Crops of
+    ``grow_below`` pixels or more never grow: they share a bucket only with crops of their exact size.
+    """
+    crops = np.asarray(crops, np.int64).reshape(-1, 4)
+    heights = np.asarray(heights, np.int64)
+    widths = np.asarray(widths, np.int64)
+    n = len(crops)
+    boxes = np.zeros((n, 4), np.int64)
+    offsets = np.zeros(n, np.int64)
+    order = np.flatnonzero(crops[:, 2] > 0)
+    w, h = crops[order, 2], crops[order, 3]
+    exact = w * h >= grow_below  # large crops: computing extra pixels costs more than a device call
+    key = np.stack(
+        [
+            heights[order],
+            widths[order],
+            exact,
+            np.where(exact, w, np.ceil(np.log2(w) * steps_per_octave)).astype(np.int64),
+            np.where(exact, h, np.ceil(np.log2(h) * steps_per_octave)).astype(np.int64),
+        ],
+        axis=1,
+    )
+    sort = np.lexsort(key.T[::-1])
+    order, key = order[sort], key[sort]
+    breaks = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+    buckets: list[_Bucket] = []
+    ints: list[np.ndarray] = []
+    floats: list[np.ndarray] = []
+    position = n_ints = n_floats = 0
+    for members in np.split(order, breaks) if len(order) else []:
+        height, width = int(heights[members[0]]), int(widths[members[0]])
+        x0, y0, crop_w, crop_h = crops[members].T
+        bw, bh = int(crop_w.max()), int(crop_h.max())
+        x0 = np.minimum(x0, width - bw)  # grown to the bucket's size, shifted back inside the image
+        y0 = np.minimum(y0, height - bh)
+        xs, ys = BilinearAxis.of(low, width), BilinearAxis.of(low, height)
+        cols = x0[:, None] + np.arange(bw)  # (M, bw) output columns
+        lines = y0[:, None] + np.arange(bh)  # (M, bh) output rows
+        r0 = ys.lo[lines[:, 0]]
+        rows = int((ys.hi[lines[:, -1]] - r0).max()) + 1  # low-res rows any mask of the bucket reads
+        r0 = np.minimum(r0, low - rows)
+        stride = bh + 1 if bh < height else bh
+        slot = bw * stride + 2
+        boxes[members] = np.stack([x0, y0, np.full_like(x0, bw), np.full_like(x0, bh)], axis=1)
+        offsets[members] = position + slot * np.arange(len(members))
+        local = np.arange(len(members))[:, None]
+        parts = [
+            (members[:, None] * low + r0[:, None] + np.arange(rows)).reshape(-1),  # rows of (N * s, s)
+            np.concatenate([xs.lo[cols], xs.hi[cols]], axis=1).reshape(-1),  # (M, 2 bw) columns
+            (  # (M, 2 bh) rows of the bucket's x-pass (M * R, bw)
+                np.concatenate([ys.lo[lines], ys.hi[lines]], axis=1) - r0[:, None] + rows * local
+            ).reshape(-1),
+        ]
+        weights = [
+            np.concatenate([xs.w_lo[cols], xs.w_hi[cols]], axis=1).reshape(-1),
+            np.concatenate([ys.w_lo[lines], -ys.w_hi[lines]], axis=1).reshape(-1),  # note: -w_hi
+        ]
+        buckets.append(_Bucket(len(members), bw, bh, rows, stride, slot, position, n_ints, n_floats))
+        ints += parts
+        floats += weights
+        n_ints += sum(len(part) for part in parts)
+        n_floats += sum(len(weight) for weight in weights)
+        position += slot * len(members)
+    empty = np.flatnonzero(crops[:, 2] == 0)
+    offsets[empty] = position + 2 * np.arange(len(empty))  # 2 zeros: a mask without any pixel
+    return CropPlan(
+        boxes,
+        offsets,
+        position + 2 * len(empty),
+        tuple(buckets),
+        np.concatenate(ints) if ints else np.zeros(0, np.int64),
+        np.concatenate(floats) if floats else np.zeros(0, np.float32),
+    )
+
+
+def fill_planned(plan: CropPlan, low_res: torch.Tensor) -> torch.Tensor:
+    """The flat bool buffer of ``plan`` (``plan.total`` elements, on ``low_res``'s device): mask m's
+    rectangle ``plan.boxes[m]`` (w, h) column-major from ``plan.offsets[m] + 1``, i.e. ``out[j, i]`` =
+    bilinear logit at pixel (x0 + j, y0 + i) > 0, with the :class:`BilinearAxis` indices and weights
+    and the same float operations as :func:`fill_crops` (along x on the source rows, then along y),
+    one batched pass per bucket. ``low_res`` (N, s, s) fp32 holds the plan's masks in order.
+
+    The last step compares ``a * w_lo > -(b * w_hi)`` instead of computing ``a * w_lo + b * w_hi > 0``:
+    the rounded sum of two floats is > 0 exactly when their exact sum is, so the result is the same
+    bit for bit, with one pass less. No host synchronisation: two host->device copies of the plan.
+    """
+    device = low_res.device
+    buffer = torch.zeros(plan.total, dtype=torch.bool, device=device)
+    if not plan.buckets:
+        return buffer
+    ints, floats = to_device(plan.ints, device), to_device(plan.floats, device)
+    source = low_res.reshape(-1, low_res.shape[-1])  # (N * s, s)
+    for b in plan.buckets:
+        m, w, h, r = b.count, b.width, b.height, b.rows
+        rows = ints[b.ints : b.ints + m * r]
+        at = b.ints + m * r
+        gather_x = ints[at : at + m * 2 * w]
+        gather_y = ints[at + m * 2 * w : at + m * 2 * (w + h)]
+        weight_x = floats[b.floats : b.floats + m * 2 * w]
+        weight_y = floats[b.floats + m * 2 * w : b.floats + m * 2 * (w + h)]
+        slots = buffer[b.start : b.start + m * b.slot].view(m, b.slot)[:, 1 : 1 + w * b.stride]
+        if m == 1:  # one crop (large ones get buckets of their own): column-major, no transposed write
+            read = source.index_select(0, rows).t()  # (s, R)
+            pairs = read.index_select(0, gather_x)  # (2w, R): lo | hi columns
+            along_x = pairs[:w] * weight_x[:w, None] + pairs[w:] * weight_x[w:, None]  # (w, R)
+            pairs = along_x.index_select(1, gather_y)  # (w, 2h): lo | hi rows
+            torch.gt(
+                pairs[:, :h] * weight_y[:h], pairs[:, h:] * weight_y[h:], out=slots.view(w, b.stride)[:, :h]
+            )
+            continue
+        read = source.index_select(0, rows).view(m, r, -1)  # (M, R, s)
+        pairs = torch.gather(read, 2, gather_x.view(m, 1, 2 * w).expand(m, r, 2 * w))  # (M, R, 2w)
+        weight_x = weight_x.view(m, 1, 2 * w)
+        along_x = pairs[..., :w] * weight_x[..., :w] + pairs[..., w:] * weight_x[..., w:]  # (M, R, w)
+        pairs = along_x.view(m * r, w).index_select(0, gather_y).view(m, 2 * h, w)  # lo | hi rows
+        weight_y = weight_y.view(m, 2 * h, 1)
+        lower = pairs[:, :h] * weight_y[:, :h]  # a * w_lo
+        upper = pairs[:, h:] * weight_y[:, h:]  # b * -w_hi
+        out = slots.unflatten(1, (w, b.stride))[:, :, :h]
+        torch.gt(lower.transpose(1, 2), upper.transpose(1, 2), out=out)
+    return buffer

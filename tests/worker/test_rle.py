@@ -80,3 +80,10 @@ def test_crop_encoding_matches_pycocotools(height, width):
     assert encoded.counts == reference.counts
     np.testing.assert_array_equal(encoded.areas, reference.areas)
     np.testing.assert_array_equal(encoded.bboxes, reference.bboxes)
+    # The same slots in reverse order, found through explicit offsets.
+    sizes = np.r_[offsets[1:], total] - offsets
+    moved = np.cumsum(sizes[::-1])[::-1] - sizes
+    shuffled = np.zeros(total, bool)
+    for m in range(len(boxes)):
+        shuffled[moved[m] : moved[m] + sizes[m]] = buffer[offsets[m] : offsets[m] + sizes[m]]
+    assert encode_crops(shuffled, boxes, height, width, moved).counts == reference.counts

@@ -17,7 +17,14 @@ from pseudolabel import schemas
 from pseudolabel.models import tiny
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
-from pseudolabel.models.mask_upsample import crop_boxes, positive_bounds
+from pseudolabel.models.mask_upsample import (
+    DeviceAxes,
+    crop_boxes,
+    fill_crops,
+    fill_planned,
+    plan_crops,
+    positive_bounds,
+)
 from pseudolabel.models.prompts import prompt_groups
 from pseudolabel.models.runtime import counting_syncs, inference
 from pseudolabel.models.sam2_segmenter import (
@@ -26,7 +33,7 @@ from pseudolabel.models.sam2_segmenter import (
     build_sam2_model,
 )
 from pseudolabel.models.stages import SegmentationSettings, run_segmentation
-from pseudolabel.rle import decode_rle, encode_crops
+from pseudolabel.rle import crop_slots, decode_rle, encode_crops
 from pseudolabel.testing.models import FakeSegmenter, box_prompts
 
 SIZE = 128
@@ -211,11 +218,10 @@ def _crops_then_encode(segmenter, low_res, items, counts):
     bounds = positive_bounds(low_res).numpy()
     crops = crop_boxes(segmenter.image_size // 4, items, counts, bounds)
     placed = segmenter._upsample(low_res, items, counts, crops)
-    encoded, first = [], 0
-    for item, count, (copy, base) in zip(items, counts, placed, strict=True):
+    encoded = []
+    for item, (copy, boxes, offsets) in zip(items, placed, strict=True):
         (buffer,) = copy.wait()
-        encoded.append(encode_crops(buffer[base:], crops[first : first + count], item.height, item.width))
-        first += count
+        encoded.append(encode_crops(buffer, boxes, item.height, item.width, offsets))
     return encoded, crops
 
 
@@ -246,6 +252,63 @@ def test_upsampling_only_where_positive_equals_full_upsampling(model, chunk_pixe
     for k, (item, result) in enumerate(zip(items, encoded, strict=True)):
         rows = slice(6 * k, 6 * k + 6)
         _assert_same_as_full_upsampling(result, crops[rows], logits[rows], item.height, item.width)
+
+
+def _full_masks(buffer, boxes, offsets, height, width) -> np.ndarray:
+    """(N, H, W) masks from a crop buffer, checking the zero separators of every slot."""
+    masks = np.zeros((len(boxes), height, width), bool)
+    for m, ((x0, y0, w, h), offset) in enumerate(zip(boxes, offsets, strict=True)):
+        stride = h + 1 if h < height else h
+        body = buffer[offset + 1 : offset + 1 + w * stride].reshape(w, stride)
+        assert not buffer[offset] and not buffer[offset + 1 + w * stride] and not body[:, h:].any()
+        masks[m, y0 : y0 + h, x0 : x0 + w] = body[:, :h].T
+    return masks
+
+
+@pytest.mark.parametrize("steps_per_octave", [1, 2, 8])
+def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_octave):
+    """Masks upsampled bucket by bucket (crops grown to their bucket's size, images of two sizes mixed in
+    one plan) equal the per-mask path bit for bit, slots never overlap, and grown crops stay inside
+    the image; a NaN logit's row and column count as positive."""
+    low = 32
+    sizes = [(53, 37), (450, 300), (53, 37), (13, 70)]
+    generator = torch.Generator().manual_seed(3)
+    blobs = torch.randn(4 * len(sizes), 1, 4, 4, generator=generator)
+    logits = F.interpolate(blobs, (low, low), mode="bilinear")[:, 0] * 3 - 2.5
+    logits[0], logits[5] = -1.0, 1.0  # nothing, everything
+    logits[6, 3:5, 20:30] = 2.0  # a thin bar: a crop far from square
+    logits[7, 10, 10] = float("nan")
+    items = [PreparedImage(f"i{k}", w, h, None) for k, (w, h) in enumerate(sizes)]
+    counts = [4] * len(sizes)
+    bounds = positive_bounds(logits).numpy()
+    assert bounds[7, 0] <= 10 <= bounds[7, 1] and bounds[7, 2] <= 10 <= bounds[7, 3]
+    crops = crop_boxes(low, items, counts, bounds)
+    heights = np.repeat([h for _, h in sizes], counts)
+    widths = np.repeat([w for w, _ in sizes], counts)
+    plan = plan_crops(low, crops, heights, widths, steps_per_octave)
+    buffer = fill_planned(plan, logits).numpy()
+    assert len(buffer) == plan.total and len(plan.buckets) < len(crops) - 1
+    x0, y0, w, h = plan.boxes.T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= widths).all() and (y0 + h <= heights).all()
+    assert ((w >= crops[:, 2]) & (h >= crops[:, 3])).all()
+    ends = plan.offsets + w * np.where(h < heights, h + 1, h) + 2
+    order = np.argsort(plan.offsets)
+    assert (plan.offsets[order][1:] >= ends[order][:-1]).all() and ends.max() == plan.total
+    axes = DeviceAxes(torch.device("cpu"))
+    for k, item in enumerate(items):
+        rows = slice(4 * k, 4 * k + 4)
+        offsets, strides, total = crop_slots(crops[rows, 2], crops[rows, 3], item.height)
+        reference = torch.zeros(total, dtype=torch.bool)
+        fill_crops(axes, reference, 0, logits[rows], item, crops[rows], (offsets, strides, total))
+        expected = _full_masks(reference.numpy(), crops[rows], offsets, item.height, item.width)
+        ours = _full_masks(buffer, plan.boxes[rows], plan.offsets[rows], item.height, item.width)
+        np.testing.assert_array_equal(ours, expected)
+        encoded = encode_crops(buffer, plan.boxes[rows], item.height, item.width, plan.offsets[rows])
+        assert [decode_rle(c, item.height, item.width).sum() for c in encoded.counts] == list(
+            expected.sum(axis=(1, 2))
+        )
+    assert _full_masks(buffer, plan.boxes[5:6], plan.offsets[5:6], 300, 450).all()
+    assert not _full_masks(buffer, plan.boxes[:1], plan.offsets[:1], 37, 53).any()
 
 
 def test_decoder_calls_pack_images_and_split_large_ones():
