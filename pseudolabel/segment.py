@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from pseudolabel.images.normalize import NormalizeOptions, normalize_image
+from pseudolabel.models.checkpoints import CheckpointError
 from pseudolabel.models.interfaces import Candidates, detection_images_table, detections_table, masks_table
 from pseudolabel.models.loading import (
     ANNOTATIONS,
@@ -465,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         request = request_from_args(args)
         run(request, progress=lambda line: print(line, flush=True))
-    except ModelConfigError as exc:
+    except (ModelConfigError, CheckpointError) as exc:  # what the user must fix: no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

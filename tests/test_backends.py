@@ -303,3 +303,18 @@ def test_a_box_and_a_negative_click_refine_the_mask_as_assets(shard, tmp_path):
         row = read_parquet(store, layout.masks(name)).to_pylist()[0]
         masks_by_mode[mode] = decode_rle(row["rle_counts"], row["height"], row["width"])
     assert (masks_by_mode["box"] != masks_by_mode["box+point"]).any()
+
+
+def test_segment_names_a_missing_checkpoint_without_a_traceback(tmp_path, worker_python):
+    (tmp_path / "photo.jpg").write_bytes(random_jpeg(64, 48))
+    (tmp_path / "boxes.jsonl").write_text(
+        json.dumps({"image": "photo.jpg", "boxes": [[5, 5, 30, 30]]}) + "\n"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "pseudolabel"), "segment", "photo.jpg", "--boxes", "boxes.jsonl",
+         "--segmenter-checkpoint", str(tmp_path / "missing.pt"), "--device", "cpu", "--out", "out"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "checkpoint not found at local path" in done.stderr and str(tmp_path / "missing.pt") in done.stderr
+    assert "Traceback" not in done.stderr
