@@ -19,13 +19,13 @@ from typing import Any
 from dagster import ExecutorDefinition, multiprocess_executor
 
 from resources.catalog import catalog_from_env
+from resources.k8s import WORKER_IMAGE_ENV  # the worker image's variable, named once
 from resources.models import StageSettingsResource, TrackerResource, model_resources
 from resources.storage import storage_from_env
 from resources.thresholds import ThresholdsResource
 from resources.workers import K8sModelWorkers, LocalModelWorkers, ModelWorkersResource
 
 EXECUTOR_ENV = "PSEUDOLABEL_EXECUTOR"
-WORKER_IMAGE_ENV = "PSEUDOLABEL_WORKER_IMAGE"
 WORKER_SECRETS_ENV = "PSEUDOLABEL_WORKER_SECRETS"  # comma-separated Kubernetes secret names
 WORKER_NAMESPACE_ENV = "PSEUDOLABEL_WORKER_NAMESPACE"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).parent / "dagster")
+PSEUDOLABEL = str(Path(sys.executable).parent / "pseudolabel")
 
 
 def dagster(*args: str, env: Mapping[str, str], check: bool = True, timeout: float = 300):
@@ -21,3 +22,8 @@ def dagster(*args: str, env: Mapping[str, str], check: bool = True, timeout: flo
             f"dagster {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
         )
     return done
+
+
+def pseudolabel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``pseudolabel ARGS...`` (the console script) in ``cwd``; the caller checks the exit code."""
+    return subprocess.run([PSEUDOLABEL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import pseudolabel
 from dagster import DagsterInstance, materialize
 from images import random_jpeg
 from worker_helpers import run, shard_metadata, shards
@@ -310,10 +311,9 @@ def test_segment_names_a_missing_checkpoint_without_a_traceback(tmp_path, worker
     (tmp_path / "boxes.jsonl").write_text(
         json.dumps({"image": "photo.jpg", "boxes": [[5, 5, 30, 30]]}) + "\n"
     )
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "pseudolabel"), "segment", "photo.jpg", "--boxes", "boxes.jsonl",
-         "--segmenter-checkpoint", str(tmp_path / "missing.pt"), "--device", "cpu", "--out", "out"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    done = pseudolabel(
+        "segment", "photo.jpg", "--boxes", "boxes.jsonl", "--segmenter-checkpoint", str(tmp_path / "missing.pt"),
+        "--device", "cpu", "--out", "out", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "checkpoint not found at local path" in done.stderr and str(tmp_path / "missing.pt") in done.stderr

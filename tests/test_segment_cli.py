@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import piexif
+from cli import pseudolabel
 from images import random_jpeg
 from PIL import Image
 
 from pseudolabel.rle import decode_rle
-
-PSEUDOLABEL = str(Path(sys.executable).parent / "pseudolabel")
-
-
-def pseudolabel(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PSEUDOLABEL, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def rotated_jpeg(width: int, height: int) -> bytes:
