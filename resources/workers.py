@@ -16,12 +16,15 @@ failed worker finished are still recorded as materialized.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from dagster import (
     DagsterExecutionInterruptedError,
     Failure,
     MetadataValue,
+    PipesFileMessageReader,
     PipesTempFileContextInjector,
     PipesTempFileMessageReader,
     open_pipes_session,
@@ -143,7 +147,7 @@ class LocalModelWorkers(ModelWorkersResource):
         with open_pipes_session(
             context=context,
             context_injector=PipesTempFileContextInjector(),
-            message_reader=PipesTempFileMessageReader(),
+            message_reader=WholeLineTempFileMessageReader(),
             extras=task.to_extras(),
         ) as session:
             process = subprocess.Popen(
@@ -161,6 +165,50 @@ class LocalModelWorkers(ModelWorkersResource):
                     process.kill()
                 raise
         return returncode, session.get_custom_messages()
+
+
+def whole_lines(path: str, should_stop: Callable[[], bool], poll_s: float = 0.01) -> Iterator[str]:
+    """Tail ``path``, yielding only complete lines (a trailing unterminated one once ``should_stop``)."""
+    pending = ""
+    with open(path, encoding="utf-8") as stream:
+        while True:
+            chunk = stream.readline()
+            if chunk:
+                pending += chunk
+                if pending.endswith("\n"):
+                    yield pending
+                    pending = ""
+            elif should_stop():
+                if pending.strip():
+                    yield pending
+                return
+            else:
+                time.sleep(poll_s)
+
+
+class _WholeLineFileMessageReader(PipesFileMessageReader):
+    def _reader_thread(self, handler: Any, is_resource_complete: Any) -> None:
+        try:
+            for line in whole_lines(self._path, is_resource_complete.is_set):
+                handler.handle_message(json.loads(line))
+        except BaseException:
+            handler.report_pipes_framework_exception(f"{type(self).__name__} reader thread", sys.exc_info())
+            raise
+
+
+class WholeLineTempFileMessageReader(PipesTempFileMessageReader):
+    """Dagster's temp-file message reader, reading whole lines only. The stock one tails the file with
+    ``readline`` and parses what it gets: a shard report (metadata with a preview picture, tens of KB)
+    is written in several chunks, and a half-written line read in between fails ``json.loads``, which
+    ends the reader thread and silently drops every later message, the closing one included (seen once
+    in CI as "the model worker stopped without reporting every shard" from a worker that exited 0)."""
+
+    @contextmanager
+    def read_messages(self, handler: Any) -> Iterator[Any]:
+        with tempfile.TemporaryDirectory() as tempdir:
+            reader = _WholeLineFileMessageReader(os.path.join(tempdir, "messages"))
+            with reader.read_messages(handler) as params:
+                yield params
 
 
 class K8sModelWorkers(ModelWorkersResource):

@@ -216,3 +216,47 @@ def test_one_launchpad_knob_keeps_the_models_preset(tmp_path, instance, monkeypa
     assert result.success
     metadata = shard_metadata(instance, "detections")[name]
     assert metadata["model"] == "fake_detector" and metadata["batch_size"] == 2
+
+
+def test_worker_messages_are_read_as_whole_lines_while_a_long_one_is_being_written(tmp_path):
+    """A shard report written in chunks: the reader yields it once, whole (Dagster's own tail yields the
+    first chunk as a line, which fails json.loads and stopped the reader, dropping later messages)."""
+    import time
+
+    from dagster._utils import tail_file
+
+    from resources.workers import whole_lines
+
+    path = tmp_path / "messages"
+    path.write_text("")
+    report = json.dumps({"event": "shard_done", "preview": "x" * 50_000}) + "\n"
+    done = threading.Event()
+
+    def write() -> None:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write('{"event": "shard_started"}\n')
+            for start in range(0, len(report), 8192):
+                out.write(report[start : start + 8192])
+                out.flush()
+                time.sleep(0.05)
+            out.write('{"__dagster_pipes_version": "0.1", "method": "closed"}\n')
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    lines = list(whole_lines(str(path), done.is_set))
+    writer.join()
+    assert [json.loads(line).get("event", "closed") for line in lines] == [
+        "shard_started",
+        "shard_done",
+        "closed",
+    ]
+    assert lines[1] == report
+
+    done.clear()
+    path.write_text("")
+    writer = threading.Thread(target=write)
+    writer.start()
+    stock = list(tail_file(str(path), done.is_set))
+    writer.join()
+    assert len(stock) > 3 and not stock[1].endswith("\n")  # the race the reader above avoids
