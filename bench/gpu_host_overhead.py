@@ -19,25 +19,36 @@ then mostly the pixels no longer upsampled. Both paths run in the same process o
     python bench/gpu_host_overhead.py                    # both sizes, 20 and 300 candidates
     python bench/gpu_host_overhead.py --images 1 --sizes 12mp
     python bench/gpu_host_overhead.py --sizes 0.3mp --stages masks
+    python bench/gpu_host_overhead.py --stages transformer   # syncs inside Grounding DINO's transformer
+
+The "transformer" row is different: the stand-in detector above skips Grounding DINO's transformer,
+so this row builds the real swint_ogc architecture at full depth (6 + 6 layers, 4 levels, 900
+queries; random weights, a tiny text encoder, a small input: the count depends on none of them) and
+counts the syncs of one detect call with groundingdino's own level-size readers
+(``grounding_dino_patch.uninstalled``) vs the patched ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pseudolabel.models.grounding_dino import EncodedCaption, GroundingDinoDetector  # noqa: E402
 from pseudolabel.models.interfaces import Candidates, PreparedImage  # noqa: E402
+from pseudolabel.models.mask_upsample import BUCKET_COST  # noqa: E402
 from pseudolabel.models.runtime import counting_syncs, inference, resolve_device  # noqa: E402
 from pseudolabel.models.sam2_segmenter import Sam2Segmenter  # noqa: E402
 from pseudolabel.rle import EncodedMasks, encode_device_masks  # noqa: E402
@@ -281,26 +292,84 @@ class PreviousDino(StandInDino):
 # ---- the measurement ------------------------------------------------------------------------------------
 
 
-def measure(run: Callable[[], list], images: int, emulate: bool) -> tuple[float, float, list]:
-    """(host ms per image, syncs per image, results): one counted run, then the best of 3 timed runs."""
+class TensorOps(TorchDispatchMode):
+    """Counts the tensor operations run on this thread and the time spent inside them. ``kernels``
+    leaves out views (no kernel on a GPU); ``calls`` counts every operation the mode saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = self.calls = 0
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        started = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+        self.kernels += not func.is_view
+        return result
+
+
+def mode_overhead_s(calls: int = 20000) -> float:
+    """Seconds :class:`TensorOps` adds to one operation (subtracted from the instrumented runs)."""
+    x = torch.zeros(1)
+    best = []
+    for mode in (contextlib.nullcontext, TensorOps):
+        times = []
+        for _ in range(3):
+            with mode() as ops:
+                started = time.perf_counter()
+                for _ in range(calls):
+                    torch.add(x, 1)
+                elapsed = time.perf_counter() - started
+            times.append(elapsed - (ops.seconds if ops else 0.0))
+        best.append(min(times))
+    return max(0.0, (best[1] - best[0]) / calls)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    ms: float  # wall ms per image, best of 3
+    syncs: float  # device->host syncs per image
+    kernels: float  # tensor operations other than views (kernel launches on a GPU) per image
+    outside_ms: float  # ms per image outside tensor operations: Python, numpy, RLE (best of 3)
+    results: list
+
+
+def measure(run: Callable[[], list], images: int, emulate: bool, overhead_s: float) -> Measurement:
+    """One counted run, then 3 timed runs and 3 runs timing the tensor operations; best of each."""
     with counting_syncs(emulate_device=emulate) as syncs:
         results = run()
-    timings = []
+    timings, outside, kernels = [], [], 0
     for _ in range(3):
         started = time.perf_counter()
         run()
         timings.append(time.perf_counter() - started)
-    return min(timings) * 1000 / images, syncs.count / images, results
+        with TensorOps() as ops:
+            started = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - started
+        outside.append(elapsed - ops.seconds - ops.calls * overhead_s)
+        kernels = ops.kernels
+    return Measurement(
+        min(timings) * 1000 / images,
+        syncs.count / images,
+        kernels / images,
+        max(0.0, min(outside)) * 1000 / images,
+        results,
+    )
 
 
 def batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def detection_inputs(width: int, height: int, images: int, device: torch.device) -> list[PreparedImage]:
+def detection_inputs(
+    width: int, height: int, images: int, device: torch.device, short: int = 800, longest: int = 1333
+) -> list[PreparedImage]:
     from pseudolabel.models.grounding_dino import input_size
 
-    w, h = input_size(width, height, 800, 1333)
+    w, h = input_size(width, height, short, longest)
     pixels = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
     return [PreparedImage(f"img{i}", width, height, pixels) for i in range(images)]
 
@@ -329,6 +398,33 @@ def mask_inputs(width: int, height: int, candidates: int, images: int, seed: int
     return prepared, found
 
 
+def transformer_syncs(device: torch.device, images: int) -> None:
+    """Syncs per image of one detect call with the real architecture, unpatched vs patched (counts only:
+    the time is the model's)."""
+    import tempfile
+
+    from pseudolabel.models import tiny
+    from pseudolabel.models.grounding_dino_build import build_grounding_dino
+    from pseudolabel.models.grounding_dino_patch import uninstalled
+
+    with tempfile.TemporaryDirectory() as bert:
+        model = build_grounding_dino("swint_ogc", None, str(tiny.write_bert_dir(bert)))
+    # 400 px short side: enough feature tokens for the 900 queries' top-k.
+    detector = GroundingDinoDetector(model, device=device, batch_size=images, image_size=400, max_size=600)
+    inputs = detection_inputs(600, 400, images, device, short=400, longest=600)
+    detector.detect(inputs, [CAPTION])  # caption encoded outside the counts
+    counts = []
+    for restore in (uninstalled, contextlib.nullcontext):
+        with restore(), counting_syncs(emulate_device=device.type == "cpu") as syncs:
+            detector.detect(inputs, [CAPTION])
+        counts.append(syncs.count / images)
+    print(
+        f"{'transformer':<11}{'real':<7}{'':>6} | {'-':>15} {counts[0]:>9.1f} | {'-':>14} {counts[1]:>9.1f} |"
+        f" syncs only: Grounding DINO at full depth, batches of {images}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -339,7 +435,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--candidates", nargs="+", type=int, default=[20, 300])
     parser.add_argument(
-        "--stages", nargs="+", default=["detections", "masks"], choices=["detections", "masks"]
+        "--stages",
+        nargs="+",
+        default=["detections", "masks", "transformer"],
+        choices=["detections", "masks", "transformer"],
+    )
+    parser.add_argument(
+        "--gpu-plan",
+        action="store_true",
+        help="run the current masks path as it is configured on CUDA (images mixed in decoder calls, "
+        "few large upsampling buckets); on a CPU only the kernels and outside columns then mean anything",
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -347,10 +452,12 @@ def main() -> None:
     print(
         f"device {device}; {args.images} images per row, batches of {args.batch_size}; instant stand-in models"
     )
-    print(
-        f"{'stage':<11}{'photo':<7}{'cands':>6} | {'previous ms/img':>15} {'syncs/img':>9} | "
-        f"{'current ms/img':>14} {'syncs/img':>9} | {'host x less':>11}"
-    )
+    overhead = mode_overhead_s()
+    # --gpu-plan: the current path configured as on CUDA (decoder calls mixing images, few large buckets).
+    as_on = {"mix_images": True, "bucket_cost": BUCKET_COST["cuda"]} if args.gpu_plan else {}
+    print(HEADER)
+    if "transformer" in args.stages:
+        transformer_syncs(device, args.batch_size)
     for size in args.sizes:
         width, height = SIZES[size]
         for candidates in args.candidates:
@@ -364,8 +471,8 @@ def main() -> None:
                         for batch in batches(inputs, args.batch_size)
                         for found in d.detect(batch, [CAPTION])
                     ]
-                    rows.append(measure(run, args.images, emulate))
-                _check_same_detections(rows[0][2], rows[1][2])
+                    rows.append(measure(run, args.images, emulate, overhead))
+                _check_same_detections(rows[0].results, rows[1].results)
                 _print("detections", size, candidates, rows)
             if "masks" not in args.stages:
                 continue
@@ -378,7 +485,7 @@ def main() -> None:
             rows = []
             for cls in (PreviousSegmenter, Sam2Segmenter):
                 stand_in = StandInSam2(device, args.batch_size)
-                segmenter = cls(stand_in, device=device, batch_size=args.batch_size)
+                segmenter = cls(stand_in, device=device, batch_size=args.batch_size, **as_on)
 
                 def run(segmenter=segmenter, stand_in=stand_in, prepared=prepared, found=found, banks=banks):
                     out = []
@@ -396,16 +503,25 @@ def main() -> None:
                         out += segmenter.segment(items, cands)
                     return out
 
-                rows.append(measure(run, args.images, emulate))
-            _check_same_masks(rows[0][2], rows[1][2])
+                rows.append(measure(run, args.images, emulate, overhead))
+            _check_same_masks(rows[0].results, rows[1].results)
             _print("masks", size, candidates, rows)
 
 
-def _print(stage: str, size: str, candidates: int, rows: list) -> None:
-    (before, before_syncs, _), (after, after_syncs, _) = rows
+HEADER = (
+    f"{'stage':<11}{'photo':<7}{'cands':>6} | {'previous ms/img':>15} {'syncs/img':>9} | "
+    f"{'current ms/img':>14} {'syncs/img':>9} | {'host x less':>11} || "
+    f"{'kernels/img':>11} {'outside ms/img':>14} | {'kernels/img':>11} {'outside ms/img':>14} | {'x less':>6}"
+)
+
+
+def _print(stage: str, size: str, candidates: int, rows: list[Measurement]) -> None:
+    before, after = rows
     print(
-        f"{stage:<11}{size:<7}{candidates:>6} | {before:>15.1f} {before_syncs:>9.1f} | "
-        f"{after:>14.1f} {after_syncs:>9.1f} | {before / after:>10.1f}x",
+        f"{stage:<11}{size:<7}{candidates:>6} | {before.ms:>15.1f} {before.syncs:>9.1f} | "
+        f"{after.ms:>14.1f} {after.syncs:>9.1f} | {before.ms / after.ms:>10.1f}x || "
+        f"{before.kernels:>11.0f} {before.outside_ms:>14.2f} | {after.kernels:>11.0f} "
+        f"{after.outside_ms:>14.2f} | {before.outside_ms / max(after.outside_ms, 1e-3):>5.1f}x",
         flush=True,
     )
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pseudolabel.models.deformable_attention import install_host_shape_deformable_attention, spatial_shapes
+from pseudolabel.models import grounding_dino_patch
+from pseudolabel.models.grounding_dino_patch import spatial_shapes
 from pseudolabel.models.interfaces import Candidates, PreparedImage, normalize_caption
 from pseudolabel.models.runtime import (
     FP32,
@@ -101,7 +102,7 @@ class GroundingDinoDetector:
         decode_on_device: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
-        install_host_shape_deformable_attention()
+        grounding_dino_patch.install()
         enable_tf32(device)
         self.model = model.to(device).eval()
         self.compiled = compile

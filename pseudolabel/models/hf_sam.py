@@ -42,11 +42,18 @@ from pseudolabel.models import tiny as tiny_configs
 from pseudolabel.models.checkpoints import HubModel, ResolvedCheckpoint, resolve_pretrained_dir
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, spec_identity, spec_runtime
-from pseudolabel.models.mask_upsample import DeviceAxes, crop_boxes, fill_crops, positive_bounds
+from pseudolabel.models.mask_upsample import (
+    BUCKET_COST,
+    crop_boxes,
+    fill_planned,
+    plan_crops,
+    positive_bounds,
+)
 from pseudolabel.models.prompts import prompt_groups
 from pseudolabel.models.runtime import (
     AUTO,
     FP32,
+    HostCopy,
     describe_runtime,
     inference,
     normalization,
@@ -54,7 +61,7 @@ from pseudolabel.models.runtime import (
     seeded,
     to_device,
 )
-from pseudolabel.rle import crop_slots, encode_crops
+from pseudolabel.rle import encode_crops
 
 # transformers' own EdgeTAM conversion (its tests load it). Revision: the commit seen in a public
 # Hugging Face cache path (models--yonigozlan--EdgeTAM-hf/snapshots/<commit>); not checkable from here.
@@ -171,7 +178,7 @@ class HfSamSegmenter:
         self.max_boxes_per_call = max_boxes_per_call
         self._info = dict(info or {})
         self._scale, self._shift = normalization(device)  # Sam2ImageProcessor: ImageNet mean / std
-        self._axes = DeviceAxes(device)
+        self.bucket_cost = BUCKET_COST.get(device.type, BUCKET_COST["cpu"])
 
     def describe(self) -> dict[str, Any]:
         return describe_runtime(
@@ -245,13 +252,13 @@ class HfSamSegmenter:
         iou: torch.Tensor,
         best: torch.Tensor,
     ) -> Candidates:
-        """(N, s, s) logits -> bilinear to H x W inside each mask's positive bound, > 0 -> COCO RLE."""
-        n = len(found)
-        bounds = positive_bounds(low_res).cpu().numpy()
-        crops = crop_boxes(low_res.shape[-1], [item], [n], bounds)
-        slots = crop_slots(crops[:, 2], crops[:, 3], item.height)
-        buffer = torch.zeros(slots[2], dtype=torch.bool, device=self.device)
-        fill_crops(self._axes, buffer, 0, low_res, item, crops, slots)
-        encoded = encode_crops(buffer.cpu().numpy(), crops, item.height, item.width)
-        scores, chosen = iou.cpu().numpy(), best.cpu().numpy()
+        """(N, s, s) logits -> bilinear to H x W inside each mask's positive bound, > 0 -> COCO RLE.
+        Two syncs: the bounds with the scores, then the masks (:mod:`mask_upsample`)."""
+        n, low = len(found), low_res.shape[-1]
+        bounds, scores, chosen = HostCopy([positive_bounds(low_res), iou, best]).wait()
+        crops = crop_boxes(low, [item], [n], bounds)
+        heights, widths = np.full(n, item.height), np.full(n, item.width)
+        plan = plan_crops(low, crops, heights, widths, bucket_cost=self.bucket_cost)
+        (buffer,) = HostCopy([fill_planned(plan, low_res)]).wait()
+        encoded = encode_crops(buffer, plan.boxes, item.height, item.width, plan.offsets)
         return found.with_masks(encoded, scores[np.arange(n), chosen], chosen.astype(np.int8), scores)

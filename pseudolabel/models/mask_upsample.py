@@ -3,8 +3,9 @@
 A bilinear output pixel is a convex combination (non-negative weights) of at most 2 x 2 low-res
 logits, so where those are all <= 0 it is <= 0 too: :func:`positive_bounds` finds, per mask, the
 low-res rows and columns holding a logit > 0, :func:`crop_boxes` the full-resolution rectangle they
-can reach, and :func:`fill_crops` interpolates inside it only, with PyTorch's own source indices and
-weights (:class:`BilinearAxis`) as two separable passes. Values equal ``F.interpolate(mode="bilinear",
+can reach, :func:`plan_crops` groups masks of similar crop sizes into buckets and :func:`fill_planned`
+interpolates inside the (grown) rectangles only, one batched pass per bucket, with PyTorch's own
+source indices and weights (:class:`BilinearAxis`) as two separable passes. Values equal ``F.interpolate(mode="bilinear",
 align_corners=False)`` to within float rounding (a pixel can flip only where its logit is within
 ~1 ulp of 0). No host synchronisation: the caller copies the filled buffer once.
 """
@@ -51,26 +52,6 @@ class BilinearAxis:
         return np.searchsorted(self.hi, first, side="left"), np.searchsorted(self.lo, last, side="right")
 
 
-class DeviceAxes:
-    """:meth:`BilinearAxis.of` as device tensors (lo, hi, w_lo, w_hi), cached per (source, size)."""
-
-    def __init__(self, device: torch.device, capacity: int = 64) -> None:
-        self.device = device
-        self.capacity = capacity
-        self._axes: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-
-    def get(self, source: int, size: int) -> tuple[torch.Tensor, ...]:
-        key = (source, size)
-        if key not in self._axes:
-            if len(self._axes) >= self.capacity:
-                self._axes.clear()
-            axis = BilinearAxis.of(source, size)
-            self._axes[key] = tuple(
-                to_device(a, self.device) for a in (axis.lo, axis.hi, axis.w_lo, axis.w_hi)
-            )
-        return self._axes[key]
-
-
 def positive_bounds(low_res: torch.Tensor) -> torch.Tensor:
     """(N, s, s) logits -> (N, 4) int32: first and last row, first and last column holding a logit > 0
     (s, -1 for a mask without any). A row or column with a NaN counts as positive (upsampling it then
@@ -103,44 +84,6 @@ def crop_boxes(
         crops[rows] = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
         crops[np.flatnonzero(empty) + rows.start] = 0
     return crops
-
-
-def fill_crops(
-    axes: DeviceAxes,
-    buffer: torch.Tensor,
-    base: int,
-    low_res: torch.Tensor,
-    item: PreparedImage,
-    crops: np.ndarray,
-    slots: tuple[np.ndarray, np.ndarray, int],
-) -> None:
-    """One image's masks into ``buffer`` from ``base``: mask m's crop (w, h) column-major, i.e.
-    ``out[j, i]`` = bilinear logit at pixel (x0 + j, y0 + i) > 0, with PyTorch's indices and weights:
-    along x first (``lo * w_lo + hi * w_hi``), then along y on those rows."""
-    low = low_res.shape[-1]
-    y_lo, y_hi, wy_lo, wy_hi = axes.get(low, item.height)
-    x_lo, x_hi, wx_lo, wx_hi = axes.get(low, item.width)
-    rows_of = BilinearAxis.of(low, item.height)
-    offsets, strides, _ = slots
-    for m, ((x0, y0, w, h), offset, stride) in enumerate(
-        zip(crops.tolist(), offsets.tolist(), strides.tolist(), strict=True)
-    ):
-        if not w:
-            continue
-        r0, r1 = int(rows_of.lo[y0]), int(rows_of.hi[y0 + h - 1])
-        source = low_res[m, r0 : r1 + 1].t()  # (R, s) low-res rows the crop reads, as (s, R)
-        cols = slice(x0, x0 + w)
-        along_x = (
-            source.index_select(0, x_lo[cols]) * wx_lo[cols, None]
-            + source.index_select(0, x_hi[cols]) * wx_hi[cols, None]
-        )  # (w, R)
-        rows = slice(y0, y0 + h)
-        logits = (
-            along_x.index_select(1, y_lo[rows] - r0) * wy_lo[rows]
-            + along_x.index_select(1, y_hi[rows] - r0) * wy_hi[rows]
-        )  # (w, h)
-        start = base + offset + 1
-        torch.gt(logits, 0, out=buffer[start : start + w * stride].view(w, stride)[:, :h])
 
 
 @dataclass(frozen=True)
@@ -181,22 +124,35 @@ class CropPlan:
     floats: np.ndarray  # float32
 
 
+# What one bucket costs beyond its pixels (its ~12 device calls and its share of planning), in pixels
+# of the upsampling passes. CPU: measured with bench/gpu_host_overhead.py (a call ~10-20 us, a pixel
+# ~1 ns). CUDA: estimated, not measured (no GPU run yet): ~12 launches + planning ~150 us of host time
+# vs ~0.02 ns per pixel on an H100/H200, so merging buckets pays off up to millions of extra pixels.
+BUCKET_COST = {"cpu": 1 << 15, "cuda": 1 << 23}
+MAX_BUCKET_PIXELS = 1 << 26  # per batched pass: bounds its float temporaries (~16 bytes a pixel)
+
+
 def plan_crops(
     low: int,
     crops: np.ndarray,
     heights: np.ndarray,
     widths: np.ndarray,
-    steps_per_octave: int = 2,
-    grow_below: int = 1 << 15,
+    steps_per_octave: int | None = None,
+    bucket_cost: int = BUCKET_COST["cpu"],
+    max_bucket_pixels: int = MAX_BUCKET_PIXELS,
 ) -> CropPlan:
     """Group masks whose crops have similar sizes, so that each group is upsampled in one batched pass.
 
     ``crops`` (N, 4) ``x0, y0, w, h`` from :func:`crop_boxes` for masks of ``low`` x ``low`` logits,
     mask m belonging to an image of ``heights[m]`` x ``widths[m]`` pixels. Masks share a bucket when
     their images have the same size and their crop widths and heights round up to the same power of
-    2 ** (1 / ``steps_per_octave``); every crop of a bucket grows to the bucket's largest width and
-    height (less than that factor per side: more pixels computed, far fewer device calls). Crops of
-    ``grow_below`` pixels or more never grow: they share a bucket only with crops of their exact size.
+    2 ** (1 / ``steps_per_octave``) (0: any size); every crop of a bucket grows to the bucket's largest
+    width and height (more pixels computed, fewer device calls). Crops of ``bucket_cost`` pixels or
+    more never grow: they share a bucket only with crops of their exact size. A bucket of more than
+    ``max_bucket_pixels`` is split into several passes of the same shape.
+
+    ``steps_per_octave=None`` picks 0, 1 or 2, whichever costs least: buckets x ``bucket_cost`` +
+    pixels computed (see :data:`BUCKET_COST`: few large buckets on a GPU, fine ones on a CPU).
     """
     crops = np.asarray(crops, np.int64).reshape(-1, 4)
     heights = np.asarray(heights, np.int64)
@@ -204,27 +160,20 @@ def plan_crops(
     n = len(crops)
     boxes = np.zeros((n, 4), np.int64)
     offsets = np.zeros(n, np.int64)
-    order = np.flatnonzero(crops[:, 2] > 0)
-    w, h = crops[order, 2], crops[order, 3]
-    exact = w * h >= grow_below  # large crops: computing extra pixels costs more than a device call
-    key = np.stack(
-        [
-            heights[order],
-            widths[order],
-            exact,
-            np.where(exact, w, np.ceil(np.log2(w) * steps_per_octave)).astype(np.int64),
-            np.where(exact, h, np.ceil(np.log2(h) * steps_per_octave)).astype(np.int64),
-        ],
-        axis=1,
-    )
-    sort = np.lexsort(key.T[::-1])
-    order, key = order[sort], key[sort]
-    breaks = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+    filled = np.flatnonzero(crops[:, 2] > 0)
+    if steps_per_octave is None:
+        choices = {
+            steps: _buckets(filled, crops, heights, widths, steps, bucket_cost, max_bucket_pixels)
+            for steps in (0, 1, 2)
+        }
+        groups = min(choices.values(), key=lambda g: len(g) * bucket_cost + _pixels(g, crops))
+    else:
+        groups = _buckets(filled, crops, heights, widths, steps_per_octave, bucket_cost, max_bucket_pixels)
     buckets: list[_Bucket] = []
     ints: list[np.ndarray] = []
     floats: list[np.ndarray] = []
     position = n_ints = n_floats = 0
-    for members in np.split(order, breaks) if len(order) else []:
+    for members in groups:
         height, width = int(heights[members[0]]), int(widths[members[0]])
         x0, y0, crop_w, crop_h = crops[members].T
         bw, bh = int(crop_w.max()), int(crop_h.max())
@@ -270,12 +219,50 @@ def plan_crops(
     )
 
 
+def _buckets(
+    filled: np.ndarray,
+    crops: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    steps_per_octave: int,
+    grow_below: int,
+    max_pixels: int,
+) -> list[np.ndarray]:
+    """The masks ``filled`` grouped as :func:`plan_crops` describes: one index array per bucket."""
+    w, h = crops[filled, 2], crops[filled, 3]
+    exact = w * h >= grow_below  # large crops: computing extra pixels costs more than a device call
+    steps = max(steps_per_octave, 0)
+    key = np.stack(
+        [
+            heights[filled],
+            widths[filled],
+            exact,
+            np.where(exact, w, np.ceil(np.log2(w) * steps)).astype(np.int64),
+            np.where(exact, h, np.ceil(np.log2(h) * steps)).astype(np.int64),
+        ],
+        axis=1,
+    )
+    sort = np.lexsort(key.T[::-1])
+    order, key = filled[sort], key[sort]
+    breaks = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
+    groups = []
+    for members in np.split(order, breaks) if len(order) else []:
+        pixels = int(crops[members, 2].max() * crops[members, 3].max())
+        per_pass = max(1, max_pixels // pixels)
+        groups += [members[i : i + per_pass] for i in range(0, len(members), per_pass)]
+    return groups
+
+
+def _pixels(groups: list[np.ndarray], crops: np.ndarray) -> int:
+    """Pixels upsampled when each group's crops grow to its largest width and height."""
+    return sum(len(g) * int(crops[g, 2].max()) * int(crops[g, 3].max()) for g in groups)
+
+
 def fill_planned(plan: CropPlan, low_res: torch.Tensor) -> torch.Tensor:
     """The flat bool buffer of ``plan`` (``plan.total`` elements, on ``low_res``'s device): mask m's
     rectangle ``plan.boxes[m]`` (w, h) column-major from ``plan.offsets[m] + 1``, i.e. ``out[j, i]`` =
     bilinear logit at pixel (x0 + j, y0 + i) > 0, with the :class:`BilinearAxis` indices and weights
-    and the same float operations as :func:`fill_crops` (along x on the source rows, then along y),
-    one batched pass per bucket. ``low_res`` (N, s, s) fp32 holds the plan's masks in order.
+    (along x on the source rows, then along y), one batched pass per bucket. ``low_res`` (N, s, s) fp32 holds the plan's masks in order.
 
     The last step compares ``a * w_lo > -(b * w_hi)`` instead of computing ``a * w_lo + b * w_hi > 0``:
     the rounded sum of two floats is > 0 exactly when their exact sum is, so the result is the same

@@ -44,7 +44,13 @@ from torch import nn
 
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_identity, spec_runtime
-from pseudolabel.models.mask_upsample import crop_boxes, fill_planned, plan_crops, positive_bounds
+from pseudolabel.models.mask_upsample import (
+    BUCKET_COST,
+    crop_boxes,
+    fill_planned,
+    plan_crops,
+    positive_bounds,
+)
 from pseudolabel.models.prompts import prompt_groups
 from pseudolabel.models.runtime import (
     FP32,
@@ -95,6 +101,8 @@ class Sam2Segmenter:
       mix_images: let one decoder call hold several images' boxes (default: on CUDA only; mixing saves
         kernel launches on a GPU, while on the CPU gathering each box's image features costs more
         than the call, see bench/gpu_host_overhead.py).
+      bucket_cost: what one batched upsampling pass costs beyond its pixels, in pixels: how readily
+        masks of different crop sizes share a pass (default ``mask_upsample.BUCKET_COST`` of the device).
       info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
     """
 
@@ -109,6 +117,7 @@ class Sam2Segmenter:
         chunk_pixels: int = 1 << 30,
         rle_workers: int | None = None,
         mix_images: bool | None = None,
+        bucket_cost: int | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.to(device).eval()
@@ -122,6 +131,7 @@ class Sam2Segmenter:
         self._scale, self._shift = normalization(device)
         self._corner_labels = torch.tensor([[2, 3]], dtype=torch.int, device=device)  # box = 2 corner points
         self.mix_images = device.type == "cuda" if mix_images is None else mix_images
+        self.bucket_cost = bucket_cost or BUCKET_COST.get(device.type, BUCKET_COST["cpu"])
         self._rle = ThreadPoolExecutor(
             max_workers=rle_workers or min(4, usable_cpus()), thread_name_prefix="rle"
         )
@@ -292,7 +302,13 @@ class Sam2Segmenter:
             sizes = np.repeat(
                 [[item.height, item.width] for item in batch[first:stop]], counts[first:stop], axis=0
             )
-            plan = plan_crops(low, crops[rows], sizes[:, 0].reshape(-1), sizes[:, 1].reshape(-1))
+            plan = plan_crops(
+                low,
+                crops[rows],
+                sizes[:, 0].reshape(-1),
+                sizes[:, 1].reshape(-1),
+                bucket_cost=self.bucket_cost,
+            )
             copy = HostCopy([fill_planned(plan, low_res[rows])])
             for i in range(first, stop):
                 mine = slice(int(starts[i] - starts[first]), int(starts[i + 1] - starts[first]))

@@ -208,20 +208,16 @@ def test_prepare_handles_grayscale_jpeg(detector):
 
 def test_deformable_attention_matches_groundingdino_without_syncs():
     """The patched fallback (level sizes as ints) equals groundingdino's original, and reads nothing back."""
-    from groundingdino.models.GroundingDINO import ms_deform_attn
-
-    from pseudolabel.models.deformable_attention import deformable_attention, original_deformable_attention
+    from pseudolabel.models.grounding_dino_patch import deformable_attention, originals
     from pseudolabel.models.runtime import counting_syncs
 
-    original = original_deformable_attention()
-    assert original.__module__ == ms_deform_attn.__name__
     shapes = [(12, 9), (6, 5), (3, 3)]
     generator = torch.Generator().manual_seed(0)
     value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8, generator=generator)
     locations = torch.rand(2, 7, 4, len(shapes), 3, 2, generator=generator)
     weights = torch.rand(2, 7, 4, len(shapes), 3, generator=generator)
     spatial = torch.tensor(shapes)
-    reference = original(value, spatial, locations, weights)
+    reference = originals()["attention"](value, spatial, locations, weights)
     with counting_syncs(emulate_device=True) as syncs:
         ours = deformable_attention(value, shapes, locations, weights)
     assert syncs.count == 0
@@ -229,3 +225,77 @@ def test_deformable_attention_matches_groundingdino_without_syncs():
     torch.testing.assert_close(
         deformable_attention(value, spatial, locations, weights), reference, rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("corners", [2, 4])
+def test_patched_attention_module_matches_groundingdino(batch_first, corners):
+    """MultiScaleDeformableAttention.forward: groundingdino's (with its own fallback) vs the patched one,
+    for point and box reference points, with a padding mask; the patched one reads nothing back."""
+    from groundingdino.models.GroundingDINO import ms_deform_attn
+
+    from pseudolabel.models import grounding_dino_patch
+    from pseudolabel.models.runtime import counting_syncs
+
+    grounding_dino_patch.install()
+    torch.manual_seed(0)
+    shapes = [(10, 7), (5, 4), (3, 2)]
+    module = ms_deform_attn.MultiScaleDeformableAttention(
+        embed_dim=32, num_heads=4, num_levels=len(shapes), num_points=3, batch_first=batch_first
+    ).eval()
+    for parameter in module.parameters():  # its init zeroes the offsets' weights: make them matter
+        torch.nn.init.normal_(parameter, std=0.3)
+    values = sum(h * w for h, w in shapes)
+    query, value, position = torch.randn(2, 11, 32), torch.randn(2, values, 32), torch.randn(2, 11, 32)
+    if not batch_first:
+        query, value, position = (t.transpose(0, 1) for t in (query, value, position))
+    padding = torch.zeros(2, values, dtype=torch.bool)
+    padding[1, -9:] = True
+    arguments = dict(
+        query=query,
+        value=value,
+        query_pos=position,
+        key_padding_mask=padding,
+        reference_points=torch.rand(2, 11, len(shapes), corners),
+        spatial_shapes=torch.tensor(shapes),
+    )
+    levels = [torch.empty(1, 1, h, w) for h, w in shapes]
+    with torch.no_grad():
+        with grounding_dino_patch.uninstalled():
+            reference = module(**arguments)
+        with counting_syncs(emulate_device=True) as syncs, grounding_dino_patch.spatial_shapes(levels):
+            ours = grounding_dino_patch.deformable_attention_forward(module, **arguments)
+        assert syncs.count == 0
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="hold"):
+            wrong = {**arguments, "spatial_shapes": torch.tensor(shapes[:2])}
+            grounding_dino_patch.deformable_attention_forward(module, **wrong)
+
+
+@pytest.mark.model
+def test_patched_transformer_equals_groundingdino_s_own_and_reads_back_once_per_decoder_layer(
+    detector, prepared
+):
+    """The whole model with groundingdino's four level-size readers restored vs patched: equal bit for
+    bit. A detect call then reads the device once for the scores plus once per decoder layer (its
+    NaN check, left in place), instead of several times per feature level and attention call."""
+    from pseudolabel.models.grounding_dino_patch import uninstalled
+    from pseudolabel.models.runtime import counting_syncs
+
+    samples = detector._batch_tensor(prepared)
+    captions = [normalize_caption(CAPTION)] * len(prepared)
+    detector.detect(prepared, [CAPTION])  # caption encoded outside the counts
+    with uninstalled(), torch.no_grad():
+        reference = detector.model(samples, captions=captions)
+        with counting_syncs(emulate_device=True) as unpatched:
+            detector.detect(prepared, [CAPTION])
+    with torch.no_grad():
+        patched = detector.model(samples, captions=captions)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(patched[key], reference[key], rtol=0, atol=0)
+
+    with counting_syncs(emulate_device=True) as syncs:
+        detector.detect(prepared, [CAPTION])
+    layers = detector.model.transformer.decoder.num_layers
+    assert syncs.by_kind == {"cpu": 1, "__bool__": layers}, syncs.by_kind
+    assert unpatched.count > 3 * syncs.count, unpatched.by_kind

@@ -18,9 +18,9 @@ from pseudolabel.models import tiny
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, load_segmenter
 from pseudolabel.models.mask_upsample import (
-    DeviceAxes,
+    BUCKET_COST,
+    BilinearAxis,
     crop_boxes,
-    fill_crops,
     fill_planned,
     plan_crops,
     positive_bounds,
@@ -33,7 +33,7 @@ from pseudolabel.models.sam2_segmenter import (
     build_sam2_model,
 )
 from pseudolabel.models.stages import SegmentationSettings, run_segmentation
-from pseudolabel.rle import crop_slots, decode_rle, encode_crops
+from pseudolabel.rle import decode_rle, encode_crops
 from pseudolabel.testing.models import FakeSegmenter, box_prompts
 
 SIZE = 128
@@ -265,11 +265,35 @@ def _full_masks(buffer, boxes, offsets, height, width) -> np.ndarray:
     return masks
 
 
-@pytest.mark.parametrize("steps_per_octave", [1, 2, 8])
-def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_octave):
+def _per_mask_reference(logits: torch.Tensor, item: PreparedImage, crops: np.ndarray) -> np.ndarray:
+    """(n, H, W) masks upsampled one at a time inside their crops, with :class:`BilinearAxis`'s indices
+    and weights and the same float operations as ``fill_planned`` (along x, then along y)."""
+    low = logits.shape[-1]
+    xs, ys = BilinearAxis.of(low, item.width), BilinearAxis.of(low, item.height)
+    masks = np.zeros((len(crops), item.height, item.width), bool)
+    for m, (x0, y0, w, h) in enumerate(crops.tolist()):
+        if not w:
+            continue
+        cols, rows = slice(x0, x0 + w), slice(y0, y0 + h)
+        source = logits[m].t()  # (s columns, s rows)
+        along_x = source[xs.lo[cols]] * torch.from_numpy(xs.w_lo[cols, None]) + source[
+            xs.hi[cols]
+        ] * torch.from_numpy(xs.w_hi[cols, None])  # (w, s)
+        lower = along_x[:, ys.lo[rows]] * torch.from_numpy(ys.w_lo[rows])
+        upper = along_x[:, ys.hi[rows]] * torch.from_numpy(-ys.w_hi[rows])
+        masks[m, rows, cols] = (lower > upper).numpy().T
+    return masks
+
+
+@pytest.mark.parametrize(
+    "steps_per_octave, bucket_cost, max_pixels",
+    [(0, 1 << 15, 1 << 26), (1, 1 << 15, 1 << 26), (2, 1 << 15, 1 << 26), (8, 1 << 15, 1 << 26)]
+    + [(None, 1 << 15, 1 << 26), (None, 1 << 23, 1 << 26), (0, 1 << 23, 5000)],
+)
+def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_octave, bucket_cost, max_pixels):
     """Masks upsampled bucket by bucket (crops grown to their bucket's size, images of two sizes mixed in
-    one plan) equal the per-mask path bit for bit, slots never overlap, and grown crops stay inside
-    the image; a NaN logit's row and column count as positive."""
+    one plan, buckets split to ``max_pixels``) equal the per-mask path bit for bit, slots never overlap,
+    and grown crops stay inside the image; a NaN logit's row and column count as positive."""
     low = 32
     sizes = [(53, 37), (450, 300), (53, 37), (13, 70)]
     generator = torch.Generator().manual_seed(3)
@@ -285,22 +309,19 @@ def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_oct
     crops = crop_boxes(low, items, counts, bounds)
     heights = np.repeat([h for _, h in sizes], counts)
     widths = np.repeat([w for w, _ in sizes], counts)
-    plan = plan_crops(low, crops, heights, widths, steps_per_octave)
+    plan = plan_crops(low, crops, heights, widths, steps_per_octave, bucket_cost, max_pixels)
     buffer = fill_planned(plan, logits).numpy()
     assert len(buffer) == plan.total and len(plan.buckets) < len(crops) - 1
+    assert all(b.count == 1 or b.count * b.width * b.height <= max_pixels for b in plan.buckets)
     x0, y0, w, h = plan.boxes.T
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= widths).all() and (y0 + h <= heights).all()
     assert ((w >= crops[:, 2]) & (h >= crops[:, 3])).all()
     ends = plan.offsets + w * np.where(h < heights, h + 1, h) + 2
     order = np.argsort(plan.offsets)
     assert (plan.offsets[order][1:] >= ends[order][:-1]).all() and ends.max() == plan.total
-    axes = DeviceAxes(torch.device("cpu"))
     for k, item in enumerate(items):
         rows = slice(4 * k, 4 * k + 4)
-        offsets, strides, total = crop_slots(crops[rows, 2], crops[rows, 3], item.height)
-        reference = torch.zeros(total, dtype=torch.bool)
-        fill_crops(axes, reference, 0, logits[rows], item, crops[rows], (offsets, strides, total))
-        expected = _full_masks(reference.numpy(), crops[rows], offsets, item.height, item.width)
+        expected = _per_mask_reference(logits[rows], item, crops[rows])
         ours = _full_masks(buffer, plan.boxes[rows], plan.offsets[rows], item.height, item.width)
         np.testing.assert_array_equal(ours, expected)
         encoded = encode_crops(buffer, plan.boxes[rows], item.height, item.width, plan.offsets[rows])
@@ -309,6 +330,25 @@ def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_oct
         )
     assert _full_masks(buffer, plan.boxes[5:6], plan.offsets[5:6], 300, 450).all()
     assert not _full_masks(buffer, plan.boxes[:1], plan.offsets[:1], 37, 53).any()
+
+
+def test_a_costlier_pass_means_fewer_larger_buckets():
+    """The plan trades device calls for pixels: with a GPU's bucket cost the 300 masks of one image go
+    in a few passes, with a CPU's in more, smaller ones that compute fewer pixels."""
+    rng = np.random.default_rng(0)
+    height, width, low = 480, 640, 256
+    size = (rng.uniform(0.05, 0.5, (300, 2)) * [width, height]).astype(np.int64)
+    corner = (rng.uniform(0, 1, (300, 2)) * ([width, height] - size)).astype(np.int64)
+    crops = np.concatenate([corner, size], axis=1)
+    heights, widths = np.full(300, height), np.full(300, width)
+    on = {
+        device: plan_crops(low, crops, heights, widths, bucket_cost=cost)
+        for device, cost in BUCKET_COST.items()
+    }
+    pixels = {device: int((plan.boxes[:, 2] * plan.boxes[:, 3]).sum()) for device, plan in on.items()}
+    assert len(on["cuda"].buckets) <= 3 < 10 <= len(on["cpu"].buckets)
+    assert pixels["cpu"] < pixels["cuda"]
+    assert (crops[:, 2] * crops[:, 3]).sum() <= pixels["cpu"]
 
 
 def test_decoder_calls_pack_images_and_split_large_ones():
