@@ -3,8 +3,9 @@
 Masks are stored as ``rle_counts`` strings plus height and width. :func:`encode_device_masks` finds run
 boundaries on the mask's own device (GPU in production), so only O(perimeter) indices cross to the
 host; its output is byte-identical to ``pycocotools.mask.encode``. :func:`encode_crops` encodes masks
-that are zero outside a rectangle from just that rectangle (the SAM2 segmenter's layout, see
-:func:`crop_slots`), equally byte-identical. Area and bbox always go through
+that are zero outside a rectangle from just that rectangle (the segmenters' layout, see
+:func:`crop_slots`), equally byte-identical; :func:`encode_crop_changes` does the same from the
+positions where such a buffer changes value (what the segmenters copy from the device). Area and bbox always go through
 :func:`rle_areas` / :func:`rle_bboxes`, which chunk pycocotools' calls (2.0.11 + numpy 2 overflows
 above 255 RLEs per ``area`` call).
 """
@@ -119,25 +120,78 @@ def encode_crops(
     image area.
     """
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
-    if not len(boxes):
-        return EncodedMasks.empty(height, width)
-    strides = np.where(boxes[:, 3] < height, boxes[:, 3] + 1, boxes[:, 3])
     if offsets is None:
         offsets = crop_slots(boxes[:, 2], boxes[:, 3], height)[0]
+    return encode_crop_changes(crop_changes(buffer), boxes, height, width, offsets)
+
+
+def crop_changes(buffer: np.ndarray) -> np.ndarray:
+    """Where a flat crop buffer changes value: ``i`` such that ``buffer[i] != buffer[i + 1]`` (K,) int64,
+    ascending; ``buffer[1:] != buffer[:-1]`` may be computed on the device (``edges``)."""
+    return np.flatnonzero(buffer[1:] != buffer[:-1])
+
+
+def set_bits(packed: np.ndarray) -> np.ndarray:
+    """Positions of the set bits of ``packed`` (uint8, little-endian bit order: bit j of byte i is
+    position 8 i + j; a whole number of 8-byte words), ascending. Scans one 64-bit word per 64
+    positions, then the bytes of the words holding a set bit, and unpacks only the bytes holding one:
+    O(len / 64 + 8 x set bits)."""
+    words = np.flatnonzero(packed.view(np.uint64))
+    candidates = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    hit = candidates[packed[candidates] != 0]
+    byte, bit = np.nonzero(np.unpackbits(packed[hit, None], axis=1, bitorder="little"))
+    return hit[byte] * 8 + bit
+
+
+def encode_crop_changes(
+    changes: np.ndarray, boxes: np.ndarray, height: int, width: int, offsets: np.ndarray
+) -> EncodedMasks:
+    """:func:`encode_crops` from :func:`crop_changes` of the buffer (of a whole round of masks: only the
+    changes inside these masks' slots are read), all masks at once: O(changes), not O(pixels)."""
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    offsets = np.asarray(offsets, np.int64)
+    if not len(boxes):
+        return EncodedMasks.empty(height, width)
     total = height * width
-    counts = []
-    for (x0, y0, w, _), offset, stride in zip(
-        boxes.tolist(), np.asarray(offsets).tolist(), strides.tolist(), strict=True
-    ):
-        slot = buffer[offset : offset + w * stride + 2]
-        # Element e of the slot body (after the leading 0) is pixel (x0 + e // stride, y0 + e % stride):
-        # a change between slot elements e and e + 1 starts a run at body element e.
-        changes = np.flatnonzero(slot[1:] != slot[:-1])
-        column, row = np.divmod(changes, stride)
-        starts = (x0 + column) * height + y0 + row
-        edges = np.concatenate(([0], starts[starts < total], [total]))
-        counts.append({"counts": (edges[1:] - edges[:-1]).tolist(), "size": [height, width]})
+    strides = np.where(boxes[:, 3] < height, boxes[:, 3] + 1, boxes[:, 3])
+    # Slot m spans offsets[m] .. offsets[m] + w * stride + 1; the changes between its elements e and e + 1
+    # (e = change - offset) start a run at body element e, pixel (x0 + e // stride, y0 + e % stride).
+    first = np.searchsorted(changes, offsets)
+    last = np.searchsorted(changes, offsets + boxes[:, 2] * strides + 1)
+    owner = np.repeat(np.arange(len(boxes)), last - first)
+    at = changes[_ranges(first, last)] - offsets[owner]
+    column, row = np.divmod(at, strides[owner])
+    starts = (boxes[owner, 0] + column) * height + boxes[owner, 1] + row
+    inside = starts < total
+    starts, owner = starts[inside], owner[inside]
+    # Per mask the edges 0, starts..., total -> run lengths (a 0-run first, as COCO counts do).
+    per_mask = np.bincount(owner, minlength=len(boxes))
+    block = np.cumsum(per_mask + 2) - (per_mask + 2)  # where mask m's edges begin
+    edges = np.full(int((per_mask + 2).sum()), total, np.int64)
+    edges[block] = 0
+    edges[block[owner] + 1 + np.arange(len(starts)) - (np.cumsum(per_mask) - per_mask)[owner]] = starts
+    runs = np.diff(edges).tolist()
+    counts = [
+        {"counts": runs[b : b + n + 1], "size": [height, width]}
+        for b, n in zip(block.tolist(), per_mask.tolist(), strict=True)
+    ]
     return _from_rles(mask_utils.frPyObjects(counts, height, width), height, width)  # one call for all
+
+
+def _ranges(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(first[i], last[i])`` for every i, without a Python loop."""
+    lengths = last - first
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    steps = np.ones(total, np.int64)
+    starts = np.cumsum(lengths) - lengths
+    nonempty = lengths > 0
+    steps[0] = first[nonempty][0]
+    # At each range's start, jump from the previous range's last value to this range's first.
+    jumps = first[nonempty][1:] - (last[nonempty][:-1] - 1)
+    steps[starts[nonempty][1:]] = jumps
+    return np.cumsum(steps)
 
 
 def _runs_to_rle(runs: np.ndarray, height: int, width: int) -> dict:

@@ -45,8 +45,8 @@ from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, spec_ide
 from pseudolabel.models.mask_upsample import (
     BUCKET_COST,
     crop_boxes,
-    fill_planned,
     plan_crops,
+    planned_changes,
     positive_bounds,
 )
 from pseudolabel.models.prompts import prompt_groups
@@ -61,7 +61,7 @@ from pseudolabel.models.runtime import (
     seeded,
     to_device,
 )
-from pseudolabel.rle import encode_crops
+from pseudolabel.rle import encode_crop_changes
 
 # transformers' own EdgeTAM conversion (its tests load it). Revision: the commit seen in a public
 # Hugging Face cache path (models--yonigozlan--EdgeTAM-hf/snapshots/<commit>); not checkable from here.
@@ -259,6 +259,6 @@ class HfSamSegmenter:
         crops = crop_boxes(low, [item], [n], bounds)
         heights, widths = np.full(n, item.height), np.full(n, item.width)
         plan = plan_crops(low, crops, heights, widths, bucket_cost=self.bucket_cost)
-        (buffer,) = HostCopy([fill_planned(plan, low_res)]).wait()
-        encoded = encode_crops(buffer, plan.boxes, item.height, item.width, plan.offsets)
+        (changes,) = planned_changes(plan, low_res).wait()
+        encoded = encode_crop_changes(changes, plan.boxes, item.height, item.width, plan.offsets)
         return found.with_masks(encoded, scores[np.arange(n), chosen], chosen.astype(np.int8), scores)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from pseudolabel.models.interfaces import PreparedImage
-from pseudolabel.models.runtime import to_device
+from pseudolabel.models.runtime import HostCopy, to_device
+from pseudolabel.rle import set_bits
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,11 @@ class CropPlan:
 
 
 # What one bucket costs beyond its pixels (its ~12 device calls and its share of planning), in pixels
-# of the upsampling passes. CPU: measured with bench/gpu_host_overhead.py (a call ~10-20 us, a pixel
-# ~1 ns). CUDA: estimated, not measured (no GPU run yet): ~12 launches + planning ~150 us of host time
-# vs ~0.02 ns per pixel on an H100/H200, so merging buckets pays off up to millions of extra pixels.
-BUCKET_COST = {"cpu": 1 << 15, "cuda": 1 << 23}
+# upsampled, copied (1 bit each) and scanned on the host (64 to a word). CPU: measured with
+# bench/gpu_host_overhead.py (a call ~10-20 us, a pixel ~1 ns). CUDA: estimated, not measured (no GPU
+# run yet): ~12 launches + planning ~150 us of host time vs ~0.04 ns per pixel on an H100/H200
+# (device passes, PCIe copy, host scan), so merging buckets pays off up to millions of extra pixels.
+BUCKET_COST = {"cpu": 1 << 15, "cuda": 1 << 22}
 MAX_BUCKET_PIXELS = 1 << 26  # per batched pass: bounds its float temporaries (~16 bytes a pixel)
 
 
@@ -147,12 +149,12 @@ def plan_crops(
     mask m belonging to an image of ``heights[m]`` x ``widths[m]`` pixels. Masks share a bucket when
     their images have the same size and their crop widths and heights round up to the same power of
     2 ** (1 / ``steps_per_octave``) (0: any size); every crop of a bucket grows to the bucket's largest
-    width and height (more pixels computed, fewer device calls). Crops of ``bucket_cost`` pixels or
-    more never grow: they share a bucket only with crops of their exact size. A bucket of more than
+    width and height (more pixels computed, fewer device calls). A bucket of more than
     ``max_bucket_pixels`` is split into several passes of the same shape.
 
-    ``steps_per_octave=None`` picks 0, 1 or 2, whichever costs least: buckets x ``bucket_cost`` +
-    pixels computed (see :data:`BUCKET_COST`: few large buckets on a GPU, fine ones on a CPU).
+    ``steps_per_octave=None`` picks it from (0, 1, 2, 4, 8), whichever costs least: buckets x
+    ``bucket_cost`` + pixels computed (see :data:`BUCKET_COST`: few large buckets on a GPU, finer ones on
+    a CPU).
     """
     crops = np.asarray(crops, np.int64).reshape(-1, 4)
     heights = np.asarray(heights, np.int64)
@@ -161,14 +163,14 @@ def plan_crops(
     boxes = np.zeros((n, 4), np.int64)
     offsets = np.zeros(n, np.int64)
     filled = np.flatnonzero(crops[:, 2] > 0)
-    if steps_per_octave is None:
-        choices = {
-            steps: _buckets(filled, crops, heights, widths, steps, bucket_cost, max_bucket_pixels)
-            for steps in (0, 1, 2)
-        }
-        groups = min(choices.values(), key=lambda g: len(g) * bucket_cost + _pixels(g, crops))
+    if not len(filled):
+        groups = []
     else:
-        groups = _buckets(filled, crops, heights, widths, steps_per_octave, bucket_cost, max_bucket_pixels)
+        choices = (0, 1, 2, 4, 8) if steps_per_octave is None else (steps_per_octave,)
+        groupings = [
+            _Grouping.of(filled, crops, heights, widths, steps, max_bucket_pixels) for steps in choices
+        ]
+        groups = min(groupings, key=lambda g: g.cost(bucket_cost)).buckets()
     buckets: list[_Bucket] = []
     ints: list[np.ndarray] = []
     floats: list[np.ndarray] = []
@@ -189,13 +191,11 @@ def plan_crops(
         slot = bw * stride + 2
         boxes[members] = np.stack([x0, y0, np.full_like(x0, bw), np.full_like(x0, bh)], axis=1)
         offsets[members] = position + slot * np.arange(len(members))
-        local = np.arange(len(members))[:, None]
         parts = [
             (members[:, None] * low + r0[:, None] + np.arange(rows)).reshape(-1),  # rows of (N * s, s)
             np.concatenate([xs.lo[cols], xs.hi[cols]], axis=1).reshape(-1),  # (M, 2 bw) columns
-            (  # (M, 2 bh) rows of the bucket's x-pass (M * R, bw)
-                np.concatenate([ys.lo[lines], ys.hi[lines]], axis=1) - r0[:, None] + rows * local
-            ).reshape(-1),
+            # (M, 2 bh) rows of each mask's x-pass (R rows from r0)
+            (np.concatenate([ys.lo[lines], ys.hi[lines]], axis=1) - r0[:, None]).reshape(-1),
         ]
         weights = [
             np.concatenate([xs.w_lo[cols], xs.w_hi[cols]], axis=1).reshape(-1),
@@ -219,43 +219,60 @@ def plan_crops(
     )
 
 
-def _buckets(
-    filled: np.ndarray,
-    crops: np.ndarray,
-    heights: np.ndarray,
-    widths: np.ndarray,
-    steps_per_octave: int,
-    grow_below: int,
-    max_pixels: int,
-) -> list[np.ndarray]:
-    """The masks ``filled`` grouped as :func:`plan_crops` describes: one index array per bucket."""
-    w, h = crops[filled, 2], crops[filled, 3]
-    exact = w * h >= grow_below  # large crops: computing extra pixels costs more than a device call
-    steps = max(steps_per_octave, 0)
-    key = np.stack(
-        [
-            heights[filled],
-            widths[filled],
-            exact,
-            np.where(exact, w, np.ceil(np.log2(w) * steps)).astype(np.int64),
-            np.where(exact, h, np.ceil(np.log2(h) * steps)).astype(np.int64),
-        ],
-        axis=1,
-    )
-    sort = np.lexsort(key.T[::-1])
-    order, key = filled[sort], key[sort]
-    breaks = np.flatnonzero((key[1:] != key[:-1]).any(axis=1)) + 1
-    groups = []
-    for members in np.split(order, breaks) if len(order) else []:
-        pixels = int(crops[members, 2].max() * crops[members, 3].max())
-        per_pass = max(1, max_pixels // pixels)
-        groups += [members[i : i + per_pass] for i in range(0, len(members), per_pass)]
-    return groups
+@dataclass(frozen=True)
+class _Grouping:
+    """Masks sorted by bucket key: bucket b holds ``order[starts[b] : starts[b] + counts[b]]``, whose
+    crops grow to ``width[b]`` x ``height[b]``; ``per_pass[b]`` of them fit in one pass."""
 
+    order: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    per_pass: np.ndarray
 
-def _pixels(groups: list[np.ndarray], crops: np.ndarray) -> int:
-    """Pixels upsampled when each group's crops grow to its largest width and height."""
-    return sum(len(g) * int(crops[g, 2].max()) * int(crops[g, 3].max()) for g in groups)
+    @staticmethod
+    def of(
+        filled: np.ndarray,
+        crops: np.ndarray,
+        heights: np.ndarray,
+        widths: np.ndarray,
+        steps_per_octave: int,
+        max_pixels: int,
+    ) -> _Grouping:
+        w, h = crops[filled, 2], crops[filled, 3]
+        key = np.stack(
+            [
+                heights[filled],
+                widths[filled],
+                np.ceil(np.log2(w) * steps_per_octave).astype(np.int64),
+                np.ceil(np.log2(h) * steps_per_octave).astype(np.int64),
+            ],
+            axis=1,
+        )
+        sort = np.lexsort(key.T[::-1])
+        key = key[sort]
+        starts = np.flatnonzero(np.concatenate([[True], (key[1:] != key[:-1]).any(axis=1)]))
+        width = np.maximum.reduceat(w[sort], starts)
+        height = np.maximum.reduceat(h[sort], starts)
+        counts = np.diff(np.append(starts, len(sort)))
+        per_pass = np.maximum(1, max_pixels // (width * height))
+        return _Grouping(filled[sort], starts, counts, width, height, per_pass)
+
+    def cost(self, bucket_cost: int) -> int:
+        """Passes x ``bucket_cost`` + pixels upsampled."""
+        passes = -(-self.counts // self.per_pass)
+        return int(passes.sum()) * bucket_cost + int((self.counts * self.width * self.height).sum())
+
+    def buckets(self) -> list[np.ndarray]:
+        """The masks of each pass, in order."""
+        return [
+            self.order[start + i : start + min(i + per_pass, count)]
+            for start, count, per_pass in zip(
+                self.starts.tolist(), self.counts.tolist(), self.per_pass.tolist(), strict=True
+            )
+            for i in range(0, count, per_pass)
+        ]
 
 
 def fill_planned(plan: CropPlan, low_res: torch.Tensor) -> torch.Tensor:
@@ -283,23 +300,28 @@ def fill_planned(plan: CropPlan, low_res: torch.Tensor) -> torch.Tensor:
         weight_x = floats[b.floats : b.floats + m * 2 * w]
         weight_y = floats[b.floats + m * 2 * w : b.floats + m * 2 * (w + h)]
         slots = buffer[b.start : b.start + m * b.slot].view(m, b.slot)[:, 1 : 1 + w * b.stride]
-        if m == 1:  # one crop (large ones get buckets of their own): column-major, no transposed write
-            read = source.index_select(0, rows).t()  # (s, R)
-            pairs = read.index_select(0, gather_x)  # (2w, R): lo | hi columns
-            along_x = pairs[:w] * weight_x[:w, None] + pairs[w:] * weight_x[w:, None]  # (w, R)
-            pairs = along_x.index_select(1, gather_y)  # (w, 2h): lo | hi rows
-            torch.gt(
-                pairs[:, :h] * weight_y[:h], pairs[:, h:] * weight_y[h:], out=slots.view(w, b.stride)[:, :h]
-            )
-            continue
-        read = source.index_select(0, rows).view(m, r, -1)  # (M, R, s)
-        pairs = torch.gather(read, 2, gather_x.view(m, 1, 2 * w).expand(m, r, 2 * w))  # (M, R, 2w)
-        weight_x = weight_x.view(m, 1, 2 * w)
-        along_x = pairs[..., :w] * weight_x[..., :w] + pairs[..., w:] * weight_x[..., w:]  # (M, R, w)
-        pairs = along_x.view(m * r, w).index_select(0, gather_y).view(m, 2 * h, w)  # lo | hi rows
-        weight_y = weight_y.view(m, 2 * h, 1)
-        lower = pairs[:, :h] * weight_y[:, :h]  # a * w_lo
-        upper = pairs[:, h:] * weight_y[:, h:]  # b * -w_hi
-        out = slots.unflatten(1, (w, b.stride))[:, :, :h]
-        torch.gt(lower.transpose(1, 2), upper.transpose(1, 2), out=out)
+        # Column-major throughout, like the slots: (M, s, R) source columns -> (M, w, R) -> (M, w, h).
+        read = source.index_select(0, rows).view(m, r, -1).transpose(1, 2)  # (M, s, R)
+        pairs = torch.gather(read, 1, gather_x.view(m, 2 * w, 1).expand(m, 2 * w, r))  # lo | hi columns
+        weight_x = weight_x.view(m, 2 * w, 1)
+        along_x = pairs[:, :w] * weight_x[:, :w] + pairs[:, w:] * weight_x[:, w:]  # (M, w, R)
+        pairs = torch.gather(along_x, 2, gather_y.view(m, 1, 2 * h).expand(m, w, 2 * h))  # lo | hi rows
+        weight_y = weight_y.view(m, 1, 2 * h)
+        lower = pairs[..., :h] * weight_y[..., :h]  # a * w_lo
+        upper = pairs[..., h:] * weight_y[..., h:]  # b * -w_hi
+        torch.gt(lower, upper, out=slots.view(m, w, b.stride)[:, :, :h])
     return buffer
+
+
+def planned_changes(plan: CropPlan, low_res: torch.Tensor) -> HostCopy:
+    """:func:`fill_planned`, then where its buffer changes value (``buffer[1:] != buffer[:-1]``),
+    packed 8 to a byte on the device, copied to the host (one sync, when waited on) and turned into the
+    ascending change positions ``rle.encode_crop_changes`` reads (``rle.set_bits``), once, by the first
+    thread that waits: 1/8 of a byte per pixel crosses, and the host scans 64 pixels per word."""
+    buffer = fill_planned(plan, low_res)
+    edges = buffer[1:] != buffer[:-1]
+    padded = torch.zeros(-(-len(edges) // 64) * 64, dtype=torch.uint8, device=edges.device)
+    padded[: len(edges)] = edges
+    shifts = torch.arange(8, dtype=torch.uint8, device=edges.device)
+    packed = (padded.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+    return HostCopy([packed], then=lambda arrays: [set_bits(arrays[0])])

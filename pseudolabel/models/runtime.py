@@ -86,10 +86,16 @@ class HostCopy:
     On CUDA the copies go into pinned buffers with ``non_blocking=True`` and an event is recorded;
     :meth:`wait` (thread-safe, syncs once) blocks on that event only. Several tensors travel as one
     byte buffer, so a CPU run reads them back in one ``.cpu()`` as well. ``tensors`` must be
-    contiguous; any shapes and dtypes.
+    contiguous; any shapes and dtypes. ``then``: host work done once on the arrays after the copy
+    (by whichever thread waits first); :meth:`wait` returns its result.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        then: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+    ) -> None:
+        self._then = then
         self._specs = [(t.shape, t.dtype) for t in tensors]
         # Each part padded to 8 bytes so every dtype view on the host stays aligned.
         parts, self._offsets, offset = [], [], 0
@@ -121,12 +127,13 @@ class HostCopy:
                 else:
                     buffer = self._device.cpu().numpy()
                     del self._device
-                self._arrays = [
+                arrays = [
                     buffer[offset : offset + math.prod(shape) * dtype.itemsize]
                     .view(_NUMPY[dtype])
                     .reshape(shape)
                     for (shape, dtype), offset in zip(self._specs, self._offsets, strict=True)
                 ]
+                self._arrays = self._then(arrays) if self._then else arrays
             return self._arrays
 
 

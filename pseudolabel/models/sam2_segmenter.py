@@ -10,9 +10,11 @@ with N boxes in all (S = model input size, s = S/4, H x W = each image's origina
                own image's features -> low-res logits (N, K, s, s), IoU (N, K) -> best of K: (N, s, s)
     bound      per mask, the low-res rows/columns holding a logit > 0            -> (N, 4), sync 1
     upsample   bilinear to H x W inside each bound only, > 0, into one flat bool buffer, masks of similar
-               crop size in one batched pass (``mask_upsample.plan_crops`` / ``fill_planned``)
-    copy       that buffer to (pinned) host memory, ``non_blocking``                 -> sync 2, later
-    encode     COCO RLE from the crops (``rle.encode_crops``) on worker threads, overlapping the next batch
+               crop size in one batched pass (``mask_upsample.plan_crops`` / ``fill_planned``; how
+               similar: ``bucket_cost``, few large passes on CUDA, finer ones on the CPU)
+    copy       where that buffer changes value, to (pinned) host memory, ``non_blocking`` -> sync 2, later
+    encode     COCO RLE from the change positions (``rle.encode_crop_changes``, vectorised over the
+               masks) on worker threads, overlapping the next batch
 
 Why skipping everything outside the bound is exact: a bilinear output pixel is a convex combination
 (non-negative weights) of at most 2 x 2 low-res logits, so where those are all <= 0 it is <= 0 too,
@@ -47,8 +49,8 @@ from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_iden
 from pseudolabel.models.mask_upsample import (
     BUCKET_COST,
     crop_boxes,
-    fill_planned,
     plan_crops,
+    planned_changes,
     positive_bounds,
 )
 from pseudolabel.models.prompts import prompt_groups
@@ -63,7 +65,7 @@ from pseudolabel.models.runtime import (
     usable_cpus,
 )
 from pseudolabel.models.sam2_build import VARIANTS, build_sam2_model, sam2_overrides
-from pseudolabel.rle import encode_crops
+from pseudolabel.rle import encode_crop_changes
 
 
 def load_sam2(spec: SegmenterSpec) -> Sam2Segmenter:
@@ -309,7 +311,7 @@ class Sam2Segmenter:
                 sizes[:, 1].reshape(-1),
                 bucket_cost=self.bucket_cost,
             )
-            copy = HostCopy([fill_planned(plan, low_res[rows])])
+            copy = planned_changes(plan, low_res[rows])
             for i in range(first, stop):
                 mine = slice(int(starts[i] - starts[first]), int(starts[i + 1] - starts[first]))
                 placed.append((copy, plan.boxes[mine], plan.offsets[mine]))
@@ -375,9 +377,10 @@ def _finish(
     chosen: np.ndarray,
     scores: np.ndarray,
 ) -> Candidates:
-    """On an RLE thread: wait for the crops (sync 2, once per copy) and encode one image's masks."""
-    (buffer,) = copy.wait()
-    encoded = encode_crops(buffer, boxes, found.height, found.width, offsets)
+    """On an RLE thread: wait for the crops' change positions (sync 2, once per copy) and encode one
+    image's masks."""
+    (changes,) = copy.wait()
+    encoded = encode_crop_changes(changes, boxes, found.height, found.width, offsets)
     return found.with_masks(
         encoded, mask_scores=mask_scores, multimask_index=chosen.astype(np.int8), multimask_scores=scores
     )

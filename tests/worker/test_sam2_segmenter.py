@@ -23,6 +23,7 @@ from pseudolabel.models.mask_upsample import (
     crop_boxes,
     fill_planned,
     plan_crops,
+    planned_changes,
     positive_bounds,
 )
 from pseudolabel.models.prompts import prompt_groups
@@ -33,7 +34,7 @@ from pseudolabel.models.sam2_segmenter import (
     build_sam2_model,
 )
 from pseudolabel.models.stages import SegmentationSettings, run_segmentation
-from pseudolabel.rle import decode_rle, encode_crops
+from pseudolabel.rle import decode_rle, encode_crop_changes, encode_crops, set_bits
 from pseudolabel.testing.models import FakeSegmenter, box_prompts
 
 SIZE = 128
@@ -220,8 +221,8 @@ def _crops_then_encode(segmenter, low_res, items, counts):
     placed = segmenter._upsample(low_res, items, counts, crops)
     encoded = []
     for item, (copy, boxes, offsets) in zip(items, placed, strict=True):
-        (buffer,) = copy.wait()
-        encoded.append(encode_crops(buffer, boxes, item.height, item.width, offsets))
+        (changes,) = copy.wait()
+        encoded.append(encode_crop_changes(changes, boxes, item.height, item.width, offsets))
     return encoded, crops
 
 
@@ -330,6 +331,23 @@ def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_oct
         )
     assert _full_masks(buffer, plan.boxes[5:6], plan.offsets[5:6], 300, 450).all()
     assert not _full_masks(buffer, plan.boxes[:1], plan.offsets[:1], 37, 53).any()
+
+
+@pytest.mark.parametrize("masks", [3, 17])
+def test_change_positions_packed_on_the_device_equal_the_buffer_s(masks):
+    """planned_changes (bits packed on the device, unpacked on the host) = where the filled buffer
+    changes value, whatever the buffer's length (padded to whole 64-bit words)."""
+    low = 32
+    logits = _smooth_logits(masks, low, seed=masks)
+    items = [PreparedImage("i", 97, 61, None)]
+    crops = crop_boxes(low, items, [masks], positive_bounds(logits).numpy())
+    plan = plan_crops(low, crops, np.full(masks, 61), np.full(masks, 97))
+    buffer = fill_planned(plan, logits).numpy()
+    (changes,) = planned_changes(plan, logits).wait()
+    np.testing.assert_array_equal(changes, np.flatnonzero(buffer[1:] != buffer[:-1]))
+    assert len(changes) and (plan.total - 1) % 64  # some changes, and a length that needed padding
+    packed = np.packbits(np.random.default_rng(masks).random(64 * masks) < 0.01, bitorder="little")
+    np.testing.assert_array_equal(set_bits(packed), np.flatnonzero(np.unpackbits(packed, bitorder="little")))
 
 
 def test_a_costlier_pass_means_fewer_larger_buckets():
