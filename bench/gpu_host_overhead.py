@@ -419,7 +419,7 @@ def transformer_syncs(device: torch.device, images: int) -> None:
             detector.detect(inputs, [CAPTION])
         counts.append(syncs.count / images)
     print(
-        f"{'transformer':<11}{'real':<7}{'':>6} | {'-':>15} {counts[0]:>9.1f} | {'-':>14} {counts[1]:>9.1f} |"
+        f"{'transformer':<11}{' real':<7}{'':>6} | {'-':>15} {counts[0]:>9.1f} | {'-':>14} {counts[1]:>9.1f} |"
         f" syncs only: Grounding DINO at full depth, batches of {images}",
         flush=True,
     )

@@ -1,17 +1,17 @@
-"""groundingdino-py's transformer without host synchronisation on the feature levels' sizes.
+"""groundingdino-py's transformer without host synchronisation.
 
 groundingdino's transformer keeps the (h, w) of its feature levels in a (L, 2) device tensor and
 iterates over it wherever it needs them as numbers: every ``H_ * W_`` or ``linspace(..., H_)`` is a
 device->host read. In one forward: the proposals of the two-stage encoder (~5 reads per level), the
 encoder's reference points (4 per level), a shape ``assert`` in every deformable attention call
 (12 calls) and the pure-PyTorch deformable attention (3 reads per level per call; groundingdino-py
-installs no compiled op). :func:`install` routes those four places through versions that take the
-sizes as Python ints, recorded from the feature maps' shapes by :func:`spatial_shapes` while a batch
-runs (a tensor is read once when nothing fitting was recorded). Same operations in the same order, so
-the same results (``tests/worker/test_grounding_dino.py`` compares each with groundingdino's own).
-
-Left as they are: the decoder's per-layer ``output.isnan().any()`` check (one read per decoder layer,
-6 per forward; it only prints) -- removing it would mean replacing groundingdino's decoder loop.
+installs no compiled op). Its decoder also checks every layer's output with
+``if output.isnan().any() | output.isinf().any()`` (a read per layer, 6 per forward, that only
+prints). :func:`install` replaces those five places by versions that take the sizes as Python ints,
+recorded from the feature maps' shapes by :func:`spatial_shapes` while a batch runs (a tensor is read
+once when nothing fitting was recorded), and a decoder loop without the check. Same operations in the
+same order, so the same results (``tests/worker/test_grounding_dino.py`` compares the whole model,
+and each piece, with groundingdino's own, bit for bit).
 """
 
 from __future__ import annotations
@@ -146,6 +146,63 @@ def deformable_attention_forward(
     return output if self.batch_first else output.permute(1, 0, 2)
 
 
+def decoder_forward(
+    self: Any,
+    tgt: torch.Tensor,
+    memory: torch.Tensor,
+    tgt_mask: torch.Tensor | None = None,
+    memory_mask: torch.Tensor | None = None,
+    tgt_key_padding_mask: torch.Tensor | None = None,
+    memory_key_padding_mask: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
+    refpoints_unsigmoid: torch.Tensor | None = None,
+    level_start_index: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    valid_ratios: torch.Tensor | None = None,
+    memory_text: torch.Tensor | None = None,
+    text_attention_mask: torch.Tensor | None = None,
+) -> list[list[torch.Tensor]]:
+    """``TransformerDecoder.forward`` without the per-layer NaN/inf check. tgt (Q, B, C), memory
+    (HW, B, C), refpoints_unsigmoid (Q, B, 2 | 4) -> [per layer the normed output (B, Q, C)],
+    [the initial and each layer's reference points (B, Q, 2 | 4)]."""
+    from groundingdino.models.GroundingDINO import transformer
+    from groundingdino.util.misc import inverse_sigmoid
+
+    output = tgt
+    reference_points = refpoints_unsigmoid.sigmoid()
+    intermediate, references = [], [reference_points]
+    for layer_id, layer in enumerate(self.layers):
+        if reference_points.shape[-1] == 4:  # boxes: scaled by the valid ratios, both corners' axes
+            points = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[None, :]
+        else:
+            points = reference_points[:, :, None] * valid_ratios[None, :]
+        sine = transformer.gen_sineembed_for_position(points[:, :, 0, :])  # (Q, B, 2C)
+        raw_query_pos = self.ref_point_head(sine)
+        pos_scale = self.query_scale(output) if self.query_scale is not None else 1
+        output = layer(
+            tgt=output,
+            tgt_query_pos=pos_scale * raw_query_pos,
+            tgt_query_sine_embed=sine,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            tgt_reference_points=points,
+            memory_text=memory_text,
+            text_attention_mask=text_attention_mask,
+            memory=memory,
+            memory_key_padding_mask=memory_key_padding_mask,
+            memory_level_start_index=level_start_index,
+            memory_spatial_shapes=spatial_shapes,
+            memory_pos=pos,
+            self_attn_mask=tgt_mask,
+            cross_attn_mask=memory_mask,
+        )
+        if self.bbox_embed is not None:  # refine the reference boxes
+            refined = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid()
+            reference_points = refined.detach()
+            references.append(refined)
+        intermediate.append(self.norm(output))
+    return [[out.transpose(0, 1) for out in intermediate], [ref.transpose(0, 1) for ref in references]]
+
+
 def with_host_shapes(function: Callable, shapes_at: int, total_of: Callable | None = None) -> Callable:
     """``function`` (which iterates over its level-sizes argument, position ``shapes_at``, as (H_, W_))
     called with those sizes as Python ints. ``total_of(args)``: the number of values the levels must
@@ -161,11 +218,13 @@ def with_host_shapes(function: Callable, shapes_at: int, total_of: Callable | No
 
 
 def install() -> None:
-    """Route groundingdino's four level-size readers through the host-int versions (idempotent)."""
+    """Route groundingdino's level-size readers through the host-int versions and its decoder loop
+    through one without the NaN check (idempotent)."""
     own = originals()  # remember groundingdino's own first
     _set(
         deformable_attention,
         deformable_attention_forward,
+        decoder_forward,
         with_host_shapes(own["proposals"], 2, lambda args: args[0].shape[1]),
         with_host_shapes(own["reference_points"], 0),
     )
@@ -176,18 +235,21 @@ def uninstalled() -> Iterator[None]:
     """groundingdino's own readers while inside (parity tests, the benchmark's previous path), then
     the patched ones again."""
     own = originals()
-    _set(own["attention"], own["forward"], own["proposals"], own["reference_points"])
+    _set(own["attention"], own["forward"], own["decoder"], own["proposals"], own["reference_points"])
     try:
         yield
     finally:
         install()
 
 
-def _set(attention: Callable, forward: Callable, proposals: Callable, reference_points: Callable) -> None:
+def _set(
+    attention: Callable, forward: Callable, decoder: Callable, proposals: Callable, reference_points: Callable
+) -> None:
     from groundingdino.models.GroundingDINO import ms_deform_attn, transformer
 
     ms_deform_attn.multi_scale_deformable_attn_pytorch = attention
     ms_deform_attn.MultiScaleDeformableAttention.forward = forward
+    transformer.TransformerDecoder.forward = decoder
     transformer.gen_encoder_output_proposals = proposals
     transformer.TransformerEncoder.get_reference_points = staticmethod(reference_points)
 
@@ -197,14 +259,16 @@ _ORIGINALS: dict[str, Any] = {}
 
 def originals() -> dict[str, Any]:
     """groundingdino's own functions, also after :func:`install`: ``attention`` (the fallback),
-    ``forward`` (MultiScaleDeformableAttention's), ``proposals`` (gen_encoder_output_proposals),
-    ``reference_points`` (TransformerEncoder.get_reference_points)."""
+    ``forward`` (MultiScaleDeformableAttention's), ``decoder`` (TransformerDecoder.forward),
+    ``proposals`` (gen_encoder_output_proposals), ``reference_points``
+    (TransformerEncoder.get_reference_points)."""
     if not _ORIGINALS:
         from groundingdino.models.GroundingDINO import ms_deform_attn, transformer
 
         _ORIGINALS.update(
             attention=ms_deform_attn.multi_scale_deformable_attn_pytorch,
             forward=ms_deform_attn.MultiScaleDeformableAttention.forward,
+            decoder=transformer.TransformerDecoder.forward,
             proposals=transformer.gen_encoder_output_proposals,
             reference_points=transformer.TransformerEncoder.get_reference_points,
         )
