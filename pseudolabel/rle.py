@@ -127,7 +127,7 @@ def encode_crops(
 
 def crop_changes(buffer: np.ndarray) -> np.ndarray:
     """Where a flat crop buffer changes value: ``i`` such that ``buffer[i] != buffer[i + 1]`` (K,) int64,
-    ascending; ``buffer[1:] != buffer[:-1]`` may be computed on the device (``edges``)."""
+    ascending (``mask_upsample.planned_changes`` finds the same on the device)."""
     return np.flatnonzero(buffer[1:] != buffer[:-1])
 
 

@@ -43,8 +43,8 @@ from pseudolabel.models.checkpoints import HubModel, ResolvedCheckpoint, resolve
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import ModelConfigError, SegmenterSpec, spec_identity, spec_runtime
 from pseudolabel.models.mask_upsample import (
-    BUCKET_COST,
     crop_boxes,
+    default_bucket_cost,
     plan_crops,
     planned_changes,
     positive_bounds,
@@ -178,7 +178,7 @@ class HfSamSegmenter:
         self.max_boxes_per_call = max_boxes_per_call
         self._info = dict(info or {})
         self._scale, self._shift = normalization(device)  # Sam2ImageProcessor: ImageNet mean / std
-        self.bucket_cost = BUCKET_COST.get(device.type, BUCKET_COST["cpu"])
+        self.bucket_cost = default_bucket_cost(device)
 
     def describe(self) -> dict[str, Any]:
         return describe_runtime(

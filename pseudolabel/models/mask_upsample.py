@@ -5,9 +5,10 @@ logits, so where those are all <= 0 it is <= 0 too: :func:`positive_bounds` find
 low-res rows and columns holding a logit > 0, :func:`crop_boxes` the full-resolution rectangle they
 can reach, :func:`plan_crops` groups masks of similar crop sizes into buckets and :func:`fill_planned`
 interpolates inside the (grown) rectangles only, one batched pass per bucket, with PyTorch's own
-source indices and weights (:class:`BilinearAxis`) as two separable passes. Values equal ``F.interpolate(mode="bilinear",
-align_corners=False)`` to within float rounding (a pixel can flip only where its logit is within
-~1 ulp of 0). No host synchronisation: the caller copies the filled buffer once.
+source indices and weights (:class:`BilinearAxis`) as two separable passes. Values equal
+``F.interpolate(mode="bilinear", align_corners=False)`` to within float rounding (a pixel can flip
+only where its logit is within ~1 ulp of 0). No host synchronisation until the one copy that
+:func:`planned_changes` makes is waited on.
 """
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ class CropPlan:
 # (device passes, PCIe copy, host scan), so merging buckets pays off up to millions of extra pixels.
 BUCKET_COST = {"cpu": 1 << 15, "cuda": 1 << 22}
 MAX_BUCKET_PIXELS = 1 << 26  # per batched pass: bounds its float temporaries (~16 bytes a pixel)
+
+
+def default_bucket_cost(device: torch.device) -> int:
+    """:data:`BUCKET_COST` of ``device``'s type (a CPU's for any other type)."""
+    return BUCKET_COST.get(device.type, BUCKET_COST["cpu"])
 
 
 def plan_crops(

@@ -47,8 +47,8 @@ from torch import nn
 from pseudolabel.models.interfaces import Candidates, PreparedImage
 from pseudolabel.models.loading import SegmenterSpec, spec_checkpoint, spec_identity, spec_runtime
 from pseudolabel.models.mask_upsample import (
-    BUCKET_COST,
     crop_boxes,
+    default_bucket_cost,
     plan_crops,
     planned_changes,
     positive_bounds,
@@ -97,8 +97,9 @@ class Sam2Segmenter:
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per image-encoder pass.
       max_boxes_per_call: prompts (candidates) per mask-decoder call, taken across the images of a batch.
-      chunk_pixels: cap on mask pixels (bytes) upsampled into one device buffer and copied to the host
-        at once; a batch whose masks need more is copied in several rounds (one sync each).
+      chunk_pixels: how many crop pixels one round upsamples into a device buffer and copies to the
+        host; a batch whose masks have more is done in several rounds (one sync each). Counted before
+        the crops grow into their buckets (growth is bounded by ``bucket_cost`` per bucket).
       rle_workers: threads encoding RLE while the next batch runs (default: min(4, usable CPUs)).
       mix_images: let one decoder call hold several images' boxes (default: on CUDA only; mixing saves
         kernel launches on a GPU, while on the CPU gathering each box's image features costs more
@@ -133,7 +134,7 @@ class Sam2Segmenter:
         self._scale, self._shift = normalization(device)
         self._corner_labels = torch.tensor([[2, 3]], dtype=torch.int, device=device)  # box = 2 corner points
         self.mix_images = device.type == "cuda" if mix_images is None else mix_images
-        self.bucket_cost = bucket_cost or BUCKET_COST.get(device.type, BUCKET_COST["cpu"])
+        self.bucket_cost = bucket_cost or default_bucket_cost(device)
         self._rle = ThreadPoolExecutor(
             max_workers=rle_workers or min(4, usable_cpus()), thread_name_prefix="rle"
         )
