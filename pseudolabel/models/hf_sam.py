@@ -13,7 +13,7 @@ B images with N prompts in all (S = input size, s = S/4, H x W = each image's or
              image's embedding: logits (n, K, s, s), IoU (n, K) -> best of K
     masks    bilinear from s x s straight to H x W (as ``SAM2ImagePredictor``; transformers'
              ``post_process_masks`` goes through S x S first) inside each mask's positive bound only
-             (:mod:`mask_upsample`), logits > 0, COCO RLE (:func:`rle.encode_crops`)
+             (:mod:`mask_upsample`), logits > 0, COCO RLE (:func:`rle.encode_crop_changes`)
 
 Prompts (:func:`prompts.prompt_groups`): a candidate's box (``Candidates.box_prompts()``) as
 ``input_boxes``, its clicks as ``input_points`` / ``input_labels`` (1 object, 0 background, padding
