@@ -210,7 +210,7 @@ def encode_host_masks(masks: np.ndarray) -> EncodedMasks:
 
 def decode_rle(counts: str, height: int, width: int) -> np.ndarray:
     """One compressed RLE string -> (H, W) bool mask."""
-    return mask_utils.decode({"counts": counts.encode("utf-8"), "size": [height, width]}).astype(bool)
+    return mask_utils.decode(rle_object(counts, height, width)).astype(bool)
 
 
 def _from_rles(rles: list[dict], height: int, width: int) -> EncodedMasks:
@@ -223,9 +223,19 @@ def _from_rles(rles: list[dict], height: int, width: int) -> EncodedMasks:
     )
 
 
-def rle_object(counts: str, height: int, width: int) -> dict[str, Any]:
-    """A pycocotools RLE dict; ``counts`` as bytes, as its C API wants."""
-    return {"size": [int(height), int(width)], "counts": counts.encode("ascii")}
+def rle_object(counts: str | bytes, height: int, width: int) -> dict[str, Any]:
+    """A pycocotools RLE dict; ``counts`` as bytes, as its C API wants.
+
+    Every string this module hands to pycocotools passes here. A string that is not ASCII, or whose
+    last character says "more chunks follow", raises ValueError: pycocotools' ``rleFrString`` would
+    read on past the string's end and write counts beyond its buffer (heap corruption that surfaces
+    later as a crash somewhere else). Any other garbage stays in bounds; :func:`rle_run_totals`
+    tells whether a string is a valid mask of its size.
+    """
+    data = counts if isinstance(counts, bytes) else counts.encode("ascii")
+    if data and (data[-1] - 48) & 0x20:  # C's ``(char)(c - 48) & 0x20``: a continuation chunk
+        raise ValueError(f"malformed RLE string: it ends inside a count ({data[-8:]!r})")
+    return {"size": [int(height), int(width)], "counts": data}
 
 
 def rle_objects(counts: Sequence[str], heights: Sequence[int], widths: Sequence[int]) -> list[dict[str, Any]]:
@@ -370,10 +380,7 @@ def polygons(rle: dict[str, Any], tolerance: float = 0.0) -> list[list[float]]:
     """
     import cv2  # deferred: only polygon export needs OpenCV
 
-    counts = rle["counts"]
-    mask = mask_utils.decode(
-        {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-    )
+    mask = mask_utils.decode(rle_object(rle["counts"], *rle["size"]))
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
         return []

@@ -19,7 +19,16 @@ from pseudolabel.labels.coco import (
     image_mask_fractions,
     load_coco,
 )
-from pseudolabel.rle import decode_union, rle_areas, rle_bboxes, rle_object, rle_run_totals, union_area
+from pseudolabel.rle import (
+    decode_rle,
+    decode_union,
+    polygons,
+    rle_areas,
+    rle_bboxes,
+    rle_object,
+    rle_run_totals,
+    union_area,
+)
 from pseudolabel.testing.labels import encode_mask
 
 H, W = 40, 60
@@ -109,6 +118,24 @@ def test_rle_run_totals_flag_what_pycocotools_decodes_silently():
     assert totals[0] != H * W and totals[1] != H * W
     assert well_formed.tolist() == [True, True, False, False, False, True]
     assert totals[5] == H * W  # a broken string does not disturb the next one
+
+
+def test_strings_ending_inside_a_count_never_reach_pycocotools():
+    # pycocotools' rleFrString would read past such a string's end and write counts beyond its buffer:
+    # heap corruption that crashed a later, unrelated test at interpreter exit.
+    good = encode_mask(rect(5, 5, 40, 30))["counts"]
+    dangling = [good[:cut] for cut in range(1, len(good)) if (ord(good[cut - 1]) - 48) & 0x20]
+    assert dangling
+    for counts in [*dangling, good + " ", good + "P"]:
+        with pytest.raises(ValueError, match="ends inside a count"):
+            rle_object(counts, H, W)
+        with pytest.raises(ValueError, match="ends inside a count"):
+            decode_rle(counts, H, W)
+        with pytest.raises(ValueError, match="ends inside a count"):
+            polygons({"size": [H, W], "counts": counts})
+    with pytest.raises(ValueError):
+        rle_object("é" + good, H, W)
+    assert decode_rle(good, H, W).sum() == 35 * 25
 
 
 def test_union_counts_overlaps_once():
