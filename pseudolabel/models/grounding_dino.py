@@ -82,8 +82,9 @@ class GroundingDinoDetector:
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per forward pass.
       image_size, max_size: model input short side and long-side cap (800 / 1333 as trained).
-      compile: ``torch.compile`` the backbone and the transformer (opt-in: the first batches of every
-        new input shape pay the compilation; unmeasured here, see the README's GPU throughput notes).
+      compile: ``torch.compile`` the backbone and the transformer with static shapes (opt-in: the first
+        batch of every new padded input shape pays a compilation; speed-up unmeasured here, see the
+        README's GPU throughput notes).
       decode_on_device: decode each batch's JPEGs on ``device`` in one call and resize them there
         (:class:`ImageDecoding`) instead of decoding + resizing in the CPU workers (opt-in).
       info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
@@ -107,9 +108,13 @@ class GroundingDinoDetector:
         self.model = model.to(device).eval()
         self.compiled = compile
         # Called through these (the model's own attributes stay as built: weights, indexing, state_dict).
-        self._backbone: Any = torch.compile(model.backbone, dynamic=True) if compile else model.backbone
+        # Static shapes: one compilation per padded batch shape. With symbolic shapes (dynamic=True, or
+        # the default's switch to them at the second shape) Dynamo's shape reasoning over the Swin
+        # window padding grows without bound in sympy: tracing the tiny model had not finished after
+        # 10 minutes, against ~4 s per shape static (tests/worker/test_grounding_dino.py).
+        self._backbone: Any = torch.compile(model.backbone, dynamic=False) if compile else model.backbone
         self._transformer: Any = (
-            torch.compile(model.transformer, dynamic=True) if compile else model.transformer
+            torch.compile(model.transformer, dynamic=False) if compile else model.transformer
         )
         self.device = device
         self.precision = precision

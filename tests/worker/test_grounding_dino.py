@@ -111,6 +111,42 @@ def test_detect_matches_the_seed_predict_in_original_pixels(detector, prepared):
 
 
 @pytest.mark.model
+def test_compiled_detector_traces_each_batch_shape_and_gives_the_same_candidates(
+    detector, prepared, monkeypatch
+):
+    """compile: true goes through Dynamo with static shapes (symbolic ones made tracing the Swin
+    backbone run for over 10 minutes). Dynamo's graphs run by the eager backend here: inductor's code
+    generation takes minutes on a CPU, and what this checks is the capture, with the patched attention."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_eagerly(module, **options):
+        compiled.append(options)
+        return real_compile(module, backend="eager", **options)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    try:
+        fast = GroundingDinoDetector(
+            detector.model,
+            device=torch.device("cpu"),
+            batch_size=2,
+            image_size=SHORT,
+            max_size=LONG,
+            compile=True,
+        )
+        assert compiled == [{"dynamic": False}] * 2  # the backbone and the transformer
+        for batch in (prepared, prepared[1:]):  # two padded shapes: the second one compiles again
+            want = detector.detect(batch, [CAPTION], box_floor=0.05, text_floor=0.0, max_candidates=50)
+            got = fast.detect(batch, [CAPTION], box_floor=0.05, text_floor=0.0, max_candidates=50)
+            for a, b in zip(got, want, strict=True):
+                assert len(a) == len(b) > 0 and a.phrases == b.phrases
+                np.testing.assert_allclose(a.box_scores, b.box_scores, atol=1e-5)
+                np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.model
 def test_mixed_batch_results_are_per_image_sorted_and_in_bounds(detector, prepared):
     results = detector.detect(prepared, [CAPTION], box_floor=0.05, text_floor=0.05, max_candidates=7)
     assert [r.image_id for r in results] == ["img0", "img1"]
