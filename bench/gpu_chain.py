@@ -12,6 +12,8 @@ download): this measures throughput only and says nothing about label quality (a
 
     python bench/gpu_chain.py                      # GPU: Swin-T + SAM2.1-L, 1024 px photos
     python bench/gpu_chain.py --size tiny          # CPU smoke: tiny architectures, small images
+    python bench/gpu_chain.py --compile            # Grounding DINO through torch.compile (static shapes)
+    python bench/gpu_chain.py --decode-on-device   # JPEGs decoded in batches on the device (nvJPEG)
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating timed runs per path; best is reported"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile Grounding DINO (static shapes: the warm-up pays the compilations)",
+    )
+    parser.add_argument(
+        "--decode-on-device", action="store_true", help="decode each batch's JPEGs on the device (nvJPEG)"
+    )
     return parser.parse_args()
 
 
@@ -89,7 +99,14 @@ def build_models(args: argparse.Namespace, device: torch.device, precision: str,
     sam = build_sam2_model(args.sam_variant, None, overrides=[] if full else tiny.tiny_sam2_overrides())
     short, long = (800, 1333) if full else (tiny.TINY_DINO_IMAGE_SIZE, tiny.TINY_DINO_MAX_SIZE)
     detector = GroundingDinoDetector(
-        dino, device=device, precision=precision, batch_size=args.batch_size, image_size=short, max_size=long
+        dino,
+        device=device,
+        precision=precision,
+        batch_size=args.batch_size,
+        image_size=short,
+        max_size=long,
+        compile=args.compile,
+        decode_on_device=args.decode_on_device,
     )
     segmenter = Sam2Segmenter(sam, device=device, precision=precision, batch_size=args.batch_size)
     return detector, segmenter
