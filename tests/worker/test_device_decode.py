@@ -57,10 +57,10 @@ def test_resize_pixels_shapes_and_identity():
     assert torch.equal(resize_pixels(flat, (13, 9)), torch.full((3, 9, 13), 77, dtype=torch.uint8))
 
 
-def test_batch_decoded_on_device_is_close_to_the_pil_path():
+def test_batch_decoded_on_device_is_close_to_the_pil_path(device):
     """Measured with these images (torchvision 0.29.1 / libjpeg-turbo 3 on the CPU, Pillow 12):
     full-size decode: max 1, mean 0.18 (resize rounding); drafted: max 6, mean 0.99 (DCT scaling)."""
-    decoding = ImageDecoding(CPU, on_device=True)
+    decoding = ImageDecoding(device, on_device=True)
     data = {size: random_jpeg(*size, seed=1) for size in (FULL, DRAFTED)}
     items = [decoding.prepare(f"img{i}", d, target) for i, d in enumerate(data.values())]
     assert all(isinstance(item.pixels, EncodedJpeg) for item in items)  # nothing decoded on the CPU thread
@@ -69,8 +69,8 @@ def test_batch_decoded_on_device_is_close_to_the_pil_path():
     for item, (size, d) in zip(decoded, data.items(), strict=True):
         reference = prepare_image(item.image_id, d, target, CPU).pixels
         w, h = target(*size)
-        assert item.pixels.shape == (3, h, w)
-        diff = abs_diff(item.pixels, reference)
+        assert item.pixels.shape == (3, h, w) and item.pixels.device.type == device.type
+        diff = abs_diff(item.pixels.cpu(), reference)
         if size == FULL:
             assert diff.max() <= 1 and diff.mean() < 0.3
         else:

@@ -41,13 +41,13 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_sam2_model("tiny", None, overrides=tiny.tiny_sam2_overrides(SIZE))
+def model(device):
+    return build_sam2_model("tiny", None, overrides=tiny.tiny_sam2_overrides(SIZE)).to(device)
 
 
 @pytest.fixture(scope="module")
-def segmenter(model):
-    return Sam2Segmenter(model, device=torch.device("cpu"), batch_size=4)
+def segmenter(model, device):
+    return Sam2Segmenter(model, device=device, batch_size=4)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,14 +134,14 @@ def test_boxes_are_read_in_original_pixels(segmenter):
 
 
 @pytest.mark.model
-def test_empty_boxes_and_chunking_do_not_change_results(model, segmenter):
+def test_empty_boxes_and_chunking_do_not_change_results(model, segmenter, device):
     items = [segmenter.prepare(f"i{k}", random_jpeg(160, 120, seed=k)) for k in range(2)]
     boxes = [np.array([[0, 0, 80, 60], [40, 30, 160, 120], [10, 50, 150, 110]], np.float32), np.zeros((0, 4))]
     reference = segmenter.segment(items, _prompts(items, boxes), multimask=True)
     assert len(reference[1].masks) == 0 and reference[1].multimask_scores.shape == (0, 3)
     assert (reference[1].masks.height, reference[1].masks.width) == (120, 160)
 
-    chunked = Sam2Segmenter(model, device=torch.device("cpu"), max_boxes_per_call=2, chunk_pixels=160 * 120)
+    chunked = Sam2Segmenter(model, device=device, max_boxes_per_call=2, chunk_pixels=160 * 120)
     again = chunked.segment(items, _prompts(items, boxes), multimask=True)
     np.testing.assert_allclose(again[0].multimask_scores, reference[0].multimask_scores, atol=1e-5)
     for j in range(3):
@@ -216,7 +216,7 @@ def _smooth_logits(count: int, size: int, seed: int) -> torch.Tensor:
 
 
 def _crops_then_encode(segmenter, low_res, items, counts):
-    bounds = positive_bounds(low_res).numpy()
+    bounds = positive_bounds(low_res).cpu().numpy()
     crops = crop_boxes(segmenter.image_size // 4, items, counts, bounds)
     placed = segmenter._upsample(low_res, items, counts, crops)
     encoded = []
@@ -229,7 +229,7 @@ def _crops_then_encode(segmenter, low_res, items, counts):
 def _assert_same_as_full_upsampling(encoded, crops, low_res, height, width):
     """Nothing positive outside the crops (the exact part), and the masks equal full upsampling up to
     pixels whose logit is within float rounding of 0."""
-    full = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0]
+    full = F.interpolate(low_res[:, None], (height, width), mode="bilinear", align_corners=False)[:, 0].cpu()
     for j, (x0, y0, w, h) in enumerate(crops):
         outside = full[j].clone()
         outside[y0 : y0 + h, x0 : x0 + w] = -1
@@ -240,15 +240,15 @@ def _assert_same_as_full_upsampling(encoded, crops, low_res, height, width):
 
 
 @pytest.mark.parametrize("chunk_pixels", [1 << 30, 500])
-def test_upsampling_only_where_positive_equals_full_upsampling(model, chunk_pixels):
+def test_upsampling_only_where_positive_equals_full_upsampling(model, device, chunk_pixels):
     """Masks from the crops (bounds of the positive low-res logits, bilinear inside them) equal
     F.interpolate over the whole image then > 0, for up-, down- and unscaled sizes in one batch
     (chunk_pixels=500: several copy rounds)."""
-    segmenter = Sam2Segmenter(model, device=torch.device("cpu"), chunk_pixels=chunk_pixels)
+    segmenter = Sam2Segmenter(model, device=device, chunk_pixels=chunk_pixels)
     low = SIZE // 4
     sizes = [(53, 37), (low, low), (15, 20), (450, 300), (13, 700)]
     items = [PreparedImage(f"i{k}", w, h, None) for k, (w, h) in enumerate(sizes)]
-    logits = _smooth_logits(6 * len(sizes), low, seed=5)
+    logits = _smooth_logits(6 * len(sizes), low, seed=5).to(device)
     encoded, crops = _crops_then_encode(segmenter, logits, items, [6] * len(sizes))
     for k, (item, result) in enumerate(zip(items, encoded, strict=True)):
         rows = slice(6 * k, 6 * k + 6)
@@ -291,7 +291,9 @@ def _per_mask_reference(logits: torch.Tensor, item: PreparedImage, crops: np.nda
     [(0, 1 << 15, 1 << 26), (1, 1 << 15, 1 << 26), (2, 1 << 15, 1 << 26), (8, 1 << 15, 1 << 26)]
     + [(None, 1 << 15, 1 << 26), (None, 1 << 23, 1 << 26), (0, 1 << 23, 5000)],
 )
-def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_octave, bucket_cost, max_pixels):
+def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(
+    device, steps_per_octave, bucket_cost, max_pixels
+):
     """Masks upsampled bucket by bucket (crops grown to their bucket's size, images of two sizes mixed in
     one plan, buckets split to ``max_pixels``) equal the per-mask path bit for bit, slots never overlap,
     and grown crops stay inside the image; a NaN logit's row and column count as positive."""
@@ -305,13 +307,13 @@ def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_oct
     logits[7, 10, 10] = float("nan")
     items = [PreparedImage(f"i{k}", w, h, None) for k, (w, h) in enumerate(sizes)]
     counts = [4] * len(sizes)
-    bounds = positive_bounds(logits).numpy()
+    bounds = positive_bounds(logits.to(device)).cpu().numpy()
     assert bounds[7, 0] <= 10 <= bounds[7, 1] and bounds[7, 2] <= 10 <= bounds[7, 3]
     crops = crop_boxes(low, items, counts, bounds)
     heights = np.repeat([h for _, h in sizes], counts)
     widths = np.repeat([w for w, _ in sizes], counts)
     plan = plan_crops(low, crops, heights, widths, steps_per_octave, bucket_cost, max_pixels)
-    buffer = fill_planned(plan, logits).numpy()
+    buffer = fill_planned(plan, logits.to(device)).cpu().numpy()
     assert len(buffer) == plan.total and len(plan.buckets) < len(crops) - 1
     assert all(b.count == 1 or b.count * b.width * b.height <= max_pixels for b in plan.buckets)
     x0, y0, w, h = plan.boxes.T
@@ -334,15 +336,15 @@ def test_buckets_of_mixed_crop_sizes_equal_the_per_mask_upsampling(steps_per_oct
 
 
 @pytest.mark.parametrize("masks", [3, 17])
-def test_change_positions_packed_on_the_device_equal_the_buffer_s(masks):
+def test_change_positions_packed_on_the_device_equal_the_buffer_s(device, masks):
     """planned_changes (bits packed on the device, unpacked on the host) = where the filled buffer
     changes value, whatever the buffer's length (padded to whole 64-bit words)."""
     low = 32
-    logits = _smooth_logits(masks, low, seed=masks)
+    logits = _smooth_logits(masks, low, seed=masks).to(device)
     items = [PreparedImage("i", 97, 61, None)]
-    crops = crop_boxes(low, items, [masks], positive_bounds(logits).numpy())
+    crops = crop_boxes(low, items, [masks], positive_bounds(logits).cpu().numpy())
     plan = plan_crops(low, crops, np.full(masks, 61), np.full(masks, 97))
-    buffer = fill_planned(plan, logits).numpy()
+    buffer = fill_planned(plan, logits).cpu().numpy()
     (changes,) = planned_changes(plan, logits).wait()
     np.testing.assert_array_equal(changes, np.flatnonzero(buffer[1:] != buffer[:-1]))
     assert len(changes) and (plan.total - 1) % 64  # some changes, and a length that needed padding
@@ -404,7 +406,7 @@ def test_300_candidates_on_a_small_and_a_large_image(model, segmenter):
         corner = rng.uniform(0, 1, (300, 2)) * ([item.width, item.height] - size)
         boxes.append(np.concatenate([corner, corner + size], 1).astype(np.float32))
     prompts = _prompts(items, boxes)
-    with counting_syncs(emulate_device=True) as syncs:
+    with counting_syncs(emulate_device=segmenter.device.type == "cpu") as syncs:
         small, large = segmenter.segment(items, prompts)
     assert syncs.count == 2, syncs.by_kind
     assert len(small.masks) == len(large.masks) == 300
@@ -424,7 +426,7 @@ def test_300_candidates_on_a_small_and_a_large_image(model, segmenter):
         rows = slice(start, start + 60)
         part = replace(large.masks, counts=large.masks.counts[rows])
         crops = crop_boxes(
-            segmenter.image_size // 4, items[1:], [60], positive_bounds(low_res[300:][rows]).numpy()
+            segmenter.image_size // 4, items[1:], [60], positive_bounds(low_res[300:][rows]).cpu().numpy()
         )
         _assert_same_as_full_upsampling(part, crops, low_res[300:][rows], 900, 1200)
 
