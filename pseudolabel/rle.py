@@ -226,16 +226,22 @@ def _from_rles(rles: list[dict], height: int, width: int) -> EncodedMasks:
 def rle_object(counts: str | bytes, height: int, width: int) -> dict[str, Any]:
     """A pycocotools RLE dict; ``counts`` as bytes, as its C API wants.
 
-    Every string this module hands to pycocotools passes here. A string that is not ASCII, or whose
-    last character says "more chunks follow", raises ValueError: pycocotools' ``rleFrString`` would
-    read on past the string's end and write counts beyond its buffer (heap corruption that surfaces
-    later as a crash somewhere else). Any other garbage stays in bounds; :func:`rle_run_totals`
-    tells whether a string is a valid mask of its size.
+    Every compressed string read back from a table or file reaches pycocotools through here. One
+    with a character outside COCO's alphabet (``'0'`` .. ``'o'``; a NUL byte included) or whose last
+    character says "more chunks follow" raises ValueError: pycocotools' ``rleFrString`` would parse on
+    past the string's end and write counts beyond its buffer (heap corruption that surfaces later as
+    a crash somewhere else). Any other garbage stays in bounds; :func:`rle_run_totals` tells whether
+    a string is a valid mask of its size.
     """
     data = counts if isinstance(counts, bytes) else counts.encode("ascii")
-    if data and (data[-1] - 48) & 0x20:  # C's ``(char)(c - 48) & 0x20``: a continuation chunk
-        raise ValueError(f"malformed RLE string: it ends inside a count ({data[-8:]!r})")
+    if data.translate(None, _RLE_ALPHABET):
+        raise ValueError(f"malformed RLE string: characters outside '0'..'o' ({data[:16]!r}...)")
+    if data and (data[-1] - 48) & 0x20:  # a continuation chunk: the count goes on past the end
+        raise ValueError(f"malformed RLE string: it ends inside a count (...{data[-8:]!r})")
     return {"size": [int(height), int(width)], "counts": data}
+
+
+_RLE_ALPHABET = bytes(range(48, 48 + 64))  # chr(48 + 5-bit chunk + 0x20 continuation flag)
 
 
 def rle_objects(counts: Sequence[str], heights: Sequence[int], widths: Sequence[int]) -> list[dict[str, Any]]:

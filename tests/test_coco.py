@@ -120,21 +120,28 @@ def test_rle_run_totals_flag_what_pycocotools_decodes_silently():
     assert totals[5] == H * W  # a broken string does not disturb the next one
 
 
-def test_strings_ending_inside_a_count_never_reach_pycocotools():
-    # pycocotools' rleFrString would read past such a string's end and write counts beyond its buffer:
-    # heap corruption that crashed a later, unrelated test at interpreter exit.
+def test_strings_pycocotools_would_overrun_never_reach_it():
+    # pycocotools' rleFrString would parse past such a string's end (a last chunk that says "more", or
+    # a NUL inside) and write counts beyond its buffer: heap corruption that crashed a later, unrelated
+    # test at interpreter exit.
     good = encode_mask(rect(5, 5, 40, 30))["counts"]
     dangling = [good[:cut] for cut in range(1, len(good)) if (ord(good[cut - 1]) - 48) & 0x20]
     assert dangling
-    for counts in [*dangling, good + " ", good + "P"]:
+    for counts in [*dangling, good + "P"]:
         with pytest.raises(ValueError, match="ends inside a count"):
             rle_object(counts, H, W)
         with pytest.raises(ValueError, match="ends inside a count"):
             decode_rle(counts, H, W)
         with pytest.raises(ValueError, match="ends inside a count"):
             polygons({"size": [H, W], "counts": counts})
-    with pytest.raises(ValueError):
-        rle_object("é" + good, H, W)
+    for outside in [
+        "é" + good,
+        good[:3] + "\x00" + good[3:],
+        good[:3] + "p" + good[3:],
+        b"~" + good.encode(),
+    ]:
+        with pytest.raises(ValueError):
+            rle_object(outside, H, W)
     assert decode_rle(good, H, W).sum() == 35 * 25
 
 
