@@ -226,12 +226,12 @@ def _from_rles(rles: list[dict], height: int, width: int) -> EncodedMasks:
 def rle_object(counts: str | bytes, height: int, width: int) -> dict[str, Any]:
     """A pycocotools RLE dict; ``counts`` as bytes, as its C API wants.
 
-    Every compressed string read back from a table or file reaches pycocotools through here. One
-    with a character outside COCO's alphabet (``'0'`` .. ``'o'``; a NUL byte included) or whose last
-    character says "more chunks follow" raises ValueError: pycocotools' ``rleFrString`` would parse on
-    past the string's end and write counts beyond its buffer (heap corruption that surfaces later as
-    a crash somewhere else). Any other garbage stays in bounds; :func:`rle_run_totals` tells whether
-    a string is a valid mask of its size.
+    Every compressed string read back from a table or file reaches pycocotools through here or
+    :func:`rle_objects`. One with a character outside COCO's alphabet (``'0'`` .. ``'o'``; a NUL byte
+    included) or whose last character says "more chunks follow" raises ValueError: pycocotools'
+    ``rleFrString`` would parse on past the string's end and write counts beyond its buffer (heap
+    corruption that surfaces later as a crash somewhere else). Any other garbage stays in bounds;
+    :func:`rle_run_totals` tells whether a string is a valid mask of its size.
     """
     data = counts if isinstance(counts, bytes) else counts.encode("ascii")
     if data.translate(None, _RLE_ALPHABET):
@@ -245,7 +245,20 @@ _RLE_ALPHABET = bytes(range(48, 48 + 64))  # chr(48 + 5-bit chunk + 0x20 continu
 
 
 def rle_objects(counts: Sequence[str], heights: Sequence[int], widths: Sequence[int]) -> list[dict[str, Any]]:
-    return [rle_object(c, h, w) for c, h, w in zip(counts, heights, widths, strict=True)]
+    """:func:`rle_object` of each string (the checks made once over all of them); a malformed one
+    raises ValueError naming its position."""
+    try:
+        data = [c.encode("ascii") if isinstance(c, str) else c for c in counts]
+        clean = not b"".join(data).translate(None, _RLE_ALPHABET)
+    except UnicodeEncodeError:
+        clean = False
+    if not clean or any(d and (d[-1] - 48) & 0x20 for d in data):
+        for i, (c, h, w) in enumerate(zip(counts, heights, widths, strict=True)):
+            try:
+                rle_object(c, h, w)
+            except ValueError as exc:  # UnicodeEncodeError included
+                raise ValueError(f"RLE string #{i} of {len(counts)} ({h}x{w}): {exc}") from exc
+    return [{"size": [int(h), int(w)], "counts": d} for d, h, w in zip(data, heights, widths, strict=True)]
 
 
 def rle_areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:

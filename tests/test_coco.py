@@ -26,6 +26,7 @@ from pseudolabel.rle import (
     rle_areas,
     rle_bboxes,
     rle_object,
+    rle_objects,
     rle_run_totals,
     union_area,
 )
@@ -142,6 +143,10 @@ def test_strings_pycocotools_would_overrun_never_reach_it():
     ]:
         with pytest.raises(ValueError):
             rle_object(outside, H, W)
+    for bad in [dangling[0], good + " ", "é" + good]:
+        with pytest.raises(ValueError, match=r"RLE string #1 of 2 \(60x80\): "):
+            rle_objects([good, bad], [60, 60], [80, 80])
+    assert rle_objects([good], [60], [80]) == [rle_object(good, 60, 80)]
     assert decode_rle(good, H, W).sum() == 35 * 25
 
 
