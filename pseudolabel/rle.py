@@ -245,20 +245,14 @@ _RLE_ALPHABET = bytes(range(48, 48 + 64))  # chr(48 + 5-bit chunk + 0x20 continu
 
 
 def rle_objects(counts: Sequence[str], heights: Sequence[int], widths: Sequence[int]) -> list[dict[str, Any]]:
-    """:func:`rle_object` of each string (the checks made once over all of them); a malformed one
-    raises ValueError naming its position."""
-    try:
-        data = [c.encode("ascii") if isinstance(c, str) else c for c in counts]
-        clean = not b"".join(data).translate(None, _RLE_ALPHABET)
-    except UnicodeEncodeError:
-        clean = False
-    if not clean or any(d and (d[-1] - 48) & 0x20 for d in data):
-        for i, (c, h, w) in enumerate(zip(counts, heights, widths, strict=True)):
-            try:
-                rle_object(c, h, w)
-            except ValueError as exc:  # UnicodeEncodeError included
-                raise ValueError(f"RLE string #{i} of {len(counts)} ({h}x{w}): {exc}") from exc
-    return [{"size": [int(h), int(w)], "counts": d} for d, h, w in zip(data, heights, widths, strict=True)]
+    """:func:`rle_object` of each string; a malformed one raises ValueError naming its position."""
+    objects = []
+    for i, (c, h, w) in enumerate(zip(counts, heights, widths, strict=True)):
+        try:
+            objects.append(rle_object(c, h, w))
+        except ValueError as exc:  # UnicodeEncodeError included
+            raise ValueError(f"RLE string #{i} of {len(counts)} ({h}x{w}): {exc}") from exc
+    return objects
 
 
 def rle_areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:
