@@ -30,6 +30,7 @@ def instance():
 
 
 def _worker_pids() -> list[int]:
+    """Model workers started by this test process (another test run on the machine has its own)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -37,9 +38,20 @@ def _worker_pids() -> list[int]:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"pseudolabel.workers" in cmdline and int(entry.name) != os.getpid():
+            if b"pseudolabel.workers" in cmdline and _descends_from_me(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
+
+
+def _descends_from_me(pid: int) -> bool:
+    while pid > 1:
+        try:  # /proc/PID/stat: "PID (COMM) STATE PPID ...", COMM may hold spaces and parentheses
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == os.getpid():
+            return True
+    return False
 
 
 def test_a_killed_worker_fails_the_step_clearly_and_a_rerun_completes(tmp_path, instance):
