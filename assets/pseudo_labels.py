@@ -35,6 +35,7 @@ from pseudolabel.labels.coco import (
     load_coco,
     within,
 )
+from pseudolabel.labels.lineage import current_provenance, with_lineage
 from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.relabel import (
     MASK_INPUT_COLUMNS,
@@ -116,14 +117,15 @@ def pseudo_labels(
     rules = thresholds.load()
     shards = context.partition_keys
     started = time.perf_counter()
-    results, coco_files, dropped_polygons = [], [], None
+    results, coco_files, dropped_polygons, models = [], [], None, set()
     for shard in shards:
         try:
-            result, coco_bytes, dropped = _label_shard(store, shard, config, rules)
+            result, coco_bytes, dropped, lineage = _label_shard(store, shard, config, rules)
         except PolicyNeedsScore as exc:  # the thresholds ask for a score this detector never made
             raise Failure(description=f"{shard}: {exc}", allow_retries=False) from exc
         results.append(result)
         coco_files.append(coco_bytes)
+        models.add((lineage.get("detector_model"), lineage.get("segmenter_model")))
         if dropped is not None:
             dropped_polygons = (dropped_polygons or 0) + dropped
         context.log.info(
@@ -138,6 +140,10 @@ def pseudo_labels(
             **_metadata(config, store, shards, combined, relabel_s, mean_fraction, dropped_polygons),
             "thresholds": MetadataValue.json(rules.to_dict()),
             "thresholds_path": MetadataValue.path(str(thresholds.file())),
+            # The models whose candidates these labels were made from (recorded in the labels' lineage).
+            "candidate_models": MetadataValue.md(
+                markdown_table(pd.DataFrame(sorted(models, key=str), columns=["detector", "segmenter"]))
+            ),
         },
         check_results=checks,
     )
@@ -145,7 +151,10 @@ def pseudo_labels(
 
 def _label_shard(
     store: ObjectStore, shard: str, config: PseudoLabelsConfig, thresholds: Thresholds
-) -> tuple[RelabelResult, bytes, int | None]:
+) -> tuple[RelabelResult, bytes, int | None, dict]:
+    # The sidecars first: they are written before their outputs, so a change racing this read makes
+    # the labels look stale, never current.
+    lineage = current_provenance(store, shard)
     detections, masks, images = _read_candidates(store, shard)
     result = relabel_shard(detections, masks, thresholds, images)
     images = images.sort_values("image_id").assign(
@@ -154,14 +163,15 @@ def _label_shard(
     info = {"shard": shard, "thresholds_fingerprint": result.fingerprint, "thresholds": thresholds.to_dict()}
     coco = build_coco(result.kept, images, categories=category_names(detections["phrase"]), info=info)
     coco_bytes = coco_to_bytes(coco)
-    write_parquet(store, layout.pseudo_labels(shard), pseudo_labels_table(result.kept, result.fingerprint))
+    table = with_lineage(pseudo_labels_table(result.kept, result.fingerprint), lineage)
+    write_parquet(store, layout.pseudo_labels(shard), table)
     store.put_bytes(layout.pseudo_labels_coco(shard), coco_bytes)
     dropped_polygons = None
     if config.write_polygons:
         dropped_polygons = _write_polygons(store, shard, coco)
     else:  # a polygon export made with older thresholds must not outlive them
         store.delete(layout.pseudo_labels_polygons(shard))
-    return result, coco_bytes, dropped_polygons
+    return result, coco_bytes, dropped_polygons, lineage
 
 
 def _read_candidates(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

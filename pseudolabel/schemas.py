@@ -187,3 +187,24 @@ VIDEO_LABELS = pa.schema(
         ("thresholds_fingerprint", pa.string()),
     ]
 )
+
+# reviewed/labels.parquet: one row per reviewed instance.
+REVIEWED_LABELS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("shard", pa.string()),
+        ("task_id", pa.int64()),  # Label Studio task
+        ("annotation_id", pa.int64()),
+        ("outcome", pa.string()),  # accepted | corrected | rejected | added (review/corrections.py)
+        ("candidate_id", pa.int32()),  # the chain's candidate; -1 for an added instance
+        ("pipeline_kept", pa.bool_()),  # the chain kept the candidate (False: shown as a dropped one)
+        ("uniform_sample", pa.bool_()),  # the image was in the queue's uniform random sample (unbiased)
+        ("phrase", pa.string()),  # the class (the reviewer's, for corrected and added instances)
+        ("rle_counts", pa.string()),  # COCO compressed RLE
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_area", pa.int64()),
+        ("reviewer", pa.string()),
+        ("reviewed_at", pa.string()),  # the annotation's updated_at (ISO 8601)
+    ]
+)

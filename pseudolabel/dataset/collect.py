@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,16 +12,18 @@ import pandas as pd
 from pseudolabel import layout
 from pseudolabel.fingerprint import THRESHOLDS_METADATA_KEY, table_fingerprint
 from pseudolabel.labels.coco import image_mask_fractions
+from pseudolabel.labels.lineage import (
+    PROVENANCE_FIELDS,
+    STAGES,
+    current_provenance,
+    recorded_lineage,
+    stage_provenance,
+)
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
 from pseudolabel.video.track_labels import stride_frames
 
 _LABEL_KEY = re.compile(r"^pseudo_labels/(?P<shard>[^/]+)\.parquet$")
 _VIDEO_LABEL_KEY = re.compile(r"^video_labels/(?P<shard>[^/]+)\.parquet$")
-
-# Per-shard provenance the model workers write next to the detection / mask Parquet
-# (``layout.provenance``): the model's describe() plus backend, settings and the output's fingerprint.
-PROVENANCE_STAGES = {"detector": layout.detections, "segmenter": layout.masks}
-_CHECKPOINT_KEYS = ("checkpoint_sha256", "checkpoint_hash", "sha256")
 
 SAMPLE_COLUMNS = [
     "image_id",
@@ -45,6 +46,7 @@ SAMPLE_COLUMNS = [
     "segmenter_fingerprint",
     "source_key",  # storage key of the source picture: the shard's image, or a video frame
 ]
+PROVENANCE_COLUMNS = [f"{stage}_{field}" for stage in STAGES for field in PROVENANCE_FIELDS]
 
 
 @dataclass(frozen=True)
@@ -69,35 +71,6 @@ def labelled_shards(
 
 def video_labelled_shards(store: ObjectStore) -> list[str]:
     return labelled_shards(store, "video_labels/", _VIDEO_LABEL_KEY)
-
-
-def _first(mapping: dict[str, Any], keys: tuple[str, ...]) -> Any:
-    return next((mapping[k] for k in keys if mapping.get(k) is not None), None)
-
-
-def _model_variant(meta: dict[str, Any]) -> str | None:
-    """Explicit ``model_variant``, else "model/variant" (either part alone when the other is missing)."""
-    if meta.get("model_variant"):
-        return str(meta["model_variant"])
-    parts = [str(meta[k]) for k in ("model", "variant") if meta.get(k)]
-    return "/".join(parts) or None
-
-
-def read_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
-    """Model variant, backend, checkpoint hash and output fingerprint per stage from its sidecar JSON,
-    or None where absent."""
-    out: dict[str, str | None] = {}
-    for stage, key_of in PROVENANCE_STAGES.items():
-        try:
-            meta = store.get_json(layout.provenance(key_of(shard)))
-        except (ObjectNotFound, ValueError):
-            meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-        out[f"{stage}_model"] = _model_variant(meta)
-        out[f"{stage}_backend"] = meta.get("backend")
-        out[f"{stage}_checkpoint_sha256"] = _first(meta, _CHECKPOINT_KEYS)
-        out[f"{stage}_fingerprint"] = meta.get("fingerprint")
-    return out
 
 
 def _read_optional(store: ObjectStore, key: str, columns: list[str]) -> pd.DataFrame | None:
@@ -134,8 +107,11 @@ def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.Data
     samples["source_key"] = [layout.image(shard, image_id) for image_id in samples["image_id"]]
     instances["shard"] = shard
     samples["thresholds_fingerprint"] = fingerprint
-    for column, value in read_provenance(store, shard).items():
-        samples[column] = value
+    # The models that made these labels, as pseudo_labels recorded them; labels made before lineage was
+    # recorded fall back to the sidecars stored now.
+    lineage = recorded_lineage(table.schema) or current_provenance(store, shard)
+    for column in PROVENANCE_COLUMNS:
+        samples[column] = lineage.get(column)
     return samples[SAMPLE_COLUMNS], instances
 
 
@@ -184,13 +160,11 @@ def _video_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
         meta = store.get_json(layout.provenance(layout.video_tracks(shard)))
     except (ObjectNotFound, ValueError):
         meta = {}
-    out: dict[str, str | None] = {}
-    for stage, entry in (("detector", meta.get("detector") or {}), ("segmenter", meta)):
-        out[f"{stage}_model"] = _model_variant(entry)
-        out[f"{stage}_backend"] = entry.get("backend")
-        out[f"{stage}_checkpoint_sha256"] = _first(entry, _CHECKPOINT_KEYS)
-        out[f"{stage}_fingerprint"] = meta.get("fingerprint")
-    return out
+    fingerprint = meta.get("fingerprint")
+    return {
+        **stage_provenance(meta.get("detector") or {}, "detector", fingerprint),
+        **stage_provenance(meta, "segmenter", fingerprint),
+    }
 
 
 def collect(store: ObjectStore, shards: list[str] | None = None, frame_stride: int = 0) -> Collected:
