@@ -6,16 +6,30 @@ split). Point AutoSAM2 at the directory CURRENT.json's ``root`` names.
 """
 
 # No `from __future__ import annotations`: Dagster 1.13 must resolve the Config annotation when decorating.
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pandas as pd
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
-from pseudolabel.dataset.collect import Collected, collect
+from assets.common import gate_check_results
+from pseudolabel.dataset.collect import Collected, collect, labelled_shards
+from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
 from pseudolabel.dataset.publish import PublishSummary, publish_dataset
 from pseudolabel.dataset.samples import SampleSpec
+from pseudolabel.labels.lineage import stale_shards
 from pseudolabel.labels.thresholds import thresholds_fingerprint
 from pseudolabel.markdown import markdown_table
+from pseudolabel.review.corrections import kept_precision, read_reviewed
 from resources.storage import StorageResource
 from resources.thresholds import ThresholdsResource
 
@@ -32,6 +46,10 @@ class AutoSam2ManifestConfig(Config):
     # Shards labelled with different thresholds (e.g. a backfill still running) make a mixed
     # training set; refuse unless explicitly allowed.
     allow_mixed_thresholds: bool = False
+    # The reviewed-precision gate: classes with at least min_reviewed reviewed kept instances in the
+    # review queue's uniform sample must reach target_precision, or nothing is published.
+    target_precision: float = 0.9
+    min_reviewed: int = 20
     keep_versions: int = 2  # the new version plus this many - 1 previous ones, for readers mid-epoch
     workers: int = 2
     # Every frame_stride-th labelled frame of each video (video_labels shards) becomes a sample too;
@@ -46,31 +64,44 @@ class AutoSam2ManifestConfig(Config):
     description=(
         "AutoSAM2 training set (samples/, binary_masks/, splits/, manifest.jsonl, coco.json) "
         "from all pseudo_labels shards in storage, plus every frame_stride-th labelled video frame of the "
-        "video_labels shards; autosam2/CURRENT.json names the current version."
+        "video_labels shards; autosam2/CURRENT.json names the current version. Reviewed images carry the "
+        "reviewers' masks (`verified`). Published only when the blocking quality gates pass."
     ),
+    check_specs=[
+        AssetCheckSpec(name, asset="autosam2_manifest", blocking=True, description=GATE_DESCRIPTIONS[name])
+        for name in GATES
+    ],
 )
 def autosam2_manifest(
     context: AssetExecutionContext,
     config: AutoSam2ManifestConfig,
     storage: StorageResource,
     thresholds: ThresholdsResource,
-) -> MaterializeResult:
+) -> Iterator[AssetCheckResult | MaterializeResult]:
     store = storage.store()
-    collected = collect(store, frame_stride=config.frame_stride)
+    reviewed = read_reviewed(store)
+    collected = collect(store, frame_stride=config.frame_stride, reviewed=reviewed)
     for warning in collected.warnings:
         context.log.warning(warning)
     samples = collected.samples
-    if not config.include_empty:
-        samples = samples.loc[samples["instance_count"] > 0]
+    if not config.include_empty:  # reviewed images stay: "nothing here" is a reviewer's verdict
+        samples = samples.loc[(samples["instance_count"] > 0) | samples["verified"]]
     fingerprints = sorted(samples["thresholds_fingerprint"].dropna().unique())
-    if len(fingerprints) > 1 and not config.allow_mixed_thresholds:
-        by_fingerprint = samples.groupby("thresholds_fingerprint")["shard"].unique().to_dict()
+    gates = dataset_gates(
+        samples,
+        stale=stale_shards(store, labelled_shards(store)),
+        precision=kept_precision(reviewed) if len(reviewed) else pd.DataFrame(),
+        target_precision=config.target_precision,
+        min_reviewed=config.min_reviewed,
+        allow_mixed_thresholds=config.allow_mixed_thresholds,
+    )
+    yield from gate_check_results(gates)
+    failed = [g for g in gates if not g.passed]
+    if failed:
         raise Failure(
-            description="pseudo_labels shards were made with different thresholds; re-materialise the "
-            "unsynced shards or set allow_mixed_thresholds",
-            metadata={
-                "shards_by_fingerprint": MetadataValue.json({k: sorted(v) for k, v in by_fingerprint.items()})
-            },
+            description="Not published: " + "; ".join(f"{g.name}: {g.summary}" for g in failed),
+            metadata={g.name: MetadataValue.json(g.details) for g in failed},
+            allow_retries=False,
         )
     current = thresholds_fingerprint(thresholds.load())
     if fingerprints and fingerprints != [current]:
@@ -105,7 +136,8 @@ def autosam2_manifest(
         int(samples["source_key"].str.startswith("video_frames/").sum())
     )
     metadata["frame_stride"] = MetadataValue.int(config.frame_stride)
-    return MaterializeResult(metadata=metadata)
+    metadata["verified_samples"] = MetadataValue.int(int(samples["verified"].sum()))
+    yield MaterializeResult(metadata=metadata)
 
 
 def _metadata(

@@ -14,9 +14,10 @@ A retried GPU step runs with half the batch size per retry.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
@@ -27,8 +28,11 @@ from dagster import (
     Failure,
     Jitter,
     MaterializeResult,
+    MetadataValue,
     RetryPolicy,
 )
+
+from pseudolabel.dataset.gates import GateResult
 
 SHARDS_PARTITIONS_NAME = "shards"
 shard_partitions = DynamicPartitionsDefinition(name=SHARDS_PARTITIONS_NAME)
@@ -155,3 +159,14 @@ def catalog_cursor(instance: DagsterInstance) -> int | None:
         return None
     value = event.asset_materialization.metadata.get(CURSOR_METADATA_KEY)
     return None if value is None else int(value.value)
+
+
+def gate_check_results(gates: list[GateResult]) -> Iterator[AssetCheckResult]:
+    """Quality gates as the asset's (blocking) check results, with what each found."""
+    for gate in gates:
+        yield AssetCheckResult(
+            check_name=gate.name,
+            passed=gate.passed,
+            description=gate.summary,
+            metadata={"summary": gate.summary, "details": MetadataValue.json(gate.details)},
+        )

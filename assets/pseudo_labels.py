@@ -24,6 +24,7 @@ from dagster import (
 
 from assets.common import SINGLE_RUN, shard_partitions
 from pseudolabel import layout
+from pseudolabel.labels.candidates import read_candidates
 from pseudolabel.labels.coco import (
     build_coco,
     category_names,
@@ -38,19 +39,17 @@ from pseudolabel.labels.coco import (
 from pseudolabel.labels.lineage import current_provenance, with_lineage
 from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.relabel import (
-    MASK_INPUT_COLUMNS,
     REJECT_REASONS,
     RelabelResult,
     combine_results,
     decision_table,
     pseudo_labels_table,
-    read_detections,
     relabel_shard,
     score_histograms,
 )
 from pseudolabel.labels.thresholds import Thresholds
 from pseudolabel.markdown import markdown_table
-from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import ObjectStore, write_parquet
 from resources.storage import StorageResource
 from resources.thresholds import ThresholdsResource
 
@@ -155,8 +154,9 @@ def _label_shard(
     # The sidecars first: they are written before their outputs, so a change racing this read makes
     # the labels look stale, never current.
     lineage = current_provenance(store, shard)
-    detections, masks, images = _read_candidates(store, shard)
-    result = relabel_shard(detections, masks, thresholds, images)
+    candidates = read_candidates(store, shard)
+    detections, images = candidates.detections, candidates.images
+    result = relabel_shard(detections, candidates.masks, thresholds, images)
     images = images.sort_values("image_id").assign(
         file_name=lambda f: [layout.image(shard, i) for i in f["image_id"]]
     )
@@ -172,15 +172,6 @@ def _label_shard(
     else:  # a polygon export made with older thresholds must not outlive them
         store.delete(layout.pseudo_labels_polygons(shard))
     return result, coco_bytes, dropped_polygons, lineage
-
-
-def _read_candidates(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    detections = read_detections(store.get_bytes(layout.detections(shard)))
-    masks = read_parquet(store, layout.masks(shard), columns=MASK_INPUT_COLUMNS).to_pandas()
-    images = read_parquet(
-        store, layout.detection_images(shard), columns=["image_id", "width", "height"]
-    ).to_pandas()
-    return detections, masks, images
 
 
 def _write_polygons(store: ObjectStore, shard: str, coco: dict) -> int:

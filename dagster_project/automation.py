@@ -12,6 +12,7 @@ import os
 
 from dagster import (
     AssetKey,
+    AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -24,7 +25,11 @@ from dagster import (
 
 from assets.common import SHARDS_PARTITIONS_NAME, catalog_cursor
 from dagster_project.jobs import sample_increment_job, shard_chain_job
+from pseudolabel import layout
+from pseudolabel.storage import ObjectNotFound
 from resources.catalog import CatalogResource
+from resources.label_studio import LabelStudioResource
+from resources.storage import StorageResource
 
 REFRESH_CRON_ENV = "PSEUDOLABEL_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00
@@ -90,3 +95,28 @@ def new_shards_sensor(context: SensorEvaluationContext):
         return SkipReason("Every registered shard has been processed.")
     # The run key makes a shard's request happen once, however many ticks see it unprocessed.
     return [RunRequest(run_key=f"shard-chain-{s}", partition_key=s) for s in todo]
+
+
+@sensor(
+    asset_selection=AssetSelection.assets("reviewed_labels"),
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.STOPPED,
+    description=(
+        "Polls the Label Studio review project and materializes `reviewed_labels` when reviewers have "
+        "submitted or edited annotations since the last tick (the cursor is the latest annotation time seen)."
+    ),
+)
+def label_studio_reviews_sensor(
+    context: SensorEvaluationContext, storage: StorageResource, label_studio: LabelStudioResource
+):
+    try:
+        state = storage.store().get_json(layout.REVIEW_STATE)
+    except ObjectNotFound:
+        return SkipReason("No review project yet: materialize review_queue first.")
+    since = context.cursor or state.get("reviewed_until")
+    reviewed = label_studio.client().reviewed_tasks(int(state["project_id"]), updated_after=since)
+    if not reviewed.tasks:
+        return SkipReason(f"No annotation submitted or edited since {since or 'the start'}.")
+    context.update_cursor(reviewed.cursor)
+    # reviewed_labels reads from its own stored cursor, so a failed run is caught up by the next one.
+    return RunRequest(run_key=f"reviews-{reviewed.cursor}")

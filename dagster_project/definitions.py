@@ -15,8 +15,20 @@ from dagster import (
 )
 
 import assets
-from dagster_project.automation import catalog_growth_sensor, catalog_refresh_schedule, new_shards_sensor
-from dagster_project.jobs import catalog_job, dataset_job, relabel_job, sample_increment_job, shard_chain_job
+from dagster_project.automation import (
+    catalog_growth_sensor,
+    catalog_refresh_schedule,
+    label_studio_reviews_sensor,
+    new_shards_sensor,
+)
+from dagster_project.jobs import (
+    catalog_job,
+    dataset_job,
+    relabel_job,
+    review_job,
+    sample_increment_job,
+    shard_chain_job,
+)
 from dagster_project.resource_defs import executor_from_env, resources_from_env
 from pseudolabel.labels.thresholds import load_thresholds, thresholds_code_version, thresholds_path
 
@@ -34,9 +46,9 @@ def defs() -> Definitions:
     return Definitions(
         assets=map_asset_specs(stamp, load_assets_from_package_module(assets)),
         asset_checks=load_asset_checks_from_package_module(assets),
-        jobs=[catalog_job, sample_increment_job, shard_chain_job, relabel_job, dataset_job],
+        jobs=[catalog_job, sample_increment_job, shard_chain_job, relabel_job, dataset_job, review_job],
         schedules=[catalog_refresh_schedule],
-        sensors=[catalog_growth_sensor, new_shards_sensor],
+        sensors=[catalog_growth_sensor, new_shards_sensor, label_studio_reviews_sensor],
         resources=resources_from_env(),
         executor=executor_from_env(),
     )

@@ -41,6 +41,15 @@ relabel_job = define_asset_job(
 
 dataset_job = define_asset_job(
     "dataset_job",
-    selection=AssetSelection.assets("autosam2_manifest"),
-    description="Rebuild the AutoSAM2 dataset from every labelled shard.",
+    selection=AssetSelection.assets("autosam2_manifest", "dataset_exports"),
+    description=(
+        "Publish a new dataset version from every labelled shard: the AutoSAM2 layout, then the COCO, "
+        "YOLO-seg and Label Studio exports with the same splits (stopped by a failing quality gate)."
+    ),
+)
+
+review_job = define_asset_job(
+    "review_job",
+    selection=AssetSelection.assets("review_queue"),
+    description="Choose images for review and push them to the Label Studio project (CPU only).",
 )

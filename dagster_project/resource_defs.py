@@ -20,6 +20,7 @@ from dagster import ExecutorDefinition, multiprocess_executor
 
 from resources.catalog import catalog_from_env
 from resources.k8s import WORKER_IMAGE_ENV  # the worker image's variable, named once
+from resources.label_studio import label_studio_from_env
 from resources.models import StageSettingsResource, TrackerResource, model_resources
 from resources.storage import storage_from_env
 from resources.thresholds import ThresholdsResource
@@ -56,6 +57,7 @@ def resources_from_env(environ: Mapping[str, str] | None = None) -> dict[str, An
         "stage_settings": StageSettingsResource(),
         "thresholds": ThresholdsResource(),
         "model_workers": model_workers_from_env(environ),
+        "label_studio": label_studio_from_env(),
     }
 
 

@@ -18,6 +18,7 @@ video_frames/<shard>.parquet              per-shard frame index (one row per fra
 video_tracks/<shard>.parquet              tracked masks (COCO RLE), one row per (video, frame, track)
 video_labels/<shard>.parquet|.vis.json    thresholded tracks: Parquet index + YouTube-VIS style JSON
 autosam2/...                              the AutoSAM2 training layout
+exports/...                               the dataset exports (COCO, YOLO-seg, Label Studio tasks)
 label_quality/...                         evaluation reports
 """
 
@@ -161,3 +162,48 @@ def label_quality_gold_image(prefix: str, image_id: str) -> str:
 def label_quality_candidates(prefix: str, table: str) -> str:
     """``detections`` / ``detection_images`` / ``masks`` of the gold images, as the chain stores them."""
     return f"{prefix}/candidates/{table}.parquet"
+
+
+# The review loop: what was sent to Label Studio, and what reviewers said.
+REVIEWED_LABELS = "review/reviewed_labels.parquet"  # one row per reviewed instance (schemas.REVIEWED_LABELS)
+REVIEW_STATE = "review/state.json"  # Label Studio project id and the reviewed-until cursor
+
+
+def review_queue(version: str) -> str:
+    """The queue one review_queue run chose and pushed (image, class, reason, candidate)."""
+    return f"review/queues/{version}.parquet"
+
+
+# Dataset exports: exports/CURRENT.json names the live version's root; each version holds every format.
+EXPORTS_ROOT = "exports"
+EXPORTS_CURRENT = f"{EXPORTS_ROOT}/CURRENT.json"
+
+
+def exports_version_root(version: str) -> str:
+    return f"{EXPORTS_ROOT}/versions/{version}"
+
+
+def export_image(root: str, split: str, image_id: str) -> str:
+    """The image file COCO and YOLO share: ``images/<split>/<image_id>.jpg``."""
+    return f"{root}/images/{split}/{image_id}.jpg"
+
+
+def export_coco(root: str, split: str) -> str:
+    return f"{root}/annotations/instances_{split}.json"
+
+
+def export_yolo_labels(root: str, split: str, image_id: str) -> str:
+    return f"{root}/labels/{split}/{image_id}.txt"
+
+
+def export_data_yaml(root: str) -> str:
+    return f"{root}/data.yaml"
+
+
+def export_label_studio_tasks(root: str, split: str) -> str:
+    return f"{root}/label_studio/tasks_{split}.json"
+
+
+def export_label_studio_config(root: str) -> str:
+    """The labelling config the tasks were made for (import it as the project's config)."""
+    return f"{root}/label_studio/label_config.xml"

@@ -19,6 +19,7 @@ from pseudolabel.labels.lineage import (
     recorded_lineage,
     stage_provenance,
 )
+from pseudolabel.review.corrections import GOLD_OUTCOMES
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
 from pseudolabel.video.track_labels import stride_frames
 
@@ -45,6 +46,7 @@ SAMPLE_COLUMNS = [
     "segmenter_checkpoint_sha256",
     "segmenter_fingerprint",
     "source_key",  # storage key of the source picture: the shard's image, or a video frame
+    "verified",  # a reviewer's masks replace the pseudo-labels of this image
 ]
 PROVENANCE_COLUMNS = [f"{stage}_{field}" for stage in STAGES for field in PROVENANCE_FIELDS]
 
@@ -82,10 +84,31 @@ def _read_optional(store: ObjectStore, key: str, columns: list[str]) -> pd.DataF
     return table.select(present).to_pandas()
 
 
-def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(samples, instances) of one shard; samples include images with no kept instance."""
+def with_reviews(instances: pd.DataFrame, gold: pd.DataFrame | None) -> pd.DataFrame:
+    """``instances`` where every reviewed image's pseudo-labels are replaced by its gold instances
+    (accepted, corrected, added; none when the reviewer rejected everything), flagged ``verified``.
+    A verified instance has no model scores: they read 1.0."""
+    instances = instances.assign(verified=False)
+    if gold is None or gold.empty:
+        return instances
+    human = gold.assign(verified=True, box_score=1.0, text_score=1.0, mask_score=1.0)
+    human = human.reindex(columns=instances.columns)
+    machine = instances.loc[~instances["image_id"].isin(set(gold["image_id"]))]
+    return pd.concat([machine, human], ignore_index=True).sort_values("image_id", kind="stable")
+
+
+def collect_shard(
+    store: ObjectStore, shard: str, reviewed: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(samples, instances) of one shard; samples include images with no kept instance. ``reviewed``:
+    the shard's reviewed images as :data:`~pseudolabel.schemas.REVIEWED_LABELS` rows, whose
+    gold instances replace the pseudo-labels of those images (:func:`with_reviews`)."""
     table = read_parquet(store, layout.pseudo_labels(shard))
-    instances = table.to_pandas()
+    reviewed = reviewed if reviewed is not None else pd.DataFrame(columns=["image_id", "outcome"])
+    # A reviewed image with every proposal rejected has no gold instance but is still reviewed.
+    reviewed_ids = set(reviewed["image_id"])
+    instances = with_reviews(table.to_pandas(), reviewed.loc[reviewed["outcome"].isin(GOLD_OUTCOMES)])
+    instances = instances.loc[~instances["image_id"].isin(reviewed_ids) | instances["verified"]]
     fingerprint = table_fingerprint(table, THRESHOLDS_METADATA_KEY) or (
         instances["thresholds_fingerprint"].iloc[0] if len(instances) else None
     )
@@ -104,6 +127,7 @@ def collect_shard(store: ObjectStore, shard: str) -> tuple[pd.DataFrame, pd.Data
     samples["instance_count"] = samples["image_id"].map(counts).fillna(0).astype(np.int64)
     samples["mask_fraction"] = samples["image_id"].map(image_mask_fractions(instances)).fillna(0.0)
     samples["shard"] = shard
+    samples["verified"] = samples["image_id"].isin(reviewed_ids)
     samples["source_key"] = [layout.image(shard, image_id) for image_id in samples["image_id"]]
     instances["shard"] = shard
     samples["thresholds_fingerprint"] = fingerprint
@@ -152,7 +176,8 @@ def collect_video_shard(store: ObjectStore, shard: str, stride: int) -> tuple[pd
     samples["thresholds_fingerprint"] = table_fingerprint(table, THRESHOLDS_METADATA_KEY)
     for column, value in _video_provenance(store, shard).items():
         samples[column] = value
-    return samples[SAMPLE_COLUMNS], instances.drop(columns=["video_id"])
+    samples["verified"] = False
+    return samples[SAMPLE_COLUMNS], instances.drop(columns=["video_id"]).assign(verified=False)
 
 
 def _video_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
@@ -167,13 +192,20 @@ def _video_provenance(store: ObjectStore, shard: str) -> dict[str, str | None]:
     }
 
 
-def collect(store: ObjectStore, shards: list[str] | None = None, frame_stride: int = 0) -> Collected:
+def collect(
+    store: ObjectStore,
+    shards: list[str] | None = None,
+    frame_stride: int = 0,
+    reviewed: pd.DataFrame | None = None,
+) -> Collected:
     """Image samples of ``shards`` (default: every pseudo_labels shard), plus with ``frame_stride`` > 0
-    every ``frame_stride``-th labelled frame of each video of every video_labels shard."""
+    every ``frame_stride``-th labelled frame of each video of every video_labels shard. ``reviewed``
+    (:data:`~pseudolabel.schemas.REVIEWED_LABELS` rows) puts reviewers' masks on the images they reviewed."""
     shards = labelled_shards(store) if shards is None else shards
+    by_shard = dict(tuple(reviewed.groupby("shard"))) if reviewed is not None and len(reviewed) else {}
     sample_parts, instance_parts = [], []
     for shard in shards:
-        samples, instances = collect_shard(store, shard)
+        samples, instances = collect_shard(store, shard, by_shard.get(shard))
         sample_parts.append(samples)
         instance_parts.append(instances)
     video_shards = video_labelled_shards(store) if frame_stride > 0 else []

@@ -148,6 +148,7 @@ def _manifest_line(sample: Mapping[str, Any]) -> str:
         "width": sample["width"],
         "height": sample["height"],
         "source_sha256": sample["source_sha256"],
+        "verified": bool(sample.get("verified", False)),  # a reviewer's masks, not the chain's
     }
     return json.dumps({k: clean(v) for k, v in row.items()}, sort_keys=False)
 
@@ -164,7 +165,7 @@ def merged_coco(samples: pd.DataFrame, instances: pd.DataFrame, info: dict[str, 
         images,
         categories=category_names(instances["phrase"]) if len(instances) else [],
         info=info,
-        image_fields=("sample_file", "split", "label", "shard"),
+        image_fields=("sample_file", "split", "label", "shard", "verified"),
     )
 
 

@@ -26,7 +26,10 @@ import pyarrow as pa
 from pseudolabel.exports.label_studio import brush_rle_decode
 from pycocotools import mask as mask_utils
 
+from pseudolabel import layout
+from pseudolabel.quality.precision import precision_interval
 from pseudolabel.schemas import REVIEWED_LABELS
+from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
 
 OUTCOMES = ("accepted", "corrected", "rejected", "added")
 GOLD_OUTCOMES = ("accepted", "corrected", "added")
@@ -72,6 +75,11 @@ def encode(mask: np.ndarray) -> tuple[str, int]:
     return rle["counts"].decode("ascii"), int(mask_utils.area(rle))
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    return float(np.count_nonzero(a & b)) / union if union else 1.0
+
+
 def latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The task's most recently updated submitted annotation, or None (none, or the latest was skipped)."""
     annotations = sorted(task.get("annotations") or [], key=lambda a: str(a.get("updated_at") or ""))
@@ -112,6 +120,7 @@ def reviewed_instances(task: Mapping[str, Any]) -> pd.DataFrame:
     def row(outcome: str, region_id: str, phrase: str, mask: np.ndarray) -> None:
         candidate = _candidate_id(region_id) if outcome != "added" else None
         counts, area = encode(mask)
+        predicted = shown.get(region_id)
         rows.append(
             {
                 **common,
@@ -119,6 +128,10 @@ def reviewed_instances(task: Mapping[str, Any]) -> pd.DataFrame:
                 "candidate_id": -1 if candidate is None else candidate,
                 "pipeline_kept": candidate in kept_ids if candidate is not None else False,
                 "phrase": phrase,
+                "predicted_phrase": predicted[0] if predicted else None,
+                "iou_with_prediction": (
+                    0.0 if outcome == "rejected" else mask_iou(mask, predicted[1]) if predicted else np.nan
+                ),
                 "rle_counts": counts,
                 "height": mask.shape[0],
                 "width": mask.shape[1],
@@ -170,3 +183,42 @@ def gold_instances(reviewed: pd.DataFrame) -> pd.DataFrame:
 
 def reviewed_arrow(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(frame[REVIEWED_LABELS.names], schema=REVIEWED_LABELS, preserve_index=False)
+
+
+def kept_precision(
+    reviewed: pd.DataFrame, iou_threshold: float = 0.5, uniform_only: bool = True
+) -> pd.DataFrame:
+    """Per class, the share of the chain's kept instances a reviewer confirmed: accepted, or corrected to a
+    mask of the same class with IoU >= ``iou_threshold`` with the one shown; with a Wilson interval.
+
+    ``uniform_only`` counts only images of the queue's uniform random sample, the unbiased estimate of
+    the precision of all labels of the class (the informative items over-represent hard cases)."""
+    rows = reviewed.loc[reviewed["pipeline_kept"].astype(bool) & (reviewed["outcome"] != "added")]
+    if uniform_only:
+        rows = rows.loc[rows["uniform_sample"].astype(bool)]
+    confirmed = (
+        rows["outcome"].isin(("accepted", "corrected"))
+        & (rows["phrase"] == rows["predicted_phrase"])
+        & (rows["iou_with_prediction"].astype(float) >= iou_threshold)
+    )
+    table = (
+        pd.DataFrame({"class": rows["predicted_phrase"], "correct": confirmed})
+        .groupby("class")["correct"]
+        .agg(kept="size", correct="sum")
+        .reset_index()
+    )
+    intervals = [
+        precision_interval(int(c), int(n)) for c, n in zip(table["correct"], table["kept"], strict=True)
+    ]
+    table["precision"] = table["correct"] / table["kept"]
+    table["ci_low"] = [low for low, _ in intervals]
+    table["ci_high"] = [high for _, high in intervals]
+    return table
+
+
+def read_reviewed(store: ObjectStore) -> pd.DataFrame:
+    """The stored reviewed instances (an empty table before the first review)."""
+    try:
+        return read_parquet(store, layout.REVIEWED_LABELS).to_pandas()
+    except ObjectNotFound:
+        return pd.DataFrame(columns=REVIEWED_LABELS.names)
