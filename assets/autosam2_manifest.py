@@ -26,6 +26,7 @@ from pseudolabel.dataset.collect import Collected, collect, labelled_shards
 from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
 from pseudolabel.dataset.publish import PublishSummary, publish_dataset
 from pseudolabel.dataset.samples import SampleSpec
+from pseudolabel.labels.coco import category_names
 from pseudolabel.labels.lineage import stale_shards
 from pseudolabel.labels.thresholds import thresholds_fingerprint
 from pseudolabel.markdown import markdown_table
@@ -125,7 +126,12 @@ def autosam2_manifest(
         seed=config.seed,
         workers=config.workers,
         keep_versions=config.keep_versions,
-        info={"thresholds_fingerprints": fingerprints, "shards": collected.shards, "run_id": context.run_id},
+        info={
+            "thresholds_fingerprints": fingerprints,
+            "shards": collected.shards,
+            "run_id": context.run_id,
+            "categories": category_names(collected.instances["phrase"]) if len(collected.instances) else [],
+        },
         log=context.log.info,
     )
     for failure in summary.failure_examples:

@@ -149,6 +149,7 @@ def _manifest_line(sample: Mapping[str, Any]) -> str:
         "height": sample["height"],
         "source_sha256": sample["source_sha256"],
         "verified": bool(sample.get("verified", False)),  # a reviewer's masks, not the chain's
+        "source_key": source_key(sample),
     }
     return json.dumps({k: clean(v) for k, v in row.items()}, sort_keys=False)
 

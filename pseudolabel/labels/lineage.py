@@ -83,9 +83,10 @@ def stored_lineage(store: ObjectStore, shard: str) -> dict[str, Any] | None:
 
 
 def staleness(recorded: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
-    """Why labels with ``recorded`` lineage do not match the candidates stored now, or None."""
+    """Why labels with ``recorded`` lineage do not match the candidates stored now, or None. Labels made
+    before lineage was recorded (``recorded`` None) cannot be judged and are not called stale."""
     if recorded is None:
-        return "labels do not record the candidates they were made from"
+        return None
     changed = [
         stage
         for stage in STAGES

@@ -9,12 +9,12 @@ made them, so a review can be read without the pipeline's storage.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
-from pseudolabel.exports.label_studio import prediction_result
 
+from pseudolabel.exports.label_studio import prediction_result, task
 from pseudolabel.labels.coco import EMPTY_PHRASE_NAME
 from pseudolabel.labels.relabel import KEPT
 
@@ -59,10 +59,13 @@ def review_tasks(
             for r in shown.itertuples(index=False)
         ]
         tasks.append(
-            {
-                "data": {
-                    "image": image_url(shard, image_id),
-                    "image_id": image_id,
+            task(
+                image_url(shard, image_id),
+                image_id=image_id,
+                split=None,
+                results=result,
+                model_version=model_version,
+                data={
                     "shard": shard,
                     REVIEW_KEY: image_id,
                     "reasons": ",".join(sorted(set(items["reason"]))),
@@ -70,19 +73,11 @@ def review_tasks(
                     "kept_candidates": sorted(int(c) for c in rows.loc[kept, "candidate_id"]),
                     "thresholds_fingerprint": thresholds_fingerprint,
                 },
-                "predictions": [
-                    {"model_version": model_version, "score": _mean_score(result), "result": result}
-                ],
-            }
+            )
         )
     return tasks
 
 
-def _score(row: Any) -> float:
-    value = row.mask_score
-    return float(value) if value == value else 0.0  # NaN -> 0
-
-
-def _mean_score(result: list[Mapping[str, Any]]) -> float:
-    scores = [float(r.get("score", 0.0)) for r in result]
-    return round(sum(scores) / len(scores), 4) if scores else 0.0
+def _score(row: Any) -> float | None:
+    value = float(row.mask_score)
+    return None if value != value else value  # NaN: the segmenter made no score
