@@ -96,6 +96,62 @@ def _segment(args: argparse.Namespace) -> int:
     return subprocess.run([python, "-m", "pseudolabel.segment", *args.argv], env=env).returncode
 
 
+def _read_text(location: str) -> str:
+    """A local file's text, or an ``s3://bucket/key`` object's (credentials from the environment)."""
+    if location.startswith("s3://"):
+        from pseudolabel.storage import open_store
+
+        parent, _, name = location.rpartition("/")
+        return open_store(parent).get_text(name)
+    return Path(location).expanduser().read_text()
+
+
+def _thresholds_adopt(args: argparse.Namespace) -> int:
+    """Validate a thresholds proposal, show what changes, and make it the thresholds file in use."""
+    import os
+    import tempfile
+
+    from pseudolabel.labels.thresholds import (
+        ThresholdsError,
+        load_thresholds,
+        parse_thresholds,
+        thresholds_code_version,
+        thresholds_path,
+    )
+
+    target = Path(args.to).expanduser() if args.to else thresholds_path()
+    try:
+        text = _read_text(args.proposal)
+        proposed = parse_thresholds(text)
+        current = load_thresholds(target) if target.exists() else None
+    except (OSError, ThresholdsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    before = current.to_dict() if current else {}
+    after = proposed.to_dict()
+    changes = [
+        f"  {key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+    if not changes:
+        print(f"{target} already holds these thresholds ({thresholds_code_version(proposed)}); nothing to do")
+        return 0
+    print(f"adopting {args.proposal} as {target}:")
+    print("\n".join(changes))
+    if args.dry_run:
+        return 0
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temp, target)
+    print(
+        f"pseudo_labels code version is now {thresholds_code_version(proposed)}: reload the code location, then "
+        "materialize the unsynced pseudo_labels partitions (relabel_job backfill; no GPU)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pseudolabel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the assets' detector and segmenter code on image files in the model-worker environment.",
     )
     segment_parser(segment).set_defaults(func=_segment)
+
+    thresholds = sub.add_parser("thresholds", help="the label thresholds file")
+    thresholds_sub = thresholds.add_subparsers(dest="thresholds_command", required=True)
+    adopt = thresholds_sub.add_parser(
+        "adopt",
+        help="make a label_quality proposal (thresholds.proposal.yaml) the thresholds file in use",
+        description="Validates the proposal, prints what changes, and writes it over the thresholds file in "
+        "use ($PSEUDOLABEL_THRESHOLDS, else the packaged file) or --to. Then relabel: no GPU stage re-runs.",
+    )
+    adopt.add_argument("proposal", help="path or s3:// URI of the proposal (label_quality's `adopt_with`)")
+    adopt.add_argument("--to", default=None, help="thresholds file to write (default: the one in use)")
+    adopt.add_argument("--dry-run", action="store_true", help="only print what would change")
+    adopt.set_defaults(func=_thresholds_adopt)
 
     python = workers_sub.add_parser("python", help="print the worker interpreter (exit 1 if not built)")
     python.add_argument("--extra", action="append", metavar="NAME", help=extra_help)
