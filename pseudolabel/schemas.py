@@ -200,6 +200,8 @@ REVIEWED_LABELS = pa.schema(
         ("pipeline_kept", pa.bool_()),  # the chain kept the candidate (False: shown as a dropped one)
         ("uniform_sample", pa.bool_()),  # the image was in the queue's uniform random sample (unbiased)
         ("phrase", pa.string()),  # the class (the reviewer's, for corrected and added instances)
+        ("predicted_phrase", pa.string()),  # the class the chain gave it (null for an added instance)
+        ("iou_with_prediction", pa.float32()),  # reviewer's mask vs the shown one: 1 accepted, 0 rejected
         ("rle_counts", pa.string()),  # COCO compressed RLE
         ("height", pa.int32()),
         ("width", pa.int32()),
