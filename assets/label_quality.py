@@ -133,7 +133,12 @@ def label_quality(
             context, config, store, prefix, storage, detector, segmenter, stage_settings, model_workers
         )
         metadata.update(worker_metadata)
-        report_extra = {"gold_source": "folder", "gold_dir": config.gold_dir}
+        report_extra = {
+            "gold_source": "folder",
+            "gold_dir": config.gold_dir,
+            "detections": vars(stage_settings.detection()),
+            "masks": vars(stage_settings.segmentation()),
+        }
     scorer = make_scorer(candidates, gold_masks, config.contour_factor, config.contour_band_px)
     sweep = threshold_sweep(
         candidates,

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
-from pseudolabel.review.label_studio import LabelStudioClient
 from pydantic import Field
 
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
@@ -53,12 +52,14 @@ class LabelStudioResource(ConfigurableResource):
         default=7 * 24 * 3600, description="S3 storage only: how long an image URL in a task stays valid."
     )
 
-    def client(self) -> LabelStudioClient:
+    def client(self) -> "LabelStudioClient":  # noqa: F821  (imported when used: httpx client setup)
         if not self.url.strip() or not self.token.strip():
             raise LabelStudioNotConfigured(
                 f"Label Studio is not configured: set {URL_ENV} (e.g. http://127.0.0.1:8080) and {TOKEN_ENV} "
                 "(Account & Settings -> Personal Access Token) where the code location runs"
             )
+        from pseudolabel.review.label_studio import LabelStudioClient
+
         return LabelStudioClient(self.url.rstrip("/"), self.token)
 
     def image_url(self, store: ObjectStore, key: str) -> str:

@@ -300,6 +300,8 @@ def test_publish_writes_the_autosam2_layout_and_flips_the_pointer(store):
         "width": W,
         "height": H,
         "source_sha256": "sha-a",
+        "verified": False,
+        "source_key": "images/shard-00000/a.jpg",
     }
     mask = cv2.imdecode(np.frombuffer(store.get_bytes(mask_key(root, "b")), np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (24, 32) and (mask >= 128).all()  # b's single instance covers the whole image

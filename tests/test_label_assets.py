@@ -15,6 +15,7 @@ from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE
 from dagster_project.definitions import defs
 from pseudolabel import layout
 from pseudolabel.dataset.publish import current_root, split_key
+from pseudolabel.labels.candidates import read_candidates
 from pseudolabel.labels.coco import load_coco
 from pseudolabel.labels.relabel import REJECT_REASONS, pseudo_labels_table
 from pseudolabel.labels.thresholds import (
@@ -43,6 +44,7 @@ def seed_shard(store, shard: str, images: int, seed: int) -> None:
     write_parquet(store, layout.detections(shard), data.detections)
     write_parquet(store, layout.masks(shard), data.masks)
     write_parquet(store, layout.detection_images(shard), data.images)
+    write_provenance(store, shard, detector="fake/caption", segmenter="fake/blobs", seed=seed)
     ids = data.images["image_id"]
     write_parquet(
         store,
@@ -62,6 +64,16 @@ def seed_shard(store, shard: str, images: int, seed: int) -> None:
     for n, image_id in enumerate(ids):
         pixels = np.full((H, W, 3), (n * 7) % 255, np.uint8)
         store.put_bytes(layout.image(shard, image_id), cv2.imencode(".jpg", pixels)[1].tobytes())
+
+
+def write_provenance(store, shard: str, *, detector: str, segmenter: str, seed: int = 0) -> None:
+    """The sidecars a model worker writes before the detections and masks (what made them)."""
+    for key, model in ((layout.detections(shard), detector), (layout.masks(shard), segmenter)):
+        backend, variant = model.split("/")
+        store.put_json(
+            layout.provenance(key),
+            {"backend": backend, "model": backend, "variant": variant, "fingerprint": f"{model}-{seed}"},
+        )
 
 
 def chain(*names: str) -> list:
@@ -176,8 +188,8 @@ def test_shards_stored_without_query_index_still_label(tmp_path):
     seed_shard(store, SHARDS[1], images=30, seed=0)
     old = read_parquet(store, layout.detections(SHARDS[1])).to_pandas().drop(columns="query_index")
     write_parquet(store, layout.detections(SHARDS[1]), old)
-    new_detections, _, _ = pseudo_labels_module._read_candidates(store, SHARDS[0])
-    old_detections, _, _ = pseudo_labels_module._read_candidates(store, SHARDS[1])
+    new_detections = read_candidates(store, SHARDS[0]).detections
+    old_detections = read_candidates(store, SHARDS[1]).detections
     assert "query_index" in new_detections and "query_index" not in old_detections
     instance = instance_with_shards()
     resource = LocalStorageResource(root=str(tmp_path / "store"))
@@ -279,12 +291,22 @@ def test_manifest_refuses_mixed_thresholds(tmp_path):
     failed = run()
     assert not failed.success
     failure = failed.get_step_failure_events()[0].step_failure_data.user_failure_data
-    assert "different thresholds" in failure.description
-    assert failure.metadata["shards_by_fingerprint"].data == {
+    assert "Not published: one_thresholds_version: 2 thresholds version(s)" in failure.description
+    assert failure.metadata["one_thresholds_version"].data["shards_by_fingerprint"] == {
         "old": [SHARDS[1]],
         thresholds_code_version(load_thresholds()).split("-")[-1]: [SHARDS[0]],
     }
+    # The gate shows as a failed blocking check, and nothing was published.
+    checks = {e.check_name: e.passed for e in failed.get_asset_check_evaluations()}
+    assert checks == {
+        "labels_match_candidates": True,
+        "provenance_complete": True,
+        "one_thresholds_version": False,
+        "reviewed_precision": True,
+    }
+    assert current_root(store) is None
     assert run(allow_mixed_thresholds=True).success
+    assert current_root(store) is not None
 
 
 def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path):
@@ -317,6 +339,7 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
             "ops": {
                 "label_quality": {
                     "config": {
+                        "gold_source": "folder",
                         "gold_dir": str(gold),
                         "box_score_grid": [0.0, 0.99],
                         "mask_score_grid": [0.5],
@@ -352,3 +375,47 @@ def test_label_quality_runs_the_chains_models_and_settings_in_a_worker(tmp_path)
     assert report["detections"]["prompt"] == "thing . leaf ." and report["masks"] == {"multimask": True}
     by_box = {row["box_score"]: row["mean_iou"] for row in report["sweep"] if row["policy"] == "all"}
     assert by_box[0.99] <= by_box[0.0] and 0.0 < by_box[0.0] <= 1.0
+
+
+def test_labels_made_from_replaced_masks_block_the_publish_until_relabelled(tmp_path):
+    """Lineage: pseudo_labels records the candidates it read; re-running masks with another segmenter and
+    not relabelling makes those labels stale, the dataset refuses them naming the shard, a relabel fixes it,
+    and the manifest then credits the new segmenter."""
+    store = LocalObjectStore(tmp_path / "store")
+    resource = LocalStorageResource(root=str(tmp_path / "store"))
+    instance = instance_with_shards()
+    for n, shard in enumerate(SHARDS):
+        seed_shard(store, shard, images=8, seed=n)
+        assert materialize_shard(instance, resource, shard).success
+    publish = lambda: materialize(  # noqa: E731
+        chain("pseudo_labels", "autosam2_manifest"),
+        selection=["autosam2_manifest"],
+        instance=instance,
+        resources={"storage": resource, "thresholds": ThresholdsResource()},
+        raise_on_error=False,
+        run_config={"ops": {"autosam2_manifest": {"config": {"width": 32, "height": 32}}}},
+    )
+    assert publish().success
+    first = current_root(store)
+    manifest = [json.loads(line) for line in store.get_text(f"{first}/manifest.jsonl").splitlines()]
+    assert {m["segmenter_model"] for m in manifest} == {"fake/blobs"}
+
+    # masks re-run on shard 1 with another segmenter variant; pseudo_labels not re-run.
+    store.put_json(
+        layout.provenance(layout.masks(SHARDS[1])),
+        {"backend": "fake", "model": "fake", "variant": "other", "fingerprint": "another-segmenter"},
+    )
+    stale = publish()
+    assert not stale.success
+    failure = stale.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "labels_match_candidates: 1 stale shard(s)" in failure.description
+    assert failure.metadata["labels_match_candidates"].data["stale_shards"] == {
+        SHARDS[1]: "masks changed after the labels were made"
+    }
+    assert current_root(store) == first  # nothing published
+
+    assert materialize_shard(instance, resource, SHARDS[1]).success  # the relabel (no model runs)
+    assert publish().success
+    manifest = [json.loads(line) for line in store.get_text(f"{current_root(store)}/manifest.jsonl").splitlines()]
+    by_shard = {m["shard"]: m["segmenter_model"] for m in manifest}
+    assert by_shard == {SHARDS[0]: "fake/blobs", SHARDS[1]: "fake/other"}

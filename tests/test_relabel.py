@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pandas as pd
 import pytest
-from relabel_helpers import LOOSE, QUERY_ORDER_IMAGE, candidate, tables
+from relabel_helpers import LOOSE, QUERY_ORDER_IMAGE, candidate, decisions, tables
 
 from pseudolabel.labels.relabel import (
     DECISIONS,
@@ -153,3 +153,87 @@ def test_empty_shard_gives_a_typed_empty_table():
     assert result.num_kept == 0 and result.num_images == 3 and result.empty_image_rate == 1.0
     assert list(result.kept.columns) == PSEUDO_LABELS.names
     assert str(result.kept["mask_area"].dtype) == "int64"
+
+
+# --- per-class thresholds ----------------------------------------------------------------------------
+
+
+def test_class_overrides_apply_only_to_their_class():
+    rows = [
+        candidate("a", 0, (0, 0, 10, 10), box_score=0.4, mask_score=0.6, phrase="cat"),
+        candidate("a", 1, (20, 0, 30, 10), box_score=0.4, mask_score=0.6, phrase="dog"),
+        candidate("b", 0, (0, 0, 10, 10), box_score=0.9, mask_score=0.75, phrase="cat"),
+        candidate("b", 1, (20, 0, 30, 10), box_score=0.9, mask_score=0.75, phrase="dog"),
+        candidate("b", 2, (40, 0, 50, 10), box_score=0.25, mask_score=0.9, phrase="bird"),
+    ]
+    det, masks = tables(rows)
+    plain = decisions(relabel_shard(det, masks, LOOSE))
+    assert plain == {
+        ("a", 0): "kept",
+        ("a", 1): "kept",
+        ("b", 0): "kept",
+        ("b", 1): "kept",
+        ("b", 2): "box_score",
+    }
+    strict_cat = LOOSE.with_class_overrides("cat", box_score=0.5, mask_score=0.8).with_class_overrides(
+        "bird", box_score=0.2
+    )
+    result = relabel_shard(det, masks, strict_cat)
+    assert decisions(result) == {
+        ("a", 0): "box_score",  # cat needs box >= 0.5 now
+        ("a", 1): "kept",  # dog keeps the global 0.3
+        ("b", 0): "mask_score",  # cat needs mask >= 0.8 now
+        ("b", 1): "kept",
+        ("b", 2): "kept",  # bird is looser than the global box threshold
+    }
+    assert result.fingerprint == thresholds_fingerprint(strict_cat) != thresholds_fingerprint(LOOSE)
+
+
+@pytest.mark.parametrize("policy", list(PickPolicy))
+def test_overrides_equal_to_the_globals_decide_exactly_as_no_classes(policy):
+    data = synthetic_candidates(300, seed=13)
+    thresholds = LOOSE.with_overrides(pick_policy=policy, max_instances_per_image=3)
+    same = thresholds
+    for phrase in data.detections["phrase"].unique():
+        same = same.with_class_overrides(
+            phrase, box_score=thresholds.box_score, mask_score=thresholds.mask_score, text_score=0.2
+        )
+    assert same.classes
+    plain = relabel_shard(data.detections, data.masks, thresholds, data.images)
+    overridden = relabel_shard(data.detections, data.masks, same, data.images)
+    pd.testing.assert_frame_equal(
+        plain.kept.drop(columns="thresholds_fingerprint"),
+        overridden.kept.drop(columns="thresholds_fingerprint"),
+    )
+    assert plain.rejected == overridden.rejected
+
+
+def test_per_class_filters_equal_relabelling_each_class_with_its_own_thresholds():
+    # With policy `all` and no cap pressure classes do not interact, so the shard decided with per-class
+    # overrides is the union of each class decided alone with its for_class() thresholds.
+    data = synthetic_candidates(400, seed=17)
+    phrases = sorted(data.detections["phrase"].unique())
+    assert len(phrases) >= 3
+    thresholds = (
+        LOOSE.with_overrides(max_instances_per_image=1000, min_mask_area_fraction=0.02)
+        .with_class_overrides(phrases[0], box_score=0.55, mask_score=0.85, max_box_coverage=0.5)
+        .with_class_overrides(phrases[1], text_score=0.45, min_mask_area_fraction=0.001)
+    )
+    result = relabel_shard(data.detections, data.masks, thresholds, data.images)
+    expected = {}
+    for phrase in phrases:
+        alone = data.detections[data.detections["phrase"] == phrase]
+        expected.update(decisions(relabel_shard(alone, data.masks, thresholds.for_class(phrase))))
+    assert decisions(result) == expected
+    plain = decisions(
+        relabel_shard(
+            data.detections,
+            data.masks,
+            LOOSE.with_overrides(max_instances_per_image=1000, min_mask_area_fraction=0.02),
+            data.images,
+        )
+    )
+    changed = {key for key in plain if plain[key] != expected[key]}
+    keys = zip(data.detections["image_id"], data.detections["candidate_id"], strict=True)
+    phrase_of = dict(zip(keys, data.detections["phrase"], strict=True))
+    assert changed and {phrase_of[key] for key in changed} <= {phrases[0], phrases[1]}

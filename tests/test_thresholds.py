@@ -132,3 +132,79 @@ def test_to_dict_round_trips():
     thresholds = parse_thresholds(dump(BASE))
     assert thresholds.to_dict() == {**BASE, "mask_score": 0.7}
     assert parse_thresholds(dump(thresholds.to_dict())) == thresholds
+
+
+# --- per-class overrides -----------------------------------------------------------------------------
+
+# The packaged file's fingerprint before the optional `classes` section existed (computed from the
+# file at that commit): stored labels must not turn stale because the section was added to the parser.
+PACKAGED_FINGERPRINT_BEFORE_CLASSES = "c067008a47db67b1"
+
+CLASSES = {"cat": {"box_score": 0.45, "mask_score": 0.8}, "dog": {"box_score": 0.3}}
+
+
+def test_files_without_classes_keep_the_fingerprint_they_had_before_per_class_overrides():
+    packaged = load_thresholds(DEFAULT_THRESHOLDS_PATH)
+    assert packaged.classes == ()
+    assert thresholds_fingerprint(packaged) == PACKAGED_FINGERPRINT_BEFORE_CLASSES
+    assert "classes" not in packaged.to_dict()
+    # An empty or key-less section is no section at all.
+    for empty in ({**BASE, "classes": None}, {**BASE, "classes": {}}, {**BASE, "classes": {"cat": {}}}):
+        assert parse_thresholds(dump(empty)) == parse_thresholds(dump(BASE))
+
+
+def test_classes_parse_apply_per_class_and_round_trip():
+    thresholds = parse_thresholds(dump({**BASE, "classes": CLASSES}))
+    assert thresholds.class_overrides == CLASSES
+    cat, dog, other = (thresholds.for_class(name) for name in ("cat", "dog", "bird"))
+    assert (cat.box_score, cat.mask_score, cat.text_score) == (0.45, 0.8, 0.25)
+    assert (dog.box_score, dog.mask_score) == (0.3, 0.7)
+    assert other == parse_thresholds(dump(BASE))  # an unlisted class gets the global values
+    assert cat.classes == () and cat.nms_iou == thresholds.nms_iou
+    assert thresholds.to_dict()["classes"] == CLASSES
+    assert parse_thresholds(dump(thresholds.to_dict())) == thresholds
+    assert hash(thresholds) == hash(parse_thresholds(dump(thresholds.to_dict())))
+
+
+def test_class_overrides_change_the_fingerprint_but_not_their_spelling():
+    plain = thresholds_fingerprint(parse_thresholds(dump(BASE)))
+    with_classes = thresholds_fingerprint(parse_thresholds(dump({**BASE, "classes": CLASSES})))
+    reordered = {"dog": {"box_score": 0.30}, "cat": {"mask_score": 0.80, "box_score": 0.45}}
+    assert with_classes != plain
+    assert thresholds_fingerprint(parse_thresholds(dump({**BASE, "classes": reordered}))) == with_classes
+    nudged = {**CLASSES, "dog": {"box_score": 0.31}}
+    assert thresholds_fingerprint(parse_thresholds(dump({**BASE, "classes": nudged}))) != with_classes
+
+
+def test_built_class_overrides_equal_parsed_ones_and_with_overrides_keeps_them():
+    parsed = parse_thresholds(dump({**BASE, "classes": CLASSES}))
+    built = Thresholds(**{**BASE, "classes": CLASSES})
+    assert built == parsed
+    stepwise = (
+        parse_thresholds(dump(BASE))
+        .with_class_overrides("dog", box_score=0.3)
+        .with_class_overrides("cat", box_score=0.45)
+        .with_class_overrides("cat", mask_score=0.8)
+    )
+    assert stepwise == parsed
+    changed = parsed.with_overrides(nms_iou=0.6)
+    assert changed.classes == parsed.classes and changed.nms_iou == 0.6
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ({"cat": {"box_scor": 0.3}}, "classes.cat: unknown keys \\['box_scor'\\]"),
+        ({"cat": {"nms_iou": 0.3}}, "classes.cat: unknown keys \\['nms_iou'\\] \\(nms_iou can only be set"),
+        ({"dog": {"pick_policy": "all"}}, "classes.dog: unknown keys \\['pick_policy'\\]"),
+        ({"cat": {"mask_score": 1.2}}, "classes.cat.mask_score must be in \\[0, 1\\]"),
+        ({"cat": {"box_score": "high"}}, "classes.cat.box_score must be a number"),
+        ({"cat": {"text_score": True}}, "classes.cat.text_score must be a number"),
+        ({"cat": 0.3}, "classes.cat must be a mapping"),
+        (["cat"], "classes must be a mapping"),
+        ({1: {"box_score": 0.3}}, "class names must be non-empty strings"),
+    ],
+)
+def test_invalid_classes_are_rejected_naming_class_and_key(classes, message):
+    with pytest.raises(ThresholdsError, match=message):
+        parse_thresholds(dump({**BASE, "classes": classes}))

@@ -33,6 +33,92 @@ def category_names(phrases: Iterable[str | None]) -> list[str]:
     return sorted({p if isinstance(p, str) and p else EMPTY_PHRASE_NAME for p in series.unique()})
 
 
+def coco_categories(categories: Sequence[str]) -> list[dict[str, Any]]:
+    """COCO ``categories`` records: ids 1.. in the order of ``categories``."""
+    return [{"id": i, "name": name, "supercategory": ""} for i, name in enumerate(categories, start=1)]
+
+
+def category_ids(phrases: Sequence[str | None], categories: Sequence[str]) -> list[int]:
+    """The 1-based COCO category id of each phrase (an empty phrase is :data:`EMPTY_PHRASE_NAME`);
+    a phrase that is not one of ``categories`` raises ValueError naming it."""
+    index = {name: i for i, name in enumerate(categories, start=1)}
+    names = [p if isinstance(p, str) and p else EMPTY_PHRASE_NAME for p in phrases]
+    unknown = sorted(set(names) - index.keys())
+    if unknown:
+        raise ValueError(f"{len(unknown)} phrase(s) not among the categories, e.g. {unknown[:3]}")
+    return [index[name] for name in names]
+
+
+def coco_image_records(
+    images: pd.DataFrame, *, first_id: int = 1, image_fields: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """COCO ``images`` records for ``images`` (columns image_id, file_name, width, height, plus
+    ``image_fields``), ids ``first_id``.. in row order; the pipeline's id is kept as ``pseudolabel_image_id``."""
+    extra = {field: images[field].tolist() for field in image_fields}
+    columns = (images[c].tolist() for c in ("image_id", "file_name", "width", "height"))
+    records = []
+    for i, (image_id, file_name, width, height) in enumerate(zip(*columns, strict=True)):
+        record = {
+            "id": first_id + i,
+            "file_name": file_name,
+            "width": int(width),
+            "height": int(height),
+            "pseudolabel_image_id": image_id,
+        }
+        record.update({field: values[i] for field, values in extra.items()})
+        records.append(record)
+    return records
+
+
+def _score(value: float) -> float | None:
+    """A score as JSON can carry it: NaN (a score the backend does not make) becomes null."""
+    value = float(value)
+    return None if np.isnan(value) else round(value, 6)
+
+
+def coco_annotations(
+    kept: pd.DataFrame,
+    coco_image_ids: Sequence[int],
+    categories: Sequence[str],
+    *,
+    first_id: int = 1,
+    rles: Sequence[dict[str, Any]] | None = None,
+    extra_fields: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """COCO ``annotations`` records (RLE segmentation) for the rows of ``kept``, ids ``first_id``.. in
+    row order; ``coco_image_ids[i]`` is the COCO image id of row i.
+
+    ``area`` and ``bbox`` come from the RLE itself (no decoding); annotations carry ``candidate_id``,
+    ``box_score``, ``text_score``, ``mask_score`` (null when NaN) and the ``extra_fields`` columns.
+    ``rles``: the rows' :func:`~pseudolabel.rle.rle_objects`, when the caller already has them.
+    """
+    if rles is None:
+        rles = rle_objects(kept["rle_counts"].tolist(), kept["height"].tolist(), kept["width"].tolist())
+    areas = rle_areas(rles).tolist()
+    bboxes = rle_bboxes(rles).tolist()
+    category_id = category_ids(kept["phrase"].tolist(), categories)
+    extra = {field: kept[field].tolist() for field in extra_fields}
+    columns = (kept[c].tolist() for c in ("candidate_id", "box_score", "text_score", "mask_score"))
+    annotations = []
+    for i, (candidate_id, box_score, text_score, mask_score) in enumerate(zip(*columns, strict=True)):
+        annotation = {
+            "id": first_id + i,
+            "image_id": int(coco_image_ids[i]),
+            "category_id": category_id[i],
+            "segmentation": {"size": rles[i]["size"], "counts": rles[i]["counts"].decode("ascii")},
+            "area": float(areas[i]),
+            "bbox": [float(v) for v in bboxes[i]],
+            "iscrowd": 0,
+            "candidate_id": int(candidate_id),
+            "box_score": _score(box_score),
+            "text_score": _score(text_score),
+            "mask_score": _score(mask_score),
+        }
+        annotation.update({field: values[i] for field, values in extra.items()})
+        annotations.append(annotation)
+    return annotations
+
+
 def build_coco(
     kept: pd.DataFrame,
     images: pd.DataFrame,
@@ -51,63 +137,17 @@ def build_coco(
     coco_image_id = pd.Series(np.arange(1, len(images) + 1), index=images["image_id"].to_numpy())
     if not coco_image_id.index.is_unique:
         raise ValueError("images must list each image_id once")
-    category_id = {name: i for i, name in enumerate(categories, start=1)}
-
-    image_records = []
-    extra = {field: images[field].tolist() for field in image_fields}
-    columns = (images[c].tolist() for c in ("image_id", "file_name", "width", "height"))
-    for i, (image_id, file_name, width, height) in enumerate(zip(*columns, strict=True)):
-        record = {
-            "id": i + 1,
-            "file_name": file_name,
-            "width": int(width),
-            "height": int(height),
-            "pseudolabel_image_id": image_id,
-        }
-        record.update({field: values[i] for field, values in extra.items()})
-        image_records.append(record)
-
-    rles = rle_objects(kept["rle_counts"].tolist(), kept["height"].tolist(), kept["width"].tolist())
-    areas = rle_areas(rles).tolist()
-    bboxes = rle_bboxes(rles).tolist()
     missing = set(kept["image_id"]) - set(coco_image_id.index)
     if missing:
         raise ValueError(f"{len(missing)} kept image(s) not in images, e.g. {sorted(missing)[:3]}")
-    annotation_image_ids = coco_image_id.loc[kept["image_id"].to_numpy()].tolist()
-    annotations = []
-    for i, row in enumerate(
-        zip(
-            annotation_image_ids,
-            kept["phrase"].fillna("").tolist(),
-            kept["candidate_id"].tolist(),
-            kept["box_score"].tolist(),
-            kept["text_score"].tolist(),
-            kept["mask_score"].tolist(),
-            strict=True,
-        )
-    ):
-        image_id, phrase, candidate_id, box_score, text_score, mask_score = row
-        annotations.append(
-            {
-                "id": i + 1,
-                "image_id": image_id,
-                "category_id": category_id[phrase or EMPTY_PHRASE_NAME],
-                "segmentation": {"size": rles[i]["size"], "counts": rles[i]["counts"].decode("ascii")},
-                "area": float(areas[i]),
-                "bbox": [float(v) for v in bboxes[i]],
-                "iscrowd": 0,
-                "candidate_id": int(candidate_id),
-                "box_score": round(float(box_score), 6),
-                "text_score": round(float(text_score), 6),
-                "mask_score": round(float(mask_score), 6),
-            }
-        )
     return {
         "info": info or {},
         "licenses": [],
-        "images": image_records,
-        "categories": [{"id": i, "name": name, "supercategory": ""} for name, i in category_id.items()],
-        "annotations": annotations,
+        "images": coco_image_records(images, image_fields=image_fields),
+        "categories": coco_categories(categories),
+        "annotations": coco_annotations(
+            kept, coco_image_id.loc[kept["image_id"].to_numpy()].tolist(), categories
+        ),
     }
 
 
@@ -144,17 +184,25 @@ def coco_problems(coco: COCO) -> list[str]:
 # polygons have none. The RLE export stays the source of truth.
 
 
+def polygon_annotations(annotations: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """RLE annotations -> copies with polygon segmentations (:func:`~pseudolabel.rle.polygons`); returns
+    them and the number dropped (empty masks, which have no outline)."""
+    converted, dropped = [], 0
+    for ann in annotations:
+        polygons = rle_polygons(ann["segmentation"])
+        if polygons:
+            converted.append({**ann, "segmentation": polygons})
+        else:
+            dropped += 1
+    return converted, dropped
+
+
 def coco_with_polygons(coco: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """A copy of an RLE COCO dict with polygon segmentations; returns it and the number of dropped
     annotations (empty masks, which have no outline)."""
     out = copy.copy(coco)
-    annotations = []
-    for ann in coco["annotations"]:
-        polygons = rle_polygons(ann["segmentation"])
-        if polygons:
-            annotations.append({**ann, "segmentation": polygons})
-    out["annotations"] = annotations
-    return out, len(coco["annotations"]) - len(annotations)
+    out["annotations"], dropped = polygon_annotations(coco["annotations"])
+    return out, dropped
 
 
 # -- data-quality checks ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The vectorised steps of the label decision, each run over a whole shard at once (no RLE decoding).
 
-Per-candidate threshold filters, greedy NMS inside many small groups, and the pick policies that
+Per-candidate threshold filters (per-class thresholds gathered into per-candidate arrays), greedy NMS inside many small groups, and the pick policies that
 choose which survivors of an image become labels. Groupwise steps take per-candidate arrays
 (``image`` is an integer image code), sort once by group and then work on contiguous runs; each
 returns a boolean keep-mask aligned with its inputs. :mod:`pseudolabel.labels.relabel` chains them.
@@ -8,9 +8,12 @@ returns a boolean keep-mask aligned with its inputs. :mod:`pseudolabel.labels.re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-from pseudolabel.labels.thresholds import PickPolicy, Thresholds
+from pseudolabel.labels.thresholds import CLASS_KEYS, PickPolicy, Thresholds
 
 
 class PolicyNeedsScore(ValueError):
@@ -44,6 +47,39 @@ def mask_area_fraction(mask_area: np.ndarray, width: np.ndarray, height: np.ndar
         return np.where(image_area > 0, np.asarray(mask_area, dtype=np.float64) / image_area, np.nan)
 
 
+@dataclass(frozen=True)
+class FilterLimits:
+    """The threshold of each per-candidate filter: a scalar when every candidate shares it, else a
+    ``(N,)`` float64 array with each candidate's own value (its class's override or the global)."""
+
+    box_score: float | np.ndarray
+    text_score: float | np.ndarray
+    mask_score: float | np.ndarray
+    min_mask_area_fraction: float | np.ndarray
+    max_box_coverage: float | np.ndarray
+
+
+def filter_limits(thresholds: Thresholds, phrase_code: np.ndarray, phrases: Sequence[str]) -> FilterLimits:
+    """Per-candidate filter thresholds for candidates whose phrase is ``phrases[phrase_code]``.
+
+    ``phrase_code``/``phrases`` are what ``pd.factorize`` gives for the shard's phrase column. Each
+    key becomes a small per-phrase table (global value, or the class's override) gathered once by
+    code; a key no present class overrides stays a scalar, so a file without ``classes`` costs
+    nothing and decides exactly as plain scalar thresholds do.
+    """
+    overrides = thresholds.class_overrides
+    present = [overrides.get(str(phrase), {}) for phrase in phrases]
+    limits: dict[str, float | np.ndarray] = {}
+    for key in CLASS_KEYS:
+        default = getattr(thresholds, key)
+        if any(key in o for o in present):
+            table = np.array([o.get(key, default) for o in present], dtype=np.float64)
+            limits[key] = table[np.asarray(phrase_code)]
+        else:
+            limits[key] = default
+    return FilterLimits(**limits)
+
+
 def first_failed_filter(
     *,
     has_mask: np.ndarray,
@@ -52,10 +88,11 @@ def first_failed_filter(
     coverage: np.ndarray,
     mask_score: np.ndarray,
     area_fraction: np.ndarray,
-    thresholds: Thresholds,
+    limits: FilterLimits,
 ) -> np.ndarray:
     """Index into :data:`FILTER_ORDER` of the first failed filter per candidate, or :data:`PASSED`.
 
+    ``limits`` holds each filter's threshold, per candidate or shared (see :func:`filter_limits`).
     Scores pass when ``>=`` their threshold; coverage passes when ``<`` the maximum (a box covering
     exactly 80 % is dropped, as in the production pipeline). A NaN detector score (``box_score``,
     ``text_score``) means the detector backend does not produce that score (e.g. ``text_score`` of a
@@ -64,11 +101,11 @@ def first_failed_filter(
     """
     conditions = [
         ~has_mask,
-        ~(np.isnan(box_score) | (box_score >= thresholds.box_score)),
-        ~(np.isnan(text_score) | (text_score >= thresholds.text_score)),
-        ~(coverage < thresholds.max_box_coverage),
-        ~(mask_score >= thresholds.mask_score),
-        ~(area_fraction >= thresholds.min_mask_area_fraction),
+        ~(np.isnan(box_score) | (box_score >= limits.box_score)),
+        ~(np.isnan(text_score) | (text_score >= limits.text_score)),
+        ~(coverage < limits.max_box_coverage),
+        ~(mask_score >= limits.mask_score),
+        ~(area_fraction >= limits.min_mask_area_fraction),
     ]
     assert len(conditions) == len(FILTER_ORDER)
     return np.select(conditions, list(range(len(FILTER_ORDER))), default=PASSED).astype(np.int8)

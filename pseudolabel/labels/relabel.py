@@ -5,7 +5,8 @@ stored columns, so re-labelling 100k images after a threshold edit is a handful 
 passes (see ``bench/relabel.py``). Steps, in order (2-5 are in :mod:`pseudolabel.labels.picking`):
 
 1. join candidates with their masks (a candidate without a mask row is rejected as ``no_mask``);
-2. per-candidate filters, first failure wins;
+2. per-candidate filters, first failure wins (thresholds per candidate: its phrase's ``classes``
+   overrides in the thresholds file, else the global values);
 3. class-aware NMS on detector boxes among survivors of the same image and phrase;
 4. the pick policy; ``both_scores_agree`` scans each image's candidates in the detector's output
    order, the stored ``query_index`` (see :func:`relabel_shard` for candidates stored without it);
@@ -33,6 +34,7 @@ from pseudolabel.labels.picking import (
     apply_policy,
     box_coverage,
     cap_per_image,
+    filter_limits,
     first_failed_filter,
     grouped_nms,
     mask_area_fraction,
@@ -171,6 +173,10 @@ def relabel_shard(
         frame["mask_area"].to_numpy(dtype=np.float64, na_value=np.nan), width, height
     )
 
+    # Integer codes make the groupwise steps pure numpy (no string comparisons).
+    image_code = pd.factorize(frame["image_id"])[0]
+    phrase_code, phrases = pd.factorize(frame["phrase"])
+
     decision = first_failed_filter(
         has_mask=has_mask,
         box_score=box_score,
@@ -178,10 +184,8 @@ def relabel_shard(
         coverage=coverage,
         mask_score=mask_score,
         area_fraction=area_fraction,
-        thresholds=thresholds,
+        limits=filter_limits(thresholds, phrase_code, phrases),
     )
-    # Integer codes make the groupwise steps pure numpy (no string comparisons).
-    image_code = pd.factorize(frame["image_id"])[0]
 
     def stage(reason: str, step: Callable[[np.ndarray], np.ndarray]) -> None:
         """Run a groupwise step on the rows still alive; the rows it does not keep get ``reason``."""
@@ -189,7 +193,6 @@ def relabel_shard(
         if len(alive):
             decision[alive[~step(alive)]] = REJECT_REASONS.index(reason)
 
-    phrase_code = pd.factorize(frame["phrase"])[0]
     boxes = np.stack([x0, y0, x1, y1], axis=1)
     stage(
         "nms",
