@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pseudolabel.exports.label_studio import brush_rle_decode
 from pycocotools import mask as mask_utils
 
 from pseudolabel import layout
+from pseudolabel.exports.label_studio import brush_rle_decode
 from pseudolabel.quality.precision import precision_interval
 from pseudolabel.schemas import REVIEWED_LABELS
 from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet
@@ -47,11 +46,11 @@ def region_mask(item: Mapping[str, Any]) -> tuple[str, np.ndarray] | None:
     if item.get("type") == "polygonlabels":
         labels = value.get("polygonlabels") or []
         points = np.asarray(value.get("points") or [], dtype=np.float64).reshape(-1, 2)
-        pixels = np.round(points * [width / 100.0, height / 100.0]).astype(np.int32)
-        canvas = np.zeros((height, width), np.uint8)
-        if len(pixels) >= 3:
-            cv2.fillPoly(canvas, [pixels], 1)
-        return (labels[0] if labels else ""), canvas.astype(bool)
+        mask = np.zeros((height, width), bool)
+        if len(points) >= 3:  # percent -> pixel-edge coordinates, rasterised the way COCO polygons are
+            flat = (points * [width / 100.0, height / 100.0]).ravel().tolist()
+            mask = mask_utils.decode(mask_utils.frPyObjects([flat], height, width)[0]).astype(bool)
+        return (labels[0] if labels else ""), mask
     return None
 
 
@@ -102,10 +101,11 @@ def reviewed_instances(task: Mapping[str, Any]) -> pd.DataFrame:
         return pd.DataFrame(columns=REVIEWED_LABELS.names)
     data = task.get("data") or {}
     kept_ids = {int(c) for c in data.get("kept_candidates") or []}
-    shown: dict[str, tuple[str, np.ndarray]] = {}
-    for prediction in task.get("predictions") or []:
-        shown.update(_regions(prediction.get("result") or []))
-    final = _regions(annotation.get("result") or [])
+    predicted = [item for p in task.get("predictions") or [] for item in p.get("result") or []]
+    shown, final = _regions(predicted), _regions(annotation.get("result") or [])
+    # An untouched region is accepted as is (a polygon re-rasterised could differ by a pixel row).
+    raw_shown = {str(i.get("id", "")): i.get("value") for i in predicted}
+    raw_final = {str(i.get("id", "")): i.get("value") for i in annotation.get("result") or []}
     common = {
         "image_id": str(data.get("image_id", "")),
         "shard": str(data.get("shard", "")),
@@ -144,7 +144,9 @@ def reviewed_instances(task: Mapping[str, Any]) -> pd.DataFrame:
             row("rejected", region_id, phrase, mask)
             continue
         final_phrase, final_mask = final[region_id]
-        same = final_phrase == phrase and np.array_equal(final_mask, mask)
+        same = final_phrase == phrase and (
+            raw_final[region_id] == raw_shown[region_id] or np.array_equal(final_mask, mask)
+        )
         row("accepted" if same else "corrected", region_id, final_phrase, final_mask)
     for region_id, (phrase, mask) in final.items():
         if region_id not in shown:
