@@ -23,13 +23,13 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from pseudolabel.exports.publish import FORMATS, ExportBatch, export_dataset
 from pydantic import Field
 
 from assets.common import gate_check_results
 from pseudolabel.dataset.collect import collect_shard
 from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
 from pseudolabel.dataset.publish import read_current
+from pseudolabel.exports.publish import FORMATS, ExportBatch, export_dataset
 from pseudolabel.labels.coco import category_names
 from pseudolabel.labels.lineage import stale_shards
 from pseudolabel.markdown import markdown_table

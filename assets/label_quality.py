@@ -53,7 +53,6 @@ from resources.thresholds import ThresholdsResource
 from resources.workers import ModelWorkersResource
 
 GOLD_SOURCES = ("reviewed", "folder")
-PROPOSAL_FILE = "thresholds.proposal.yaml"
 
 
 class LabelQualityConfig(Config):
@@ -248,7 +247,7 @@ def _proposal(
         f"{gold['image_id'].nunique()} reviewed images, {len(gold)} gold instances, target precision "
         f"{config.target_precision}, match IoU {config.match_iou}; base file {thresholds.file()}"
     )
-    proposal_key = f"{prefix}/{PROPOSAL_FILE}"
+    proposal_key = layout.label_quality_proposal(prefix)
     store.put_text(proposal_key, thresholds_yaml(proposal.thresholds, evidence))
     plot = plot_precision_recall(
         proposal.curves, proposal.table, title=f"target precision {config.target_precision}"

@@ -106,6 +106,23 @@ def _read_text(location: str) -> str:
     return Path(location).expanduser().read_text()
 
 
+def _latest_proposal() -> str:
+    """The newest label_quality proposal in the storage ``PSEUDOLABEL_STORAGE`` names."""
+    from pseudolabel import layout
+    from resources.storage import storage_from_env
+
+    store = storage_from_env().store()
+    found = [
+        i.key for i in store.list(f"{layout.LABEL_QUALITY_ROOT}/") if i.key.endswith(layout.PROPOSAL_NAME)
+    ]
+    if not found:
+        raise ValueError(
+            f"no threshold proposal in {store.uri(layout.LABEL_QUALITY_ROOT)}: materialize label_quality "
+            "with reviewed labels first"
+        )
+    return store.uri(max(found))  # keys start with the run's UTC time
+
+
 def _thresholds_adopt(args: argparse.Namespace) -> int:
     """Validate a thresholds proposal, show what changes, and make it the thresholds file in use."""
     import os
@@ -121,7 +138,8 @@ def _thresholds_adopt(args: argparse.Namespace) -> int:
 
     target = Path(args.to).expanduser() if args.to else thresholds_path()
     try:
-        text = _read_text(args.proposal)
+        location = args.proposal or _latest_proposal()
+        text = _read_text(location)
         proposed = parse_thresholds(text)
         current = load_thresholds(target) if target.exists() else None
     except (OSError, ThresholdsError, ValueError) as exc:
@@ -137,7 +155,7 @@ def _thresholds_adopt(args: argparse.Namespace) -> int:
     if not changes:
         print(f"{target} already holds these thresholds ({thresholds_code_version(proposed)}); nothing to do")
         return 0
-    print(f"adopting {args.proposal} as {target}:")
+    print(f"adopting {location} as {target}:")
     print("\n".join(changes))
     if args.dry_run:
         return 0
@@ -202,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validates the proposal, prints what changes, and writes it over the thresholds file in "
         "use ($PSEUDOLABEL_THRESHOLDS, else the packaged file) or --to. Then relabel: no GPU stage re-runs.",
     )
-    adopt.add_argument("proposal", help="path or s3:// URI of the proposal (label_quality's `adopt_with`)")
+    adopt.add_argument(
+        "proposal",
+        nargs="?",
+        help="path or s3:// URI of the proposal (label_quality's `adopt_with`); default: the newest one in "
+        "$PSEUDOLABEL_STORAGE",
+    )
     adopt.add_argument("--to", default=None, help="thresholds file to write (default: the one in use)")
     adopt.add_argument("--dry-run", action="store_true", help="only print what would change")
     adopt.set_defaults(func=_thresholds_adopt)

@@ -154,6 +154,14 @@ def autosam2_split(root: str, split: str) -> str:
     return f"{root}/splits/{split}.txt"
 
 
+PROPOSAL_NAME = "thresholds.proposal.yaml"
+
+
+def label_quality_proposal(prefix: str) -> str:
+    """The thresholds a label_quality run proposes per class, as a thresholds file."""
+    return f"{prefix}/{PROPOSAL_NAME}"
+
+
 def label_quality_gold_image(prefix: str, image_id: str) -> str:
     """A gold image as the evaluation's model worker reads it (bytes as stored on disk)."""
     return f"{prefix}/gold/{image_id}"

@@ -31,6 +31,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from pseudolabel.testing.label_studio import LabelStudioServer, ensure_label_studio_python, start_label_studio
 from pseudolabel.testing.servers import DevServer
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, python_env_var
 from resources.storage import LocalStorageResource, S3StorageResource, StorageResource
@@ -139,6 +140,18 @@ def sam3_worker_python() -> str:
     python = ensure_worker_python(extras=extras, log=lambda line: print(line, flush=True))
     os.environ[python_env_var(extras[0])] = python
     return python
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStudioServer]:
+    """A real Label Studio 1.23.2 on 127.0.0.1 for the whole session (url, personal access token, legacy
+    token, python). Its virtualenv is built on first use and cached like the worker environments; a
+    failed build (no network) fails the tests that use it. ``document_root`` is a folder tests write
+    images into: local-files storages go on sub-folders of it."""
+    python = ensure_label_studio_python(log=lambda line: print(line, flush=True))
+    root = tmp_path_factory.mktemp("label-studio")
+    with start_label_studio(python, root / "data", root / "files") as server:
+        yield server
 
 
 # -- PostgreSQL: the Dagster instance storage the Helm values use ---------------------------------------

@@ -243,7 +243,8 @@ class LabelStudioClient:
 
     def ensure_project(self, title: str, label_config: str, description: str = "") -> int:
         """The id of the project titled exactly ``title`` (the oldest if several), created if missing; its
-        label config is replaced (PATCH) when it differs from ``label_config``."""
+        label config is replaced (PATCH) when it differs from ``label_config``. ``description`` is set on
+        creation only."""
         matches = [p for p in self._projects_titled(title) if p.get("title") == title]
         if not matches:
             body = {"title": title, "label_config": label_config, "description": description}
