@@ -16,12 +16,12 @@ from pathlib import Path
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
+from pseudolabel.review.label_studio import LabelStudioClient, local_file_url
 from pseudolabel.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 
 URL_ENV = "PSEUDOLABEL_LABEL_STUDIO_URL"
 TOKEN_ENV = "PSEUDOLABEL_LABEL_STUDIO_TOKEN"
 DOCUMENT_ROOT_ENV = "PSEUDOLABEL_LABEL_STUDIO_DOCUMENT_ROOT"
-LOCAL_FILES_PATH = "/data/local-files/"
 
 
 class LabelStudioNotConfigured(ValueError):
@@ -52,14 +52,12 @@ class LabelStudioResource(ConfigurableResource):
         default=7 * 24 * 3600, description="S3 storage only: how long an image URL in a task stays valid."
     )
 
-    def client(self) -> "LabelStudioClient":  # noqa: F821  (imported when used: httpx client setup)
+    def client(self) -> LabelStudioClient:
         if not self.url.strip() or not self.token.strip():
             raise LabelStudioNotConfigured(
                 f"Label Studio is not configured: set {URL_ENV} (e.g. http://127.0.0.1:8080) and {TOKEN_ENV} "
                 "(Account & Settings -> Personal Access Token) where the code location runs"
             )
-        from pseudolabel.review.label_studio import LabelStudioClient
-
         return LabelStudioClient(self.url.rstrip("/"), self.token)
 
     def image_url(self, store: ObjectStore, key: str) -> str:
@@ -67,7 +65,7 @@ class LabelStudioResource(ConfigurableResource):
         if isinstance(store, S3ObjectStore):
             return store.presigned_url(key, self.presigned_url_expiry_s)
         if isinstance(store, LocalObjectStore):
-            return LOCAL_FILES_PATH + "?d=" + self._relative(Path(store.uri(key))).as_posix()
+            return local_file_url(self._relative(Path(store.uri(key))).as_posix())
         raise ValueError(f"cannot give Label Studio access to images in {store.uri()}")
 
     def local_storage_path(self, store: ObjectStore, prefix: str) -> str | None:

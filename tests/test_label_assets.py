@@ -6,11 +6,10 @@ import json
 
 import cv2
 import numpy as np
-import pandas as pd
 import yaml
 from dagster import AssetKey, DagsterInstance, materialize
+from label_helpers import SHARDS, H, W, seed_shard, write_provenance  # noqa: F401
 
-import assets.pseudo_labels as pseudo_labels_module
 from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE
 from dagster_project.definitions import defs
 from pseudolabel import layout
@@ -25,55 +24,11 @@ from pseudolabel.labels.thresholds import (
     thresholds_code_version,
 )
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
-from pseudolabel.testing.labels import synthetic_candidates
 from pseudolabel.testing.models import FakeDetector
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
 from resources.thresholds import ThresholdsResource
 from resources.workers import LocalModelWorkers
-
-SHARDS = ["shard-00000", "shard-00001"]
-H, W = 96, 128
-
-
-def seed_shard(store, shard: str, images: int, seed: int) -> None:
-    """What the images / detections / masks stages leave in storage for one shard."""
-    data = synthetic_candidates(
-        images, candidates_per_image=4.0, height=H, width=W, seed=seed, id_prefix=f"{shard}-"
-    )
-    write_parquet(store, layout.detections(shard), data.detections)
-    write_parquet(store, layout.masks(shard), data.masks)
-    write_parquet(store, layout.detection_images(shard), data.images)
-    write_provenance(store, shard, detector="fake/caption", segmenter="fake/blobs", seed=seed)
-    ids = data.images["image_id"]
-    write_parquet(
-        store,
-        layout.image_index(shard),
-        pd.DataFrame(
-            {
-                "image_id": ids,
-                "url": "https://example.com/" + ids + ".jpg",
-                "label": np.where(np.arange(len(ids)) % 3, "cat", "dog"),
-                "width": W,
-                "height": H,
-                "sha256": "sha-" + ids,
-                "status": "ok",
-            }
-        ),
-    )
-    for n, image_id in enumerate(ids):
-        pixels = np.full((H, W, 3), (n * 7) % 255, np.uint8)
-        store.put_bytes(layout.image(shard, image_id), cv2.imencode(".jpg", pixels)[1].tobytes())
-
-
-def write_provenance(store, shard: str, *, detector: str, segmenter: str, seed: int = 0) -> None:
-    """The sidecars a model worker writes before the detections and masks (what made them)."""
-    for key, model in ((layout.detections(shard), detector), (layout.masks(shard), segmenter)):
-        backend, variant = model.split("/")
-        store.put_json(
-            layout.provenance(key),
-            {"backend": backend, "model": backend, "variant": variant, "fingerprint": f"{model}-{seed}"},
-        )
 
 
 def chain(*names: str) -> list:
@@ -416,6 +371,8 @@ def test_labels_made_from_replaced_masks_block_the_publish_until_relabelled(tmp_
 
     assert materialize_shard(instance, resource, SHARDS[1]).success  # the relabel (no model runs)
     assert publish().success
-    manifest = [json.loads(line) for line in store.get_text(f"{current_root(store)}/manifest.jsonl").splitlines()]
+    manifest = [
+        json.loads(line) for line in store.get_text(f"{current_root(store)}/manifest.jsonl").splitlines()
+    ]
     by_shard = {m["shard"]: m["segmenter_model"] for m in manifest}
     assert by_shard == {SHARDS[0]: "fake/blobs", SHARDS[1]: "fake/other"}
