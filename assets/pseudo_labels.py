@@ -36,7 +36,7 @@ from pseudolabel.labels.coco import (
     load_coco,
     within,
 )
-from pseudolabel.labels.lineage import current_provenance, with_lineage
+from pseudolabel.labels.lineage import current_provenance, staleness, with_lineage
 from pseudolabel.labels.picking import PolicyNeedsScore
 from pseudolabel.labels.relabel import (
     REJECT_REASONS,
@@ -57,6 +57,9 @@ CHECK_RLE = "rles_decode"
 CHECK_COCO = "coco_loads"
 CHECK_EMPTY = "empty_image_rate_in_bounds"
 CHECK_COVERAGE = "mask_coverage_in_bounds"
+CHECK_NO_EMPTY_MASKS = "no_empty_masks"
+CHECK_CLASS_KEPT = "kept_fraction_per_class_in_bounds"
+CHECK_LINEAGE = "labels_match_candidates"
 
 
 class PseudoLabelsConfig(Config):
@@ -67,6 +70,9 @@ class PseudoLabelsConfig(Config):
     max_empty_image_rate: float = 0.9
     min_mean_mask_fraction: float = 0.002  # mean union-mask fraction of labelled images
     max_mean_mask_fraction: float = 0.8
+    # Per class (phrase): kept / candidates; a class kept almost never or almost always is suspicious.
+    min_class_kept_fraction: float = 0.01
+    max_class_kept_fraction: float = 0.95
 
 
 @asset(
@@ -103,6 +109,24 @@ class PseudoLabelsConfig(Config):
             asset="pseudo_labels",
             description="Mean mask fraction of labelled images is within the configured bounds.",
         ),
+        AssetCheckSpec(
+            CHECK_NO_EMPTY_MASKS,
+            asset="pseudo_labels",
+            blocking=True,
+            description="No kept instance has an empty mask.",
+        ),
+        AssetCheckSpec(
+            CHECK_CLASS_KEPT,
+            asset="pseudo_labels",
+            description="Per class, the share of candidates kept is within the configured bounds.",
+        ),
+        AssetCheckSpec(
+            CHECK_LINEAGE,
+            asset="pseudo_labels",
+            blocking=True,
+            description="The labels were made from the detections and masks stored when they were written "
+            "(the dataset's gate of the same name re-checks this before every publish).",
+        ),
     ],
 )
 def pseudo_labels(
@@ -116,7 +140,7 @@ def pseudo_labels(
     rules = thresholds.load()
     shards = context.partition_keys
     started = time.perf_counter()
-    results, coco_files, dropped_polygons, models = [], [], None, set()
+    results, coco_files, dropped_polygons, models, lineages = [], [], None, set(), {}
     for shard in shards:
         try:
             result, coco_bytes, dropped, lineage = _label_shard(store, shard, config, rules)
@@ -125,6 +149,7 @@ def pseudo_labels(
         results.append(result)
         coco_files.append(coco_bytes)
         models.add((lineage.get("detector_model"), lineage.get("segmenter_model")))
+        lineages[shard] = lineage
         if dropped is not None:
             dropped_polygons = (dropped_polygons or 0) + dropped
         context.log.info(
@@ -134,6 +159,7 @@ def pseudo_labels(
     relabel_s = time.perf_counter() - started
     combined = combine_results(results)
     checks, mean_fraction = _checks(config, combined, coco_files)
+    checks.append(_lineage_check(store, shards, lineages))
     return MaterializeResult(
         metadata={
             **_metadata(config, store, shards, combined, relabel_s, mean_fraction, dropped_polygons),
@@ -199,7 +225,31 @@ def _checks(
     coverage_ok = mean_fraction is None or within(
         mean_fraction, config.min_mean_mask_fraction, config.max_mean_mask_fraction
     )
+    empty = result.kept.loc[result.kept["mask_area"] <= 0]
+    classes = class_kept_fractions(result.candidates)
+    off = classes.loc[
+        (classes["kept_fraction"] < config.min_class_kept_fraction)
+        | (classes["kept_fraction"] > config.max_class_kept_fraction)
+    ]
     checks = [
+        AssetCheckResult(
+            check_name=CHECK_NO_EMPTY_MASKS,
+            passed=empty.empty,
+            metadata={
+                "empty_masks": len(empty),
+                "examples": "\n".join(f"{r.image_id}/{r.candidate_id}" for r in empty.head(20).itertuples()),
+            },
+        ),
+        AssetCheckResult(
+            check_name=CHECK_CLASS_KEPT,
+            passed=off.empty,
+            severity=AssetCheckSeverity.WARN,
+            metadata={
+                "bounds": f"[{config.min_class_kept_fraction}, {config.max_class_kept_fraction}]",
+                "classes": MetadataValue.md(markdown_table(classes) if len(classes) else "No candidates."),
+                "out_of_bounds": MetadataValue.json(off["class"].tolist()),
+            },
+        ),
         AssetCheckResult(
             check_name=CHECK_RLE,
             passed=rle.passed,
@@ -235,6 +285,30 @@ def _checks(
         ),
     ]
     return checks, mean_fraction
+
+
+def _lineage_check(store: ObjectStore, shards: list[str], lineages: dict[str, dict]) -> AssetCheckResult:
+    """Candidates re-written while the labels were being made (e.g. a masks run racing this one) show here."""
+    changed = {
+        shard: reason
+        for shard in shards
+        if (reason := staleness(lineages[shard], current_provenance(store, shard))) is not None
+    }
+    return AssetCheckResult(
+        check_name=CHECK_LINEAGE,
+        passed=not changed,
+        metadata={"stale_shards": MetadataValue.json(changed), "shards": len(shards)},
+    )
+
+
+def class_kept_fractions(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Per class (phrase): candidates, kept and their ratio."""
+    frame = pd.DataFrame(
+        {"class": candidates["phrase"].fillna(""), "kept": candidates["decision"].astype(str) == "kept"}
+    )
+    table = frame.groupby("class")["kept"].agg(candidates="size", kept="sum").reset_index()
+    table["kept_fraction"] = table["kept"] / table["candidates"]
+    return table
 
 
 def _metadata(

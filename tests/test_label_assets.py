@@ -10,7 +10,14 @@ import yaml
 from dagster import AssetKey, DagsterInstance, materialize
 from label_helpers import SHARDS, H, W, seed_shard, write_provenance  # noqa: F401
 
-from assets.pseudo_labels import CHECK_COVERAGE, CHECK_EMPTY, CHECK_RLE
+from assets.pseudo_labels import (
+    CHECK_CLASS_KEPT,
+    CHECK_COVERAGE,
+    CHECK_EMPTY,
+    CHECK_LINEAGE,
+    CHECK_NO_EMPTY_MASKS,
+    CHECK_RLE,
+)
 from dagster_project.definitions import defs
 from pseudolabel import layout
 from pseudolabel.dataset.publish import current_root, split_key
@@ -24,6 +31,7 @@ from pseudolabel.labels.thresholds import (
     thresholds_code_version,
 )
 from pseudolabel.storage import LocalObjectStore, read_parquet, write_parquet
+from pseudolabel.testing.labels import encode_mask
 from pseudolabel.testing.models import FakeDetector
 from resources.models import DetectorResource, SegmenterResource, StageSettingsResource
 from resources.storage import LocalStorageResource
@@ -88,6 +96,9 @@ def test_pseudo_labels_then_manifest_end_to_end(tmp_path):
             "coco_loads": True,
             CHECK_EMPTY: True,
             CHECK_COVERAGE: True,
+            CHECK_NO_EMPTY_MASKS: True,
+            CHECK_CLASS_KEPT: True,
+            CHECK_LINEAGE: True,
         }
 
         kept = read_parquet(store, layout.pseudo_labels(shard)).to_pandas()
@@ -212,15 +223,57 @@ def test_corrupt_masks_fail_the_blocking_rle_check(tmp_path):
     assert not result.success  # blocking: the step fails so nothing downstream consumes the shard
 
 
+def test_an_empty_kept_mask_fails_the_blocking_check(tmp_path):
+    """Thresholds that allow a zero-area mask (min_mask_area_fraction 0) cannot slip one into the labels."""
+    store = LocalObjectStore(tmp_path / "store")
+    seed_shard(store, SHARDS[0], images=6, seed=5)
+    detections = read_parquet(store, layout.detections(SHARDS[0])).to_pandas()
+    masks = read_parquet(store, layout.masks(SHARDS[0])).to_pandas()
+    first = (detections["image_id"] == detections["image_id"].iloc[0]) & (detections["candidate_id"] == 0)
+    detections.loc[first, ["box_score", "text_score"]] = 0.99
+    row = (masks["image_id"] == detections["image_id"].iloc[0]) & (masks["candidate_id"] == 0)
+    masks.loc[row, ["rle_counts", "mask_area", "mask_score"]] = [
+        encode_mask(np.zeros((H, W), np.uint8))["counts"],
+        0,
+        0.99,
+    ]
+    write_parquet(store, layout.detections(SHARDS[0]), detections)
+    write_parquet(store, layout.masks(SHARDS[0]), masks)
+    loose = tmp_path / "loose.yaml"
+    loose.write_text(
+        yaml.safe_dump(load_thresholds().to_dict() | {"min_mask_area_fraction": 0.0, "pick_policy": "all"})
+    )
+    result = materialize(
+        chain("pseudo_labels"),
+        partition_key=SHARDS[0],
+        instance=instance_with_shards(),
+        resources={
+            "storage": LocalStorageResource(root=str(tmp_path / "store")),
+            "thresholds": ThresholdsResource(path=str(loose)),
+        },
+        raise_on_error=False,
+    )
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks[CHECK_NO_EMPTY_MASKS].passed is False
+    assert checks[CHECK_NO_EMPTY_MASKS].metadata["empty_masks"].value == 1
+    assert not result.success
+
+
 def test_check_bounds_are_configurable(tmp_path):
     store = LocalObjectStore(tmp_path / "store")
     seed_shard(store, SHARDS[0], images=10, seed=4)
     resource = LocalStorageResource(root=str(tmp_path / "store"))
     result = materialize_shard(
-        instance_with_shards(), resource, SHARDS[0], max_mean_mask_fraction=0.0001, min_empty_image_rate=0.99
+        instance_with_shards(),
+        resource,
+        SHARDS[0],
+        max_mean_mask_fraction=0.0001,
+        min_empty_image_rate=0.99,
+        min_class_kept_fraction=0.99,
     )
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks[CHECK_COVERAGE] is False and checks[CHECK_EMPTY] is False
+    assert checks[CHECK_CLASS_KEPT] is False
     assert result.success  # warnings only
 
 
