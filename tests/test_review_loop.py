@@ -200,3 +200,90 @@ def test_a_precision_gate_stops_the_publish(loop, label_studio):
     checks = {e.check_name: e.passed for e in failed.get_asset_check_evaluations()}
     assert checks["reviewed_precision"] is False
     assert current_root(store) is None
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_review_commands() -> list[str]:
+    """The command lines of the README's review-loop block, as written."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The review loop") :]
+    block = section[
+        section.index("```bash") + len("```bash") : section.index("```", section.index("```bash") + 7)
+    ]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+def test_the_readme_review_loop_commands_as_written(label_studio, tmp_path):
+    """Each command of the README's review loop, exactly as written, in a shell-less subprocess with the
+    variables the README names; a reviewer acts in Label Studio between the first two."""
+    commands = readme_review_commands()
+    assert [c.split()[0] for c in commands] == [
+        "dagster",
+        "dagster",
+        "dagster",
+        "pseudolabel",
+        "dagster",
+        "dagster",
+    ]
+    root = Path(label_studio.document_root) / f"store-{uuid.uuid4().hex[:8]}"
+    store = LocalObjectStore(root)
+    for n, shard in enumerate(SHARDS):
+        seed_shard(store, shard, images=24, seed=n)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    instance = DagsterInstance.from_config(str(home))
+    instance.add_dynamic_partitions("shards", SHARDS)
+    thresholds_file = tmp_path / "thresholds.yaml"
+    shutil.copy(DEFAULT_THRESHOLDS_PATH, thresholds_file)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "PSEUDOLABEL_STORAGE": str(root),
+        THRESHOLDS_ENV: str(thresholds_file),
+        "PSEUDOLABEL_LABEL_STUDIO_URL": label_studio.url,
+        "PSEUDOLABEL_LABEL_STUDIO_TOKEN": label_studio.token,
+        "PSEUDOLABEL_LABEL_STUDIO_DOCUMENT_ROOT": str(label_studio.document_root),
+    }
+    bin_dir = Path(sys.executable).parent
+
+    def run(command: str) -> str:
+        done = subprocess.run(
+            [str(bin_dir / command.split()[0]), *command.split()[1:]],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout + done.stderr
+
+    for shard in SHARDS:  # the chain has labelled both shards
+        run(
+            f"dagster asset materialize -m dagster_project.definitions --select pseudo_labels --partition {shard}"
+        )
+    run(commands[0])  # review_queue
+    client = label_studio.client()
+    project = store.get_json(layout.REVIEW_STATE)["project_id"]
+    tasks = client.list_tasks(project)
+    assert tasks and all(t["predictions"] for t in tasks)
+    for task in tasks[:4]:  # a reviewer accepts the first proposal of four images and rejects the rest
+        client.create_annotation(task["id"], task["predictions"][0]["result"][:1])
+    run(commands[1])  # reviewed_labels
+    reviewed = read_reviewed(store)
+    assert reviewed["task_id"].nunique() == 4 and set(reviewed["outcome"]) <= {"accepted", "rejected"}
+    run(commands[2])  # label_quality
+    output = run(commands[3])  # pseudolabel thresholds adopt
+    proposals = sorted(root.glob("label_quality/*/thresholds.proposal.yaml"))
+    assert len(proposals) == 1 and f"adopting {proposals[0]}" in output
+    assert load_thresholds(thresholds_file) == load_thresholds(proposals[0])
+    run(commands[4])  # pseudo_labels over the shard range, with the adopted thresholds
+    run(commands[5])  # autosam2_manifest, dataset_exports
+    manifest = [
+        json.loads(line) for line in store.get_text(f"{current_root(store)}/manifest.jsonl").splitlines()
+    ]
+    assert sum(m["verified"] for m in manifest) == 4
+    assert read_current_export(store)["version"]
