@@ -12,50 +12,48 @@ from datetime import UTC, datetime
 import pandas as pd
 from dagster import (
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
-    Config,
-    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
+from pydantic import Field
 
-from assets.common import gate_check_results
+from assets.common import GateConfig, enforce_gates, gate_check_specs
 from pseudolabel.dataset.collect import Collected, collect, labelled_shards
-from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
 from pseudolabel.dataset.publish import PublishSummary, publish_dataset
 from pseudolabel.dataset.samples import SampleSpec
 from pseudolabel.labels.coco import category_names
-from pseudolabel.labels.lineage import stale_shards
 from pseudolabel.labels.thresholds import thresholds_fingerprint
 from pseudolabel.markdown import markdown_table
-from pseudolabel.review.corrections import kept_precision, read_reviewed
+from pseudolabel.review.corrections import read_reviewed
 from resources.storage import StorageResource
 from resources.thresholds import ThresholdsResource
 
 
-class AutoSam2ManifestConfig(Config):
-    width: int = 512
-    height: int = 512
-    jpeg_quality: int = 95
-    train_fraction: float = 0.95
-    val_fraction: float = 0.04
-    test_fraction: float = 0.01
-    seed: int = 0
-    include_empty: bool = False  # images with no kept instance become all-black-mask samples
-    # Shards labelled with different thresholds (e.g. a backfill still running) make a mixed
-    # training set; refuse unless explicitly allowed.
-    allow_mixed_thresholds: bool = False
-    # The reviewed-precision gate: classes with at least min_reviewed reviewed kept instances in the
-    # review queue's uniform sample must reach target_precision, or nothing is published.
-    target_precision: float = 0.9
-    min_reviewed: int = 20
-    keep_versions: int = 2  # the new version plus this many - 1 previous ones, for readers mid-epoch
-    workers: int = 2
-    # Every frame_stride-th labelled frame of each video (video_labels shards) becomes a sample too;
-    # 0 = images only.
-    frame_stride: int = 10
+class AutoSam2ManifestConfig(GateConfig):
+    width: int = Field(default=512, description="Sample width in pixels (images and masks are resized).")
+    height: int = Field(default=512, description="Sample height in pixels.")
+    jpeg_quality: int = Field(default=95, description="JPEG quality of the sample images.")
+    train_fraction: float = Field(default=0.95, description="Share of each label's samples in train.")
+    val_fraction: float = Field(default=0.04, description="Share of each label's samples in val.")
+    test_fraction: float = Field(default=0.01, description="Share of each label's samples in test.")
+    seed: int = Field(default=0, description="Seed of the split assignment (a seeded hash of the sample id).")
+    include_empty: bool = Field(
+        default=False,
+        description="Also publish images with no kept instance, as all-black-mask samples (reviewed images "
+        "are always included: 'nothing here' is a reviewer's verdict).",
+    )
+    keep_versions: int = Field(
+        default=2,
+        description="Versions kept: the new one plus this many - 1 previous ones, for readers mid-epoch.",
+    )
+    workers: int = Field(default=2, description="Threads rendering samples.")
+    frame_stride: int = Field(
+        default=10,
+        description="Every frame_stride-th labelled frame of each video (video_labels shards) becomes a sample; "
+        "0 = images only.",
+    )
 
 
 @asset(
@@ -68,10 +66,7 @@ class AutoSam2ManifestConfig(Config):
         "video_labels shards; autosam2/CURRENT.json names the current version. Reviewed images carry the "
         "reviewers' masks (`verified`). Published only when the blocking quality gates pass."
     ),
-    check_specs=[
-        AssetCheckSpec(name, asset="autosam2_manifest", blocking=True, description=GATE_DESCRIPTIONS[name])
-        for name in GATES
-    ],
+    check_specs=gate_check_specs("autosam2_manifest"),
 )
 def autosam2_manifest(
     context: AssetExecutionContext,
@@ -88,22 +83,7 @@ def autosam2_manifest(
     if not config.include_empty:  # reviewed images stay: "nothing here" is a reviewer's verdict
         samples = samples.loc[(samples["instance_count"] > 0) | samples["verified"]]
     fingerprints = sorted(samples["thresholds_fingerprint"].dropna().unique())
-    gates = dataset_gates(
-        samples,
-        stale=stale_shards(store, labelled_shards(store)),
-        precision=kept_precision(reviewed) if len(reviewed) else pd.DataFrame(),
-        target_precision=config.target_precision,
-        min_reviewed=config.min_reviewed,
-        allow_mixed_thresholds=config.allow_mixed_thresholds,
-    )
-    yield from gate_check_results(gates)
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        raise Failure(
-            description="Not published: " + "; ".join(f"{g.name}: {g.summary}" for g in failed),
-            metadata={g.name: MetadataValue.json(g.details) for g in failed},
-            allow_retries=False,
-        )
+    yield from enforce_gates(store, samples, labelled_shards(store), reviewed, config)
     current = thresholds_fingerprint(thresholds.load())
     if fingerprints and fingerprints != [current]:
         context.log.warning(

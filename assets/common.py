@@ -16,13 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
+import pandas as pd
 from dagster import (
     AssetCheckResult,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
     BackfillPolicy,
     Backoff,
+    Config,
     DagsterInstance,
     DynamicPartitionsDefinition,
     Failure,
@@ -31,8 +34,12 @@ from dagster import (
     MetadataValue,
     RetryPolicy,
 )
+from pydantic import Field
 
-from pseudolabel.dataset.gates import GateResult
+from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
+from pseudolabel.labels.lineage import stale_shards
+from pseudolabel.review.corrections import kept_precision
+from pseudolabel.storage import ObjectStore
 
 SHARDS_PARTITIONS_NAME = "shards"
 shard_partitions = DynamicPartitionsDefinition(name=SHARDS_PARTITIONS_NAME)
@@ -161,12 +168,55 @@ def catalog_cursor(instance: DagsterInstance) -> int | None:
     return None if value is None else int(value.value)
 
 
-def gate_check_results(gates: list[GateResult]) -> Iterator[AssetCheckResult]:
-    """Quality gates as the asset's (blocking) check results, with what each found."""
+class GateConfig(Config):
+    """The publish gates' knobs, shared by the dataset and the exports."""
+
+    allow_mixed_thresholds: bool = Field(
+        default=False,
+        description="Publish shards labelled with different thresholds (e.g. while a relabel backfill runs).",
+    )
+    target_precision: float = Field(
+        default=0.9,
+        description="Reviewed-precision gate: classes with enough reviews must reach this precision.",
+    )
+    min_reviewed: int = Field(
+        default=20,
+        description="Reviewed kept instances (uniform sample) a class needs before the precision gate judges it.",
+    )
+
+
+def gate_check_specs(asset_name: str) -> list[AssetCheckSpec]:
+    """The publish gates as blocking checks of ``asset_name``."""
+    return [
+        AssetCheckSpec(name, asset=asset_name, blocking=True, description=GATE_DESCRIPTIONS[name])
+        for name in GATES
+    ]
+
+
+def enforce_gates(
+    store: ObjectStore, samples: pd.DataFrame, shards: list[str], reviewed: pd.DataFrame, config: GateConfig
+) -> Iterator[AssetCheckResult]:
+    """Evaluate the publish gates over what is about to be published, report each as a check result, and
+    stop the step (nothing published) when one fails."""
+    gates = dataset_gates(
+        samples,
+        stale=stale_shards(store, shards),
+        precision=kept_precision(reviewed) if len(reviewed) else pd.DataFrame(),
+        target_precision=config.target_precision,
+        min_reviewed=config.min_reviewed,
+        allow_mixed_thresholds=config.allow_mixed_thresholds,
+    )
     for gate in gates:
         yield AssetCheckResult(
             check_name=gate.name,
             passed=gate.passed,
             description=gate.summary,
             metadata={"summary": gate.summary, "details": MetadataValue.json(gate.details)},
+        )
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        raise Failure(
+            description="Not published: " + "; ".join(f"{g.name}: {g.summary}" for g in failed),
+            metadata={g.name: MetadataValue.json(g.details) for g in failed},
+            allow_retries=False,
         )

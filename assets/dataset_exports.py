@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 import pandas as pd
 from dagster import (
     AssetCheckResult,
-    AssetCheckSpec,
     AssetExecutionContext,
-    Config,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -25,15 +23,13 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.common import gate_check_results
+from assets.common import GateConfig, enforce_gates, gate_check_specs
 from pseudolabel.dataset.collect import collect_shard
-from pseudolabel.dataset.gates import GATE_DESCRIPTIONS, GATES, dataset_gates
 from pseudolabel.dataset.publish import read_current
 from pseudolabel.exports.publish import FORMATS, ExportBatch, export_dataset
 from pseudolabel.labels.coco import category_names
-from pseudolabel.labels.lineage import stale_shards
 from pseudolabel.markdown import markdown_table
-from pseudolabel.review.corrections import kept_precision, read_reviewed
+from pseudolabel.review.corrections import read_reviewed
 from pseudolabel.storage import ObjectStore
 from resources.label_studio import LabelStudioResource
 from resources.storage import StorageResource
@@ -41,7 +37,7 @@ from resources.storage import StorageResource
 VERIFIED_MODEL_VERSION = "human-verified"
 
 
-class DatasetExportsConfig(Config):
+class DatasetExportsConfig(GateConfig):
     formats: list[str] = Field(
         default=list(FORMATS), description=f"Formats to write, any of {', '.join(FORMATS)}."
     )
@@ -52,15 +48,6 @@ class DatasetExportsConfig(Config):
         default="brush", description="Label Studio predictions as `brush` masks or `polygon` outlines."
     )
     keep_versions: int = Field(default=2, description="Export versions kept (the new one included).")
-    target_precision: float = Field(
-        default=0.9, description="Reviewed-precision gate: classes with enough reviews must reach this."
-    )
-    min_reviewed: int = Field(
-        default=20, description="Reviewed kept instances a class needs before the precision gate judges it."
-    )
-    allow_mixed_thresholds: bool = Field(
-        default=False, description="Export shards labelled with different thresholds (normally refused)."
-    )
 
 
 def _manifest(store: ObjectStore) -> tuple[dict, pd.DataFrame]:
@@ -108,10 +95,7 @@ def _batches(store: ObjectStore, manifest: pd.DataFrame, reviewed: pd.DataFrame)
         "AutoSAM2 version's samples and splits; reviewed images carry the reviewers' masks. Published "
         "atomically: `exports/CURRENT.json` names the version. Stopped by a failing quality gate."
     ),
-    check_specs=[
-        AssetCheckSpec(name, asset="dataset_exports", blocking=True, description=GATE_DESCRIPTIONS[name])
-        for name in GATES
-    ],
+    check_specs=gate_check_specs("dataset_exports"),
 )
 def dataset_exports(
     context: AssetExecutionContext,
@@ -127,22 +111,7 @@ def dataset_exports(
     manifest = manifest.loc[~frames]
     reviewed = read_reviewed(store)
     samples = manifest.rename(columns={"id": "image_id"})
-    gates = dataset_gates(
-        samples,
-        stale=stale_shards(store, sorted(manifest["shard"].unique())),
-        precision=kept_precision(reviewed) if len(reviewed) else pd.DataFrame(),
-        target_precision=config.target_precision,
-        min_reviewed=config.min_reviewed,
-        allow_mixed_thresholds=config.allow_mixed_thresholds,
-    )
-    yield from gate_check_results(gates)
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        raise Failure(
-            description="Not exported: " + "; ".join(f"{g.name}: {g.summary}" for g in failed),
-            metadata={g.name: MetadataValue.json(g.details) for g in failed},
-            allow_retries=False,
-        )
+    yield from enforce_gates(store, samples, sorted(manifest["shard"].unique()), reviewed, config)
 
     categories = current.get("info", {}).get("categories") or category_names([])
     version = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
