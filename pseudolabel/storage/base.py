@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -37,6 +39,15 @@ class ObjectStore(ABC):
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` atomically (replacing any previous object)."""
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Store the local file at ``path`` under ``key`` atomically, like :meth:`put_bytes`.
+
+        For big files (a dataset export's COCO JSON): the backends override it to stream the file
+        (local: copied next to the target and renamed; S3: a managed multipart upload), so it is never
+        one bytes object in memory. This default reads it whole.
+        """
+        self.put_bytes(key, Path(path).read_bytes())
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:

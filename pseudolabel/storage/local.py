@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -97,6 +98,19 @@ class LocalObjectStore(ObjectStore):
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Copy the file at ``path`` (streamed) to a temp file next to the target, then rename it over."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name), dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle, open(path, "rb") as source:
+                shutil.copyfileobj(source, handle, 1 << 20)
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -35,12 +36,24 @@ class S3ObjectStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """boto3's managed upload: streamed from the file, multipart above 8 MiB. The object appears
+        under ``key`` only when the upload completes; a killed one is aborted by :meth:`remove_stale_temp`."""
+        self.client.upload_file(os.fspath(path), self.bucket, self._key(key))
+
     def get_bytes(self, key: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except self.client.exceptions.NoSuchKey as exc:
             raise ObjectNotFound(self.uri(key)) from exc
         return response["Body"].read()
+
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        """A GET URL for ``key`` that works without credentials for ``expires_s`` seconds (S3 allows at
+        most 7 days), e.g. for a labelling tool that shows the image in a reviewer's browser."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s)
+        )
 
     def exists(self, key: str) -> bool:
         try:
@@ -77,7 +90,8 @@ class S3ObjectStore(ObjectStore):
         A single PUT (all this store does) is atomic, so S3 has no temp keys; what a killed writer
         can leave is a multipart upload (from tools that stream large objects) that never completed:
         invisible under its key, but its parts are stored and billed until aborted. This store starts
-        none itself, so any under a step's own prefix belongs to a writer that is gone.
+        them only in :meth:`put_file` (big files), which a step finishes before it ends, so any under a
+        step's own prefix when it starts belongs to a writer that is gone.
         """
         paginator = self.client.get_paginator("list_multipart_uploads")
         uploads = [
