@@ -43,6 +43,25 @@ def outcome_counts(metadata) -> dict[str, int]:
     return {k.removeprefix("instances_"): v.value for k, v in metadata.items() if k.startswith("instances_")}
 
 
+def sdk_decode(python: str, rles: list[list[int]], height: int, width: int) -> list[np.ndarray]:
+    """Brush RLEs decoded by label-studio-sdk's own converter, in Label Studio's virtualenv."""
+    script = (
+        "import json, sys\n"
+        "from label_studio_sdk.converter.brush import decode_rle\n"
+        "rles, h, w = json.load(sys.stdin)\n"
+        "out = [(decode_rle(r).reshape(h, w, 4)[:, :, 3] > 0).astype(int).ravel().tolist() for r in rles]\n"
+        "json.dump(out, sys.stdout)\n"
+    )
+    done = subprocess.run(
+        [python, "-c", script],
+        input=json.dumps([rles, height, width]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [np.asarray(m, bool).reshape(height, width) for m in json.loads(done.stdout)]
+
+
 @pytest.fixture
 def loop(label_studio, tmp_path, monkeypatch):
     """A store inside Label Studio's document root with two labelled shards, and the resources."""
@@ -177,6 +196,28 @@ def test_the_review_loop_through_label_studio(loop, label_studio, tmp_path):
     assert any(np.array_equal(m, fixed_mask) for m in masks)
     assert any(np.array_equal(m, added_mask) for m in masks)
     assert all(a["verified"] for a in coco["annotations"] if a["image_id"] == image["id"])
+
+    # 7. The exported Label Studio tasks go through Label Studio's own import, and label-studio-sdk's
+    # brush decoder (in Label Studio's environment) reads back exactly the COCO masks of the same images.
+    exported = json.loads(store.get_bytes(layout.export_label_studio_tasks(export["root"], split)))
+    config_xml = store.get_text(layout.export_label_studio_config(export["root"]))
+    imported_project = client.ensure_project(f"export {uuid.uuid4().hex[:8]}", config_xml)
+    assert client.import_tasks(imported_project, exported, key="image_id").created == len(exported)
+    regions = {
+        (t["data"]["image_id"], r["id"]): r["value"]["rle"]
+        for t in client.list_tasks(imported_project)
+        for p in t["predictions"]
+        for r in p["result"]
+    }
+    assert regions
+    decoded = sdk_decode(label_studio.python, list(regions.values()), H, W)
+    by_image = {i["id"]: i["file_name"].removesuffix(".jpg") for i in coco["images"]}
+    coco_masks = {
+        (by_image[a["image_id"]], decode_rle(a["segmentation"]["counts"], H, W).astype(bool).tobytes())
+        for a in coco["annotations"]
+    }
+    for (image_id, _), mask in zip(regions, decoded, strict=True):
+        assert (image_id, mask.tobytes()) in coco_masks
 
 
 def test_a_precision_gate_stops_the_publish(loop, label_studio):
