@@ -89,11 +89,17 @@ def gpu_retry() -> RetryPolicy:
     )
 
 
+def shards_per_run_count() -> int:
+    """How many shards a range run of the per-shard chain takes (``PSEUDOLABEL_SHARDS_PER_RUN``, default 10):
+    the UI backfills' grouping, and the new-shards sensor's."""
+    return _shards_per_run(10)
+
+
 def shards_per_run() -> BackfillPolicy:
     """Per-shard work: a backfill run takes a range of shards (each still its own partition and
     materialization), so a GPU step's model worker loads the models once for all of them, and the
     chain job keeps that range end to end; runs spread over processes, pods and GPUs."""
-    return BackfillPolicy.multi_run(max_partitions_per_run=_shards_per_run(10))
+    return BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run_count())
 
 
 # Cheap CPU-only work: a backfill over many shards is one run.

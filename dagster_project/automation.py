@@ -23,7 +23,7 @@ from dagster import (
     sensor,
 )
 
-from assets.common import SHARDS_PARTITIONS_NAME, catalog_cursor
+from assets.common import SHARDS_PARTITIONS_NAME, catalog_cursor, shards_per_run_count
 from dagster_project.jobs import sample_increment_job, shard_chain_job
 from pseudolabel import layout
 from pseudolabel.storage import ObjectNotFound
@@ -35,6 +35,9 @@ REFRESH_CRON_ENV = "PSEUDOLABEL_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # daily, 03:00
 FIRST_SHARD_ASSET = AssetKey("normalized_images")
 MAX_SHARD_RUNS_PER_TICK = 100
+# Dagster's tags for a run over a partition range (what a UI backfill of ranges sets).
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def increment_request(offset: int, run_key: str) -> RunRequest:
@@ -85,16 +88,49 @@ def catalog_growth_sensor(context: SensorEvaluationContext, catalog: CatalogReso
     job=shard_chain_job,
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.STOPPED,
-    description="Run the shard chain once for every registered shard that has never been processed.",
+    description=(
+        "Runs the shard chain over every registered shard never processed, in range runs of "
+        "`PSEUDOLABEL_SHARDS_PER_RUN` shards (the UI backfills' grouping): one model load per GPU step "
+        "and range. The cursor is the last shard requested, so no shard is requested twice."
+    ),
 )
 def new_shards_sensor(context: SensorEvaluationContext):
-    shards = context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME)
+    shards = sorted(context.instance.get_dynamic_partitions(SHARDS_PARTITIONS_NAME))
     done = context.instance.get_materialized_partitions(FIRST_SHARD_ASSET)
-    todo = [s for s in sorted(shards) if s not in done][:MAX_SHARD_RUNS_PER_TICK]
-    if not todo:
-        return SkipReason("Every registered shard has been processed.")
-    # The run key makes a shard's request happen once, however many ticks see it unprocessed.
-    return [RunRequest(run_key=f"shard-chain-{s}", partition_key=s) for s in todo]
+    ranges = unprocessed_ranges(shards, done, after=context.cursor or "", size=shards_per_run_count())
+    if not ranges:
+        return SkipReason("Every registered shard has been processed or requested.")
+    ranges = ranges[:MAX_SHARD_RUNS_PER_TICK]
+    context.update_cursor(ranges[-1][-1])
+    return [shard_range_request(group[0], group[-1]) for group in ranges]
+
+
+def unprocessed_ranges(shards: list[str], done: set[str], *, after: str, size: int) -> list[list[str]]:
+    """Runs of consecutive (in partition order) shards after ``after`` that are not ``done``, at most
+    ``size`` each: a processed shard ends a run, since a run covers every partition of its range."""
+    ranges: list[list[str]] = []
+    current: list[str] = []
+    for shard in sorted(shards):
+        if shard <= after:
+            continue
+        if shard in done or len(current) == size:
+            if current:
+                ranges.append(current)
+            current = []
+        if shard not in done:
+            current.append(shard)
+    if current:
+        ranges.append(current)
+    return ranges
+
+
+def shard_range_request(first: str, last: str) -> RunRequest:
+    """One run of the shard chain over the shards ``first`` .. ``last`` (in partition order); the run key
+    makes a repeated request launch nothing."""
+    return RunRequest(
+        run_key=f"shard-chain-{first}..{last}",
+        tags={RANGE_START_TAG: first, RANGE_END_TAG: last},
+    )
 
 
 @sensor(

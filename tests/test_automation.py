@@ -134,11 +134,35 @@ def test_growth_sensor_fires_only_when_the_reported_total_grows(catalog_world, d
     assert isinstance(catalog_growth_sensor(again), SkipReason)
 
 
-def test_new_shards_sensor_requests_each_unprocessed_shard_once(catalog_world):
+def ranges_of(requests) -> list[tuple[str, str, str]]:
+    return [
+        (
+            r.tags["dagster/asset_partition_range_start"],
+            r.tags["dagster/asset_partition_range_end"],
+            r.run_key,
+        )
+        for r in requests
+    ]
+
+
+def test_new_shards_sensor_requests_unprocessed_shards_in_range_runs_once(catalog_world, monkeypatch):
     _catalog, _server, _resources, instance, _store = catalog_world
+    instance.add_dynamic_partitions("shards", [f"shard-{n:05d}" for n in range(3, 8)])
     instance.report_runless_asset_event(AssetMaterialization("normalized_images", partition="shard-00001"))
-    requests = new_shards_sensor(build_sensor_context(instance=instance))
-    assert [(r.partition_key, r.run_key) for r in requests] == [
-        ("shard-00000", "shard-chain-shard-00000"),
-        ("shard-00002", "shard-chain-shard-00002"),
+    monkeypatch.setenv("PSEUDOLABEL_SHARDS_PER_RUN", "3")
+    context = build_sensor_context(instance=instance)
+    requests = new_shards_sensor(context)
+    # A processed shard ends a range (a run covers every partition of its range); at most 3 per run.
+    assert ranges_of(requests) == [
+        ("shard-00000", "shard-00000", "shard-chain-shard-00000..shard-00000"),
+        ("shard-00002", "shard-00004", "shard-chain-shard-00002..shard-00004"),
+        ("shard-00005", "shard-00007", "shard-chain-shard-00005..shard-00007"),
+    ]
+    assert all(r.partition_key is None for r in requests)
+    # The cursor remembers what was requested: the next tick asks for nothing until new shards come.
+    context = build_sensor_context(instance=instance, cursor=context.cursor)
+    assert isinstance(new_shards_sensor(context), SkipReason)
+    instance.add_dynamic_partitions("shards", ["shard-00008"])
+    assert ranges_of(new_shards_sensor(context)) == [
+        ("shard-00008", "shard-00008", "shard-chain-shard-00008..shard-00008")
     ]
