@@ -8,14 +8,19 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dagster_project.demo import run_demo
+    from dagster_project.demo import DemoNeedsGpu, run_demo
 
-    summary = run_demo(
-        out_dir=Path(args.out).resolve(),
-        images=args.images,
-        shard_size=args.shard_size,
-        random_weights=args.random_weights,
-    )
+    try:
+        summary = run_demo(
+            out_dir=Path(args.out).resolve(),
+            images=args.images,
+            shard_size=args.shard_size,
+            random_weights=args.random_weights,
+            device=args.device,
+        )
+    except DemoNeedsGpu as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary.render())
     return 0
 
@@ -183,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SMOKE RUN: real architectures at tiny size with random weights (no downloads; says nothing "
         "about label quality). Without it the official checkpoints are used (cached or downloaded).",
+    )
+    demo.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the models run (default auto: the leased GPU; the official checkpoints refuse to start "
+        "without one unless --device cpu)",
     )
     demo.set_defaults(func=_demo)
 

@@ -27,7 +27,7 @@ from resources.catalog import CatalogResource
 from resources.models import StageSettingsResource, TrackerResource, model_resources
 from resources.storage import LocalStorageResource
 from resources.thresholds import ThresholdsResource
-from resources.workers import LocalModelWorkers
+from resources.workers import LocalModelWorkers, visible_gpus
 
 DEMO_NETWORK = "127.0.0.0/8"  # where the demo's catalog/image server listens
 INSTANCE_YAML = """\
@@ -82,24 +82,46 @@ def demo_instance(dagster_home: Path) -> DagsterInstance:
     return DagsterInstance.from_config(str(dagster_home))
 
 
+class DemoNeedsGpu(RuntimeError):
+    """The official checkpoints were asked for on a machine without a CUDA GPU: said before any download."""
+
+
+def check_runnable(models: str, device: str, gpus: list[str]) -> None:
+    """Refuse, up front, the official demo on a machine without a visible CUDA GPU unless a device was
+    chosen: otherwise ~1.2 GB of checkpoints would download and only then the worker would refuse the CPU."""
+    if models == "official" and device == "auto" and not gpus:
+        raise DemoNeedsGpu(
+            "the official demo needs a CUDA GPU and this machine shows none (nvidia-smi -L finds no GPU, "
+            "PSEUDOLABEL_GPUS unset). Run `pseudolabel demo --random-weights` for an offline smoke run, or "
+            "`pseudolabel demo --device cpu` to run the official checkpoints on the CPU (downloads ~1.2 GB; "
+            "minutes per image)."
+        )
+
+
 def run_demo(
     out_dir: Path,
     images: int = 48,
     shard_size: int = 16,
     random_weights: bool = False,
     models: str | None = None,
+    device: str = "auto",
 ) -> DemoSummary:
     """Run catalog -> sample -> images -> detections -> masks -> pseudo-labels -> AutoSAM2 dataset."""
     models = models or ("random" if random_weights else "official")
+    check_runnable(models, device, visible_gpus())
     started = time.perf_counter()
     data_root, dagster_home = out_dir / "data", out_dir / "dagster_home"
     instance = demo_instance(dagster_home)
     items = demo_items(images)
     detector, segmenter = model_resources(models)
+    if device != "auto":
+        detector = detector.model_copy(update={"device": device})
+        segmenter = segmenter.model_copy(update={"device": device})
     if models != "fake":  # build the model-worker environment up front, with pip's progress shown
         ensure_worker_python(log=lambda line: print(line, flush=True))
     with loopback_images_allowed():
-        shards, result = _run_chain(instance, items, detector, segmenter, data_root, shard_size, models)
+        tracker = TrackerResource(models=models, device=None if device == "auto" else device)
+        shards, result = _run_chain(instance, items, detector, segmenter, tracker, data_root, shard_size)
 
     summary = DemoSummary(out_dir, data_root, dagster_home, models, shards, time.perf_counter() - started)
     summary.counts = _counts(instance, shards)
@@ -126,7 +148,7 @@ def loopback_images_allowed() -> Iterator[None]:
             os.environ[ALLOWED_NETWORKS_ENV] = previous
 
 
-def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size: int, models: str):
+def _run_chain(instance, items, detector, segmenter, tracker, data_root: Path, shard_size: int):
     """Serve the synthetic catalog and materialize every stage; returns (shards, dataset run result)."""
     # The code location's own asset definitions (code versions included), run with the demo's resources.
     chain = defs().get_assets_def
@@ -143,7 +165,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
             "catalog": CatalogResource(source=server.catalog_url, page_size=16),
             "detector": detector,
             "segmenter": segmenter,
-            "tracker": TrackerResource(models=models),
+            "tracker": tracker,
             "stage_settings": StageSettingsResource(),
             "thresholds": ThresholdsResource(),
             "model_workers": LocalModelWorkers(),
@@ -171,7 +193,7 @@ def _run_chain(instance, items, detector, segmenter, data_root: Path, shard_size
                 )
             )
         # Random weights rarely clear the thresholds; a smoke run still shows the dataset layout.
-        dataset_config = {"include_empty": models != "official"}
+        dataset_config = {"include_empty": tracker.models != "official"}
         result = _check(
             materialize(
                 [chain("autosam2_manifest")],

@@ -1,10 +1,16 @@
 """`pseudolabel demo` runs the whole chain offline and leaves a dataset and an instance behind."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from dagster import AssetKey, DagsterInstance
 
 from dagster_project.cli import build_parser
+from dagster_project.demo import DemoNeedsGpu, check_runnable
 from pseudolabel.storage import LocalObjectStore
 
 CHAIN = [
@@ -56,4 +62,41 @@ def test_demo_instance_records_every_asset(demo_run):
 
 def test_cli_parses_demo_flags():
     args = build_parser().parse_args(["demo", "--random-weights", "--images", "10", "--out", "/tmp/x"])
-    assert args.random_weights and args.images == 10 and args.out == "/tmp/x"
+    assert args.random_weights and args.images == 10 and args.out == "/tmp/x" and args.device == "auto"
+
+
+def test_the_official_demo_without_a_gpu_says_so_before_any_download(tmp_path):
+    """`pseudolabel demo` (official checkpoints) on this GPU-less machine: refused at once, before the
+    worker environment or a checkpoint is touched, with the ways forward."""
+    cache = tmp_path / "model-cache"
+    env = {
+        **os.environ,
+        "PSEUDOLABEL_MODEL_CACHE": str(cache),
+        "PSEUDOLABEL_WORKER_HOME": str(tmp_path / "workers"),
+        "PATH": os.environ["PATH"],
+    }
+    env.pop("PSEUDOLABEL_GPUS", None)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("pseudolabel")), "demo", "--out", str(tmp_path / "demo")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "needs a CUDA GPU" in done.stderr
+        and "--random-weights" in done.stderr
+        and "--device cpu" in done.stderr
+    )
+    assert not cache.exists() and not (tmp_path / "workers").exists()  # nothing downloaded or built
+    assert not (tmp_path / "demo" / "data").exists()
+
+
+def test_check_runnable_allows_a_chosen_device_or_a_gpu():
+    check_runnable("official", "cpu", [])
+    check_runnable("official", "auto", ["0"])
+    check_runnable("random", "auto", [])
+    with pytest.raises(DemoNeedsGpu):
+        check_runnable("official", "auto", [])
