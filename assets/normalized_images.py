@@ -101,7 +101,7 @@ def normalized_images(
         if videos:  # video files and frame prefixes are video_frames' work: not downloaded here
             context.log.info(f"{shard}: skipped {len(videos)} video items (see video_frames)")
         # Writes the index (before any failure below, so a failure loses nothing) and records
-        # progress as it goes, so a rerun after a crash fetches only what was not finished.
+        # progress as it goes; a rerun after a crash reuses every stored image and fetches only the rest.
         result = process_shard(store, shard, items, config.shard_options(), progress=context.log.info)
         metadata = _metadata(store, shard, result, stale, videos_skipped=len(videos))
         stats = result.stats
@@ -138,8 +138,10 @@ def _metadata(
         "images_reused": MetadataValue.int(stats.reused),
         "images_fetched": MetadataValue.int(stats.fetched),
         "videos_skipped": MetadataValue.int(videos_skipped),  # left to video_frames, not quarantined
-        # Rows taken over without a download: from the last index, or recorded by a killed run.
+        # Rows taken over without a download: from the last index, or recorded by a killed run...
         "reused_from_unfinished_run": MetadataValue.int(result.recovered),
+        # ...or stored images no index recorded (a kill or storage outage before the part was written).
+        "rebuilt_from_stored_images": MetadataValue.int(result.rebuilt),
         "stale_temp_files_removed": MetadataValue.int(stale_temp),
         "failure_rate": MetadataValue.float(round(stats.failure_rate, 4)),
         "quarantine_counts": MetadataValue.json(dict(stats.reasons.most_common())),

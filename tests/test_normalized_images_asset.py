@@ -161,7 +161,7 @@ def test_rematerializing_reuses_stored_images_and_refetches_only_what_is_missing
     assert all(row["status"] == "ok" for row in index_rows(store).values())
     meta = metadata_of(second)
     assert (meta["images_reused"], meta["images_fetched"], meta["images_ok"]) == (3, 2, 5)
-    assert meta["reused_from_unfinished_run"] == 0
+    assert meta["reused_from_unfinished_run"] == meta["rebuilt_from_stored_images"] == 0
     assert meta["stale_temp_files_removed"] == 0
     assert meta["orientation_histogram"] == {"1": 4, "6": 1}  # reused rows still counted
 
@@ -169,6 +169,15 @@ def test_rematerializing_reuses_stored_images_and_refetches_only_what_is_missing
     third = run(storage_resource)
     assert third.success and server.paths("/images/")[before:] == []  # nothing left to fetch
     assert metadata_of(third)["images_reused"] == 5
+
+    # The index lost (a run killed before recording anything leaves only JPEGs): rows rebuilt from them.
+    rows = index_rows(store)
+    store.delete(layout.image_index(SHARD))
+    fourth = run(storage_resource)
+    assert fourth.success and server.paths("/images/")[before:] == []
+    meta = metadata_of(fourth)
+    assert (meta["images_reused"], meta["rebuilt_from_stored_images"], meta["images_fetched"]) == (5, 5, 0)
+    assert index_rows(store) == rows and meta["orientation_histogram"] == {"1": 4, "6": 1}
 
 
 def test_too_many_failures_fail_the_shard_after_writing_the_index(dev_server, storage_resource, store):

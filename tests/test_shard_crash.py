@@ -1,7 +1,8 @@
 """normalized_images survives its process being killed (kill -9) and its S3 storage going away mid-shard.
 
-Both reruns must fetch (next to) nothing that was finished before, leave no temp file or half-written
-object behind, and end with the same index as a run that was never interrupted.
+Both reruns must fetch no image that was stored before (whatever the index parts recorded: they lag the
+stored JPEGs), fetch every other one exactly once, leave no temp file or half-written object behind, and
+end with the same index as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def shard_images(good: int, pages: int, missing: int) -> tuple[dict[str, bytes],
     return images, sorted(names, key=lambda n: hashlib.md5(n.encode()).hexdigest())  # bad ones spread out
 
 
+def recorded_rows(store, shard: str = SHARD) -> list[dict]:
+    """Every row of the shard's index parts (what the interrupted run had recorded)."""
+    rows: list[dict] = []
+    for info in store.list(layout.image_index_parts_dir(shard)):
+        rows += pq.read_table(io.BytesIO(store.get_bytes(info.key))).to_pylist()
+    return rows
+
+
+def expected_refetch(urls: list[str], stored_ids: set[str], recorded: list[dict]) -> set[str]:
+    """What a rerun must fetch: every URL whose JPEG is not stored, except bad images a part recorded
+    as quarantined (finished: not tried again until the next complete run)."""
+    quarantined = {r["url"] for r in recorded if r["status"] == "quarantined"}
+    return {u for u in urls if image_id_for_url(u) not in stored_ids and u not in quarantined}
+
+
 def uninterrupted_statuses(items: list[SampleItem], tmp_path: Path) -> dict[str, tuple]:
     """image_id -> (status, reason, sha256) from one uninterrupted run into a separate store."""
     result = process_shard(
@@ -80,14 +96,14 @@ def temp_files(root: Path) -> list[str]:
     )
 
 
-def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_server):
+def test_kill_9_mid_shard_then_rerun_fetches_no_stored_image_again(tmp_path, dev_server):
     """`dagster asset materialize` of one shard (120 images: 110 good, 4 not images, 6 missing) as a real
     process; SIGKILL to its process group once about half the JPEGs are stored; the same command again.
 
-    Measured on the server: of the images finished before the kill (JPEG stored, or a bad image answered),
-    how many the rerun requests again: those whose rows were not in an index part yet (at most
-    ``record_interval_s`` of work). Also printed: the same over every URL answered before the kill,
-    downloads that were in flight included.
+    Measured on the server: of the images stored before the kill, how many the rerun requests again
+    (limit: none, also those no index part recorded yet), and that it requests exactly the others (in
+    flight, not started, bad images no part recorded). Also printed: the same over every URL answered
+    before the kill.
     """
     images, names = shard_images(good=110, pages=4, missing=6)
     # 2 downloads at a time x 0.3 s each: ~7 images/s, so the kill lands mid-shard.
@@ -136,7 +152,7 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
         try:
             deadline = time.monotonic() + 180
             while killed.poll() is None and time.monotonic() < deadline:
-                if stored_dir.is_dir() and sum(1 for _ in stored_dir.glob("*.jpg")) >= 55:
+                if stored_dir.is_dir() and sum(1 for _ in stored_dir.glob("*.jpg")) >= 60:
                     break
                 time.sleep(0.02)
             assert killed.poll() is None, (
@@ -157,6 +173,8 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
     finished |= {url for url in answered if not url.startswith("/images/p")}
     parts = sorted(p.name for p in (data / "images" / f"{SHARD}.parts").glob("*.parquet"))
     assert parts and not (data / layout.image_index(SHARD)).exists()
+    recorded = recorded_rows(LocalObjectStore(data))
+    unrecorded_stored = stored_at_kill - {r["image_id"] for r in recorded}
     left_by_kill = temp_files(data)
     # A kill during a write leaves a temp file; make sure there is one to clean up.
     (stored_dir / f".x.jpg{TEMP_MARKER}{socket.gethostname()}-{killed.pid}-abcd1234").write_bytes(b"half")
@@ -167,14 +185,16 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
     again = Counter(server.paths("/images/")[before:])
 
     refetched = answered & set(again)
-    fraction = len(refetched & finished) / len(finished)
+    stored_urls = {u for u in answered if image_id_for_url(server.url + u) in stored_at_kill}
     print(
-        f"\nkill -9 after {len(finished)} finished images ({len(stored_at_kill)} JPEGs stored, {len(parts)} "
-        f"index parts, {len(left_by_kill)} temp files left by the kill): the rerun fetched "
-        f"{len(refetched & finished)} of them again ({fraction:.1%}); of all {len(answered)} URLs answered "
-        f"before the kill (downloads in flight included) {len(refetched)} ({len(refetched) / len(answered):.1%})"
+        f"\nkill -9 with {len(stored_at_kill)} of 120 JPEGs stored ({len(unrecorded_stored)} of them in no "
+        f"index part; {len(parts)} parts, {len(left_by_kill)} temp files left by the kill): the rerun "
+        f"fetched {len(refetched & stored_urls)} of the {len(stored_urls)} stored images again; of the "
+        f"{len(finished)} finished images {len(refetched & finished)}, of all {len(answered)} URLs answered "
+        f"before the kill (downloads in flight included) {len(refetched)}"
     )
-    assert fraction <= 0.10, sorted(refetched)
+    assert refetched & stored_urls == set()  # not one stored image fetched again
+    assert {server.url + u for u in again} == expected_refetch(urls, stored_at_kill, recorded)
     assert max(again.values()) == 1 and set(again) | answered == {f"/images/{n}" for n in names}
     assert temp_files(data) == []
     assert not (data / "images" / f"{SHARD}.parts").exists()
@@ -187,7 +207,9 @@ def test_kill_9_mid_shard_then_rerun_refetches_almost_nothing(tmp_path, dev_serv
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         event = instance.get_latest_materialization_event(AssetKey("normalized_images"))
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    assert metadata["images_reused"] == metadata["reused_from_unfinished_run"] == 120 - len(again)
+    assert metadata["images_reused"] == 120 - len(again)
+    assert metadata["reused_from_unfinished_run"] == len({r["image_id"] for r in recorded})
+    assert metadata["rebuilt_from_stored_images"] == len(unrecorded_stored)
     assert metadata["stale_temp_files_removed"] == len(left_by_kill) + 1
     assert metadata["images_fetched"] == len(again)
 
@@ -219,15 +241,15 @@ class Moto:
         self.server = None
 
 
-def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work(tmp_path, dev_server):
-    """The moto server the shard writes to stops after ~30 of 60 JPEGs are stored and starts again on
+def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_fetches_no_stored_image_again(tmp_path, dev_server):
+    """The moto server the shard writes to stops after ~60 of 120 JPEGs are stored and starts again on
     the same port before the rerun.
 
     moto keeps its state in the process (its backends are module-level), not in the server: a new server
     on the same port serves the same bucket with everything written before the outage, which is what an
     S3 outage looks like to a client (requests fail, stored objects survive). The rerun must fetch exactly
-    the images that no index part recorded, and nothing else; images stored but not yet recorded when S3
-    went away are fetched again (their rows were lost with the failed part write).
+    the images that were not stored (and no part recorded as quarantined), and nothing else: images
+    stored but not yet recorded when S3 went away are reused, their rows rebuilt from the stored JPEGs.
     """
     port = free_port()
     moto = Moto(port)
@@ -244,7 +266,7 @@ def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work
         bucket=bucket, prefix="pseudolabel", endpoint_url=endpoint, max_attempts=1, **CREDENTIALS
     )
     try:
-        images, names = shard_images(good=56, pages=2, missing=2)
+        images, names = shard_images(good=110, pages=4, missing=6)
         server = dev_server(images=images, image_latency_s=0.2)  # 4 at a time: ~20 images/s
         urls = [server.image_url(n) for n in names]
         write_parquet(
@@ -269,7 +291,7 @@ def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work
 
         def stop_mid_shard() -> None:
             while not stopped.is_set():
-                if sum(1 for _ in store.list(layout.images_dir(SHARD))) >= 30:
+                if sum(1 for _ in store.list(layout.images_dir(SHARD))) >= 60:
                     moto.stop()
                     stopped.set()
                 time.sleep(0.01)
@@ -289,16 +311,18 @@ def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work
         assert (
             "ShardStorageError" in message and f"storing s3://{bucket}/pseudolabel/images/{SHARD}/" in message
         )
-        assert "EndpointConnectionError" in message and "and a rerun reuses them" in message
+        assert "EndpointConnectionError" in message
+        assert f"a rerun reuses every image stored under s3://{bucket}/pseudolabel/images/{SHARD}/" in message
 
         moto.start()  # same port, same (in-process) state
         # Nothing half-written under a final key: every stored JPEG decodes, every part is a whole index.
         assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        stored = set()
         for info in store.list(layout.images_dir(SHARD)):
             Image.open(io.BytesIO(store.get_bytes(info.key))).load()
-        recorded: set[str] = set()
-        for info in store.list(layout.image_index_parts_dir(SHARD)):
-            recorded |= set(pq.read_table(io.BytesIO(store.get_bytes(info.key))).column("url").to_pylist())
+            stored.add(info.key.rsplit("/", 1)[1].removesuffix(".jpg"))
+        recorded = recorded_rows(store)
+        unrecorded_stored = stored - {r["image_id"] for r in recorded}
         assert recorded and not store.exists(layout.image_index(SHARD))
         before = len(server.paths("/images/"))
 
@@ -306,10 +330,18 @@ def test_s3_outage_mid_shard_fails_clearly_and_the_rerun_redoes_no_recorded_work
 
         assert second.success
         again = [server.url + p for p in server.paths("/images/")[before:]]
-        print(f"\nS3 outage: {message.splitlines()[-1]}\nrerun fetched {len(again)} of {len(urls)}")
-        assert sorted(again) == sorted(set(urls) - recorded)  # exactly what no part recorded
+        stored_again = [u for u in again if image_id_for_url(u) in stored]
+        print(
+            f"\nS3 outage: {message.splitlines()[-1]}\nwith {len(stored)} of {len(urls)} JPEGs stored "
+            f"({len(unrecorded_stored)} of them in no index part): the rerun fetched {len(stored_again)} of "
+            f"the stored images again, {len(again)} images in all"
+        )
+        assert stored_again == []
+        assert sorted(again) == sorted(expected_refetch(urls, stored, recorded))  # each once, nothing else
         metadata = metadata_of(second)
         assert metadata["reused_from_unfinished_run"] == len(recorded)
+        assert metadata["rebuilt_from_stored_images"] == len(unrecorded_stored)
+        assert metadata["images_fetched"] == len(again)
         index = read_parquet(store, layout.image_index(SHARD)).to_pylist()
         assert sorted(r["url"] for r in index) == sorted(urls)
         assert list(store.list(layout.image_index_parts_dir(SHARD))) == []

@@ -10,21 +10,30 @@ host is resolved and refused if any of its addresses is private, loopback, link-
 metadata service at 169.254.169.254), multicast, reserved or unspecified, unless it lies in
 ``DownloadPolicy.allowed_networks`` (``$PSEUDOLABEL_ALLOWED_IMAGE_NETWORKS``, e.g. ``127.0.0.0/8``
 for a local test server). A refused URL is quarantined as ``blocked_address`` without a connection
-being made. (A DNS answer that changes between the check and the connection is not covered.)
+being made.
+
+The connection goes to the address that was checked: each hop resolves its host once, and the
+connection pool's network backend (:class:`PinnedBackend`) connects only to the addresses checked for
+that host in this attempt, so a DNS answer that changes between the check and the connection (DNS
+rebinding) reaches nothing. The URL's host name is still what the server sees: in the ``Host`` header,
+as the TLS server name (SNI), and in the certificate check. Environment proxies (``HTTPS_PROXY``...) are
+not used for images: a proxy would resolve the name itself, after the check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import math
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import httpcore
 import httpx
 
 from pseudolabel.images.errors import ImageRejected, RejectReason
@@ -81,6 +90,74 @@ class DownloadPolicy:
         return None if ip.is_global else "not globally routable"
 
 
+# (host as httpcore sees it, port) -> the checked addresses a connection to it may use, set per attempt
+# and hop. A context variable: each download task sees its own, and httpcore connects in that task.
+_PINNED: contextvars.ContextVar[Mapping[tuple[str, int], tuple[str, ...]] | None] = contextvars.ContextVar(
+    "pinned_image_addresses", default=None
+)
+
+
+class PinnedBackend(httpcore.AsyncNetworkBackend):
+    """A network backend that connects only to addresses the fetcher checked for the host.
+
+    httpcore asks it for a TCP connection to the URL's host and port; instead of resolving that name
+    again it connects to the addresses pinned for it (:data:`_PINNED`), in order, and refuses a host
+    nothing was pinned for. TLS runs on top of the returned stream with the URL's host name as SNI.
+    """
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend | None = None):
+        self._backend = backend or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = (_PINNED.get() or {}).get((host, port))
+        if not addresses:
+            raise httpcore.ConnectError(f"{host}:{port} was not checked; refusing to connect")
+        failure: Exception | None = None
+        for address in addresses:  # like getaddrinfo-driven connects: the next address when one fails
+            try:
+                return await self._backend.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("images are not fetched over unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class PinnedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport (request mapping, error mapping, pooling) over a :class:`PinnedBackend`.
+
+    httpx does not take a network backend, so the pool it builds is replaced by an identical one that
+    has it (``_pool`` is the attribute its request, ``__aexit__`` and ``aclose`` paths use).
+    """
+
+    def __init__(self, tls: ssl.SSLContext, limits: httpx.Limits):
+        super().__init__(verify=tls, limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=tls,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend(),
+        )
+
+
 class _Transient(RetryableError):
     """An attempt failed in a way worth retrying; carries what to report if retries run out."""
 
@@ -107,7 +184,7 @@ class ImageFetcher:
         resolver: Resolver | None = None,
     ):
         self.policy = policy or DownloadPolicy()
-        self._transport = transport  # tests swap in httpx.MockTransport
+        self._transport = transport  # tests swap in httpx.MockTransport (then nothing is pinned)
         self._resolve = resolver or _resolve
         self._slots = asyncio.Semaphore(self.policy.concurrency)
         self._clients: list[httpx.AsyncClient] = []
@@ -127,13 +204,13 @@ class ImageFetcher:
             await client.aclose()
 
     def _new_client(self, connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         return httpx.AsyncClient(
-            verify=tls,
             timeout=httpx.Timeout(self.policy.timeout_s),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=False,  # each redirect target is checked before it is contacted
             headers={"User-Agent": USER_AGENT},
-            transport=self._transport,
+            # An explicit transport also keeps httpx from routing through environment proxies.
+            transport=self._transport or PinnedTransport(tls, limits),
         )
 
     async def fetch(self, url: str) -> bytes:
@@ -187,14 +264,17 @@ class ImageFetcher:
         try:
             async with asyncio.timeout(self.policy.timeout_s):
                 for _ in range(self.policy.max_redirects + 1):
-                    await self._check_destination(url)
-                    async with client.stream("GET", url) as response:
-                        if response.is_redirect and response.next_request is not None:
-                            url = str(response.next_request.url)
-                            continue
-                        _check_status(response)
-                        _check_declared_size(response, self.policy.max_bytes)
-                        return await _read_capped(response, self.policy.max_bytes, body)
+                    pinned = _PINNED.set(await self._check_destination(url))
+                    try:
+                        async with client.stream("GET", url) as response:
+                            if response.is_redirect and response.next_request is not None:
+                                url = str(response.next_request.url)
+                                continue
+                            _check_status(response)
+                            _check_declared_size(response, self.policy.max_bytes)
+                            return await _read_capped(response, self.policy.max_bytes, body)
+                    finally:
+                        _PINNED.reset(pinned)
                 raise ImageRejected(
                     RejectReason.HTTP_ERROR, f"more than {self.policy.max_redirects} redirects"
                 )
@@ -209,8 +289,9 @@ class ImageFetcher:
         except (httpx.TooManyRedirects, httpx.DecodingError) as exc:
             raise ImageRejected(RejectReason.HTTP_ERROR, f"{type(exc).__name__}: {exc}") from exc
 
-    async def _check_destination(self, url: str) -> None:
-        """Refuse ``url`` before connecting when its host resolves to a non-public address."""
+    async def _check_destination(self, url: str) -> dict[tuple[str, int], tuple[str, ...]]:
+        """Refuse ``url`` before connecting when its host resolves to a non-public address; otherwise
+        the addresses a connection for it may use, as ``{(host, port): addresses}`` to pin."""
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -218,14 +299,17 @@ class ImageFetcher:
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ImageRejected(RejectReason.BAD_URL, f"{url!r}: only http(s) URLs with a host are fetched")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        host = parsed.raw_host.decode("ascii")  # what httpcore connects to (IDNA-encoded, IPv6 unbracketed)
         try:
-            addresses = [str(ipaddress.ip_address(parsed.host))]  # an address literal needs no DNS
+            addresses = [str(ipaddress.ip_address(host))]  # an address literal needs no DNS
         except ValueError:
             addresses = None
         try:
-            addresses = addresses or await self._resolve(parsed.host, port)
+            addresses = addresses or await self._resolve(host, port)
         except OSError as exc:  # DNS hiccups are worth a retry
             raise _Transient(RejectReason.CONNECTION_ERROR, f"cannot resolve {parsed.host}: {exc}") from exc
+        if not addresses:
+            raise _Transient(RejectReason.CONNECTION_ERROR, f"cannot resolve {parsed.host}: no addresses")
         for address in addresses:
             why = self.policy.blocked(address)
             if why:
@@ -234,11 +318,13 @@ class ImageFetcher:
                     f"{parsed.host} resolves to {address} ({why}); refused before connecting "
                     f"(allow a network with {ALLOWED_NETWORKS_ENV})",
                 )
+        return {(host, port): tuple(addresses)}
 
 
 async def _resolve(host: str, port: int) -> list[str]:
+    """The host's addresses in the resolver's order of preference (the order connections try them)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def _check_status(response: httpx.Response) -> None:

@@ -17,9 +17,16 @@ progress or after one was killed, and a rerun takes over (:func:`read_progress`,
 
 Where an image has several rows, the newest wins: a part over the index, a higher part number over
 a lower one, a later row of a part over an earlier one. A part that cannot be read (empty, cut short,
-not an index) is skipped with a warning and its images are fetched again. A crash between writing the
-index and deleting the parts leaves parts whose rows the index already holds; the only effect is that
-the next run keeps their quarantined rows instead of retrying them.
+not an index) is skipped with a warning. A crash between writing the index and deleting the parts
+leaves parts whose rows the index already holds; the only effect is that the next run keeps their
+quarantined rows instead of retrying them.
+
+The parts lag the stored JPEGs (a killed run stored images it had not recorded yet, and during a
+storage outage no part can be written), so rows are not the only evidence: every JPEG stored under the
+shard's prefix that no usable row covers is reused as well, its row rebuilt from the object
+(:func:`unrecorded_items`, :func:`stored_row`). Objects are written atomically under the image's content
+key, and each carries what its row needs (:func:`pseudolabel.images.normalize.read_stored`), so a
+re-run fetches only images that were never stored.
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pseudolabel import layout
+from pseudolabel.ids import image_id_for_url
 from pseudolabel.images.errors import ImageRejected
-from pseudolabel.images.normalize import NormalizedImage
+from pseudolabel.images.normalize import NormalizedImage, StoredImage
 from pseudolabel.media import media_kind
 from pseudolabel.schemas import IMAGE_INDEX
 from pseudolabel.storage import ObjectNotFound, ObjectStore, write_parquet
@@ -97,6 +105,22 @@ def ok_row(item: SampleItem, image: NormalizedImage) -> IndexRow:
         "original_orientation": image.original_orientation,
         "bytes": len(image.jpeg),
         "sha256": image.sha256,
+        "status": OK,
+        "error": None,
+    }
+
+
+def stored_row(item: SampleItem, stored: StoredImage) -> IndexRow:
+    """The ``ok`` row of ``item`` rebuilt from its stored JPEG: the row the run that stored it made."""
+    return {
+        "image_id": item.image_id,
+        "url": item.url,
+        "label": item.label,
+        "width": stored.width,
+        "height": stored.height,
+        "original_orientation": stored.original_orientation,
+        "bytes": stored.bytes,
+        "sha256": stored.sha256,
         "status": OK,
         "error": None,
     }
@@ -222,6 +246,23 @@ def reusable_rows(
         reusable[item.image_id] = {**row, "label": item.label}  # the sample's label is authoritative
         from_parts += in_part
     return Reuse(rows=reusable, from_parts=from_parts)
+
+
+def unrecorded_items(
+    items: Iterable[SampleItem], reused: Mapping[str, IndexRow], stored_sizes: Mapping[str, int], shard: str
+) -> list[SampleItem]:
+    """Items with a stored JPEG that no reusable row covers: their rows are rebuilt from the objects.
+
+    Only items whose ``image_id`` is their URL's content id (:func:`pseudolabel.ids.image_id_for_url`, as
+    every sample makes it): then the object under that key was made from this URL.
+    """
+    return [
+        item
+        for item in items
+        if item.image_id not in reused
+        and layout.image(shard, item.image_id) in stored_sizes
+        and item.image_id == image_id_for_url(item.url)
+    ]
 
 
 # -- recording this run's progress -----------------------------------------------------------------

@@ -5,12 +5,20 @@ the pixels and the rest of the EXIF block kept; any Pillow mode becomes RGB; ima
 working resolution (``max_side``) are scaled down (JPEGs already while decoding). Pure and blocking:
 callers run it in a thread pool. Pillow releases the GIL while decoding and encoding, so threads
 overlap well.
+
+Every JPEG made here carries a comment (COM) segment ``pseudolabel:original_orientation=<1..8>``: the
+source's EXIF orientation, which the stored pixels no longer show and the stored EXIF no longer holds.
+With it a stored JPEG describes itself completely (:func:`read_stored`), so a re-run can rebuild an
+image's index row from the object alone. A comment rather than EXIF: it is written whether or not the
+source had EXIF, decoders and viewers ignore it (an Orientation tag would make them rotate again), and it
+costs ~40 bytes. A comment the source carried is replaced, never copied, so a source cannot forge it.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +93,7 @@ def normalize_image(data: bytes, options: NormalizeOptions | None = None) -> Nor
         except Exception as exc:  # e.g. a mode Pillow cannot convert
             raise ImageRejected(RejectReason.CORRUPT, f"cannot convert {image.mode} to RGB: {exc}") from exc
         exif = exif_without_orientation(image.info.get("exif"), rgb.size, turned=orientation != UPRIGHT)
-        jpeg = _encode_jpeg(rgb, options.jpeg_quality, exif)
+        jpeg = _encode_jpeg(rgb, options.jpeg_quality, exif, provenance_comment(orientation))
         return NormalizedImage(
             jpeg=jpeg,
             width=rgb.width,
@@ -171,7 +179,7 @@ def _load_error(exc: Exception) -> ImageRejected:
     return ImageRejected(RejectReason.CORRUPT, f"{type(exc).__name__}: {text}")
 
 
-def _encode_jpeg(rgb: Image.Image, quality: int, exif: bytes | None) -> bytes:
+def _encode_jpeg(rgb: Image.Image, quality: int, exif: bytes | None, comment: bytes) -> bytes:
     if max(rgb.size) > MAX_JPEG_SIDE:  # a valid panorama can be within max_pixels yet not fit a JPEG
         raise ImageRejected(
             RejectReason.TOO_LARGE, f"{rgb.width}x{rgb.height} exceeds JPEG's {MAX_JPEG_SIDE} px per side"
@@ -179,7 +187,7 @@ def _encode_jpeg(rgb: Image.Image, quality: int, exif: bytes | None) -> bytes:
     buffer = io.BytesIO()
     extra = {"exif": exif} if exif else {}
     try:
-        rgb.save(buffer, format="JPEG", quality=quality, **extra)
+        rgb.save(buffer, format="JPEG", quality=quality, comment=comment, **extra)
     except MemoryError:
         raise
     except Exception as exc:
@@ -223,6 +231,51 @@ def decompression_bomb_guard(max_pixels: int) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = previous
+
+
+# -- what a stored JPEG says about itself ----------------------------------------------------------
+
+_PROVENANCE = re.compile(rb"pseudolabel:original_orientation=([1-8])")
+_JPEG_END = b"\xff\xd9"  # EOI: the last two bytes of every complete JPEG
+
+
+def provenance_comment(original_orientation: int) -> bytes:
+    """The COM segment written into every normalised JPEG (see the module docstring)."""
+    return b"pseudolabel:original_orientation=%d" % original_orientation
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """What a stored, normalised JPEG says about itself: everything its index row needs."""
+
+    width: int
+    height: int
+    original_orientation: int
+    bytes: int
+    sha256: str
+
+
+def read_stored(jpeg: bytes) -> StoredImage | None:
+    """Describe a JPEG that :func:`normalize_image` made, from its header and comment (the pixels are not
+    decoded); None when it is not one: no or another comment (an older version's, or not ours), not a
+    JPEG, or cut short."""
+    if not jpeg.endswith(_JPEG_END):
+        return None
+    try:
+        with Image.open(io.BytesIO(jpeg), formats=("JPEG",)) as image:
+            size, comment = image.size, image.info.get("comment")
+    except Exception:  # UnidentifiedImageError, a broken header...
+        return None
+    found = _PROVENANCE.fullmatch(comment) if isinstance(comment, bytes) else None
+    if found is None:
+        return None
+    return StoredImage(
+        width=size[0],
+        height=size[1],
+        original_orientation=int(found.group(1)),
+        bytes=len(jpeg),
+        sha256=sha256_hex(jpeg),
+    )
 
 
 # -- EXIF orientation ------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ a thread pool and object-store writes in another, so CPU work, network waits and
 latency all overlap. A bad image becomes a quarantined row; storage failures propagate as
 :class:`ShardStorageError` (they are not the image's fault, and retrying the shard is the right
 response). Finished rows are recorded in index parts as the run goes (:mod:`pseudolabel.images.index`),
-so a rerun after a crash or a failure fetches only what was not finished.
+and a rerun after a crash or a failure also reuses every JPEG stored since the last part (its row
+rebuilt from the object), so it fetches only images that were never stored.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ from pseudolabel.images.index import (
     quarantined_row,
     read_progress,
     reusable_rows,
+    stored_row,
+    unrecorded_items,
 )
 from pseudolabel.images.normalize import (
     DEFAULT_MAX_SIDE,
     NormalizeOptions,
     decompression_bomb_guard,
     normalize_image,
+    read_stored,
 )
-from pseudolabel.storage import ObjectStore
+from pseudolabel.storage import ObjectNotFound, ObjectStore
 
 ProgressCallback = Callable[[str], None]
 
@@ -87,10 +91,11 @@ class ShardResult:
     index: pa.Table  # schemas.IMAGE_INDEX, one row per sample item, in sample order
     stats: ShardStats
     recovered: int = 0  # reused rows that an unfinished (killed or failed) run had recorded
+    rebuilt: int = 0  # reused images no usable row recorded: rows rebuilt from the stored JPEGs
 
 
 class ShardStorageError(RuntimeError):
-    """Storing the shard's images or progress failed; what was recorded is reused by a rerun."""
+    """Storing the shard's images or progress failed; what was stored is reused by a rerun."""
 
 
 def process_shard(
@@ -114,10 +119,18 @@ def process_shard(
         progress(
             f"{shard}: ignoring unreadable index files (their images are fetched again): {stored.unreadable}"
         )
-    # One LIST of the shard's prefix checks every earlier image (no per-image HEAD requests).
-    listing = store.list(layout.images_dir(shard)) if not stored.empty else []
-    reuse = reusable_rows(stored, {info.key: info.size for info in listing}, shard, items)
+    # One LIST of the shard's prefix finds every stored image (no per-image HEAD requests).
+    sizes = {info.key: info.size for info in store.list(layout.images_dir(shard))}
+    reuse = reusable_rows(stored, sizes, shard, items)
     rows = dict(reuse.rows)
+    unrecorded = unrecorded_items(items, rows, sizes, shard)
+    rebuilt = rebuild_rows(store, shard, unrecorded, workers=options.store_workers)
+    rows.update(rebuilt)
+    if unrecorded and progress is not None:
+        progress(
+            f"{shard}: {len(rebuilt)} stored images without a usable index row reused (rows rebuilt from "
+            f"the JPEGs); {len(unrecorded) - len(rebuilt)} stored objects not describable are fetched again"
+        )
     for row in rows.values():
         stats.record(row, reused=True)
 
@@ -132,9 +145,11 @@ def process_shard(
         except ShardStorageError as exc:
             _record_what_finished(journal, progress)
             parts = store.uri(layout.image_index_parts_dir(shard)).rstrip("/") + "/"
+            images = store.uri(layout.images_dir(shard)).rstrip("/") + "/"
             raise ShardStorageError(
-                f"{exc}; {journal.recorded} of the {stats.fetched} images this run finished are recorded "
-                f"in {parts}, and a rerun reuses them"
+                f"{exc}; a rerun reuses every image stored under {images} "
+                f"({journal.recorded} of the {stats.fetched} images this run finished are also recorded "
+                f"in {parts})"
             ) from exc.__cause__
         except BaseException:
             _record_what_finished(journal, progress)
@@ -148,7 +163,29 @@ def process_shard(
             stats.progress_line(len(items))
             + f" in {stats.elapsed_s:.1f}s ({stats.images_per_s:.1f} images/s)"
         )
-    return ShardResult(index=index, stats=stats, recovered=reuse.from_parts)
+    return ShardResult(index=index, stats=stats, recovered=reuse.from_parts, rebuilt=len(rebuilt))
+
+
+def rebuild_rows(
+    store: ObjectStore, shard: str, items: Sequence[SampleItem], workers: int = 8
+) -> dict[str, IndexRow]:
+    """``image_id -> row`` rebuilt from the stored JPEGs of ``items`` (read ``workers`` at a time); items
+    whose object is gone or is not a JPEG this stage made (:func:`read_stored`) are left out, to be
+    fetched again. A storage error propagates: the shard cannot start without knowing what it has."""
+    if not items:
+        return {}
+
+    def rebuild(item: SampleItem) -> IndexRow | None:
+        try:
+            data = store.get_bytes(layout.image(shard, item.image_id))
+        except ObjectNotFound:  # deleted since it was listed
+            return None
+        found = read_stored(data)
+        return None if found is None else stored_row(item, found)
+
+    with ThreadPoolExecutor(min(workers, len(items)), thread_name_prefix="stored-images") as pool:
+        rows = list(pool.map(rebuild, items))
+    return {item.image_id: row for item, row in zip(items, rows, strict=True) if row is not None}
 
 
 def _record_what_finished(journal: IndexJournal, progress: ProgressCallback | None) -> None:

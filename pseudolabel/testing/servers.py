@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mimetypes
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +39,8 @@ class Fault:
     or a string sent as is, e.g. an HTTP date);
     ``body``: answer 200 (or ``status``) with these bytes instead of the real body;
     ``truncate_to``: announce the full Content-Length, send only this many bytes, drop the connection;
-    ``delay_s``: sleep before answering (longer than the client's timeout = a timeout).
+    ``delay_s``: sleep before answering (longer than the client's timeout = a timeout);
+    ``location``: send this Location header (with ``status=302`` and friends: a redirect).
     """
 
     status: int | None = None
@@ -46,6 +48,7 @@ class Fault:
     body: bytes | None = None
     truncate_to: int | None = None
     delay_s: float = 0.0
+    location: str | None = None
 
 
 class LoggedRequest(NamedTuple):
@@ -54,7 +57,11 @@ class LoggedRequest(NamedTuple):
 
 
 class DevServer:
-    """A threaded HTTP server on 127.0.0.1 (a free port unless ``port``) in a daemon thread."""
+    """A threaded HTTP server on 127.0.0.1 (a free port unless ``port``) in a daemon thread.
+
+    ``host`` binds another loopback address (127.0.0.2 is a second machine as far as a client can tell);
+    ``tls`` serves HTTPS with that server-side context. ``request_hosts`` logs each request's Host header.
+    """
 
     def __init__(
         self,
@@ -71,6 +78,8 @@ class DevServer:
         max_limit: int | None = None,
         log_requests: bool = True,
         port: int = 0,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
     ):
         if callable(catalog):
             if total is None:
@@ -91,7 +100,10 @@ class DevServer:
         self.max_limit = max_limit  # emulate APIs that silently cap the page size
         self.log_requests = log_requests  # off for long benchmarks (the log grows per request)
         self.port = port  # 0: any free port (tests); fixed for a demo others point a browser at
+        self.host = host
+        self.tls = tls
         self.requests: list[LoggedRequest] = []
+        self.request_hosts: list[str] = []  # the Host header of each logged request, in the same order
         self._faults: dict[str, deque[Fault]] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()  # wakes requests sleeping on latency/delay at shutdown
@@ -104,7 +116,11 @@ class DevServer:
         if self._httpd is not None:
             return self
         self._closing.clear()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
+        self._httpd = ThreadingHTTPServer((self.host, self.port), _handler_for(self))
+        if self.tls is not None:  # handshakes happen in each request's thread, on first read
+            self._httpd.socket = self.tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         # A short poll interval makes close() (which waits for the serve loop to notice) quick.
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="devserver", daemon=True
@@ -133,7 +149,14 @@ class DevServer:
         if self._httpd is None:
             raise RuntimeError("DevServer is not started (use it as a context manager or call start())")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{port}"
+
+    @property
+    def bound_port(self) -> int:
+        """The port it listens on (the free one it picked when ``port`` was 0)."""
+        if self._httpd is None:
+            raise RuntimeError("DevServer is not started (use it as a context manager or call start())")
+        return int(self._httpd.server_address[1])
 
     @property
     def catalog_url(self) -> str:
@@ -164,10 +187,11 @@ class DevServer:
                     return queue.popleft()
         return None
 
-    def _log(self, path: str, status: int) -> None:
+    def _log(self, path: str, status: int, host: str = "") -> None:
         if self.log_requests:
             with self._lock:
                 self.requests.append(LoggedRequest(path, int(status)))
+                self.request_hosts.append(host)
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -237,9 +261,11 @@ def _handler_for(server: DevServer) -> type[BaseHTTPRequestHandler]:
                     headers["Retry-After"] = fault.retry_after
                 elif fault.retry_after is not None:
                     headers["Retry-After"] = f"{fault.retry_after:g}"
+            if fault is not None and fault.location is not None:
+                headers["Location"] = fault.location
             if fault is not None and fault.body is not None:
                 body, content_type = fault.body, "application/octet-stream"
-            server._log(self.path, status)
+            server._log(self.path, status, self.headers.get("Host", ""))
             self._respond(status, body, content_type, headers, send_body, fault)
 
         def _route(self, path: str, query: str) -> tuple[int, bytes, str]:
