@@ -1,6 +1,7 @@
 """``detections``: the detector backend's candidates for every "ok" image of a shard, in a model worker (GPU)."""
 
 from dagster import AssetExecutionContext, Config, MaterializeResult, asset
+from pydantic import Field
 
 from assets.common import gpu_shard_asset_args
 from pseudolabel.models.stages import DETECTION_VERSION
@@ -11,7 +12,14 @@ from resources.workers import ModelWorkersResource
 
 
 class DetectionsConfig(Config):
-    skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
+    force: bool = Field(
+        default=False,
+        description=(
+            "Recompute every shard of the run. By default a shard whose stored output already has the "
+            "fingerprint of its inputs, model and settings (not batch size, workers, device or retry) is "
+            "reused without running the models, so a re-run or a retry redoes only the shards still missing."
+        ),
+    )
 
 
 # The stage version is the code version: bumping it shows every shard unsynced in the UI.
@@ -40,7 +48,7 @@ def detections(
         storage=storage.location(),
         settings=vars(stage_settings.detection()),
         detector=detector.spec().for_retry(context.retry_number).to_dict(),
-        skip_if_up_to_date=config.skip_if_up_to_date,
+        force=config.force,
     )
     model_workers.run(context, task, storage.worker_env())  # metadata goes onto each shard
     return MaterializeResult()

@@ -2,6 +2,7 @@
 worker (GPU). One row per (video, frame, track) with its COCO RLE mask: video_tracks/<shard>.parquet."""
 
 from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
+from pydantic import Field
 
 from assets.common import gpu_shard_asset_args
 from pseudolabel.storage import ObjectNotFound
@@ -22,7 +23,14 @@ class VideoTracksConfig(Config):
     max_lost_keyframes: int = TrackingSettings.max_lost_keyframes
     # Track objects that appear mid-video back to the previous keyframe.
     backward: bool = TrackingSettings.backward
-    skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
+    force: bool = Field(
+        default=False,
+        description=(
+            "Recompute every shard of the run. By default a shard whose stored output already has the "
+            "fingerprint of its inputs, model and settings (not batch size, workers, device or retry) is "
+            "reused without running the models, so a re-run or a retry redoes only the shards still missing."
+        ),
+    )
 
 
 @asset(
@@ -76,7 +84,7 @@ def video_tracks(
         settings={"detections": vars(stage_settings.detection()), "tracking": vars(tracking)},
         detector=detector.spec().for_retry(context.retry_number).to_dict(),
         tracker=tracker.spec().to_dict(),
-        skip_if_up_to_date=config.skip_if_up_to_date,
+        force=config.force,
     )
     model_workers.run(context, task, storage.worker_env())  # metadata goes onto each shard
     return MaterializeResult()

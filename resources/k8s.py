@@ -11,6 +11,13 @@ The image is per worker environment (pyproject extra, see :mod:`pseudolabel.work
 stack, ``PSEUDOLABEL_WORKER_IMAGE_SAM3`` (deploy/Dockerfile.worker-sam3) for ``worker-sam3``: the same
 naming rule as the interpreters' ``PSEUDOLABEL_WORKER_PYTHON[_SAM3]`` (:func:`worker_image_env`).
 
+A worker pod never outlives its step for long: ``PipesK8sClient`` deletes it when the step ends, fails
+or is interrupted; a step running in a pod owns its worker pods (:func:`owner_references`), so Kubernetes'
+garbage collector deletes them with the step's pod (evicted, drained, its run's job cleaned up), even
+after the step's process was killed outright; and ``activeDeadlineSeconds`` ends a worker pod that runs
+longer than its step would wait for it. On Kubernetes the GPU is the pod's while the pod exists, so no
+other step is given it before the worker is gone.
+
 Pure functions over plain dicts: no cluster and no Kubernetes client needed.
 """
 
@@ -111,12 +118,14 @@ def worker_pod_spec(
     env_secrets: Sequence[str] = (),
     service_account: str = "",
     environ: Mapping[str, str] | None = None,
+    active_deadline_s: float = 0,
 ) -> dict[str, Any]:
     """The pod spec (camelCase, as ``PipesK8sClient``'s ``base_pod_spec``) of one model worker.
 
     Its only container runs ``python -m pseudolabel.workers`` in ``image``. Credentials reach it only
     through ``envFrom`` references to the Kubernetes secrets ``env_secrets``; Dagster Pipes adds its
-    bootstrap variables and the plain storage settings when the pod is built."""
+    bootstrap variables and the plain storage settings when the pod is built. With ``active_deadline_s``
+    (> 0) the kubelet ends the pod after that many seconds (the step stops waiting for it then anyway)."""
     if not image:
         raise ValueError("a model-worker pod needs the worker image")
     container: dict[str, Any] = {
@@ -134,7 +143,26 @@ def worker_pod_spec(
     }
     if service_account:
         spec["serviceAccountName"] = service_account
+    if active_deadline_s > 0:
+        spec["activeDeadlineSeconds"] = max(1, int(active_deadline_s))
     return spec
+
+
+def step_pod_name(environ: Mapping[str, str] | None = None) -> str | None:
+    """The name of the pod this step runs in (the kubelet sets ``HOSTNAME`` to it), or None outside
+    Kubernetes."""
+    environ = os.environ if environ is None else environ
+    if not environ.get("KUBERNETES_SERVICE_HOST", "").strip():
+        return None
+    return environ.get("HOSTNAME", "").strip() or None
+
+
+def owner_references(pod_name: str, pod_uid: str) -> list[dict[str, Any]]:
+    """``metadata.ownerReferences`` (camelCase) that make the pod ``pod_name`` (the step's) own a worker
+    pod: deleting the step's pod deletes the worker's. Owner and worker must share a namespace."""
+    if not pod_name or not pod_uid:
+        raise ValueError("an owner reference needs the owner pod's name and uid")
+    return [{"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid}]
 
 
 def is_secret_name(name: str) -> bool:

@@ -5,9 +5,12 @@ The orchestrator never imports torch. A GPU asset builds a :class:`WorkerTask` a
 and turns the worker's per-shard reports into one materialization per shard:
 
 - :class:`LocalModelWorkers`: a subprocess on this host. Each step leases a free GPU (an ``flock`` per
-  device, freed when the step's process ends however it ends) and hands the worker that one device as
-  ``CUDA_VISIBLE_DEVICES``, so concurrent GPU steps never share a GPU by accident.
-- :class:`K8sModelWorkers`: a GPU pod per step from the worker image (``PipesK8sClient``).
+  device) and hands the worker that one device as ``CUDA_VISIBLE_DEVICES``, so concurrent GPU steps
+  never share a GPU by accident. The worker never outlives its step: it is killed when the step's
+  process dies, however it dies, and it inherits the lease's descriptor, so the device stays leased
+  until the worker is gone too (:mod:`pseudolabel.workers.lifetime`).
+- :class:`K8sModelWorkers`: a GPU pod per step from the worker image (``PipesK8sClient``), deleted when
+  the step ends or fails, owned by the step's pod (deleted with it) and bounded by a deadline.
 
 Failures: a worker that reports a configuration/checkpoint error or a code error fails the step
 once (``allow_retries=False``); a CUDA out-of-memory error or a lost worker may be retried. Shards a
@@ -25,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +46,12 @@ from dagster import (
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 
-from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, lease_gpu
+from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, hold_gpu
 from pseudolabel.models.loading import WORKER_ENV
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, source_path_entry
+from pseudolabel.workers.lifetime import LEASE_FD_ENV, STEP_PID_ENV
 from pseudolabel.workers.task import FAILED, MODELS_LOADED, SHARD_DONE, SHARD_STARTED, WorkerTask
-from resources.k8s import plain_pod_env, worker_image, worker_pod_spec
+from resources.k8s import owner_references, plain_pod_env, step_pod_name, worker_image, worker_pod_spec
 
 WORKER_MODULE = "pseudolabel.workers"
 GPUS_ENV = "PSEUDOLABEL_GPUS"  # how many GPUs this host's workers may use (default: nvidia-smi's count)
@@ -118,17 +122,23 @@ class LocalModelWorkers(ModelWorkersResource):
         except ValueError as exc:  # models that need two worker environments: no retry can help
             raise Failure(description=f"{task.stage}: {exc}", allow_retries=False) from exc
         devices = visible_gpus(self.gpus)
-        worker_env = {**env, "PYTHONPATH": source_path_entry()}
+        # The worker ends with this process (pseudolabel.workers.lifetime).
+        worker_env = {**env, "PYTHONPATH": source_path_entry(), STEP_PID_ENV: str(os.getpid())}
         with ExitStack() as stack:
+            lease_fds: tuple[int, ...] = ()
             if devices:
                 lock_dir = Path(self.lease_dir) if self.lease_dir else DEFAULT_LOCK_DIR
-                index = stack.enter_context(lease_gpu(len(devices), lock_dir, self.lease_timeout_s))
-                worker_env["CUDA_VISIBLE_DEVICES"] = devices[index]
-                context.log.info(f"leased GPU {devices[index]} ({index + 1} of {len(devices)}) for this step")
+                lease = stack.enter_context(hold_gpu(len(devices), lock_dir, self.lease_timeout_s))
+                worker_env["CUDA_VISIBLE_DEVICES"] = devices[lease.index]
+                worker_env[LEASE_FD_ENV] = str(lease.fd)  # the worker holds the lease as long as it runs
+                lease_fds = (lease.fd,)
+                context.log.info(
+                    f"leased GPU {devices[lease.index]} ({lease.index + 1} of {len(devices)}) for this step"
+                )
             context.log.info(
                 f"starting model worker: {python} -m {WORKER_MODULE} ({task.stage}, {task.shards})"
             )
-            returncode, messages = self._launch(context, task, python, worker_env)
+            returncode, messages = self._launch(context, task, python, worker_env, lease_fds)
         return record_worker_results(context, task, messages, _exit_problem(returncode))
 
     def interpreter(self, task: WorkerTask, log: Any = print) -> str:
@@ -142,8 +152,15 @@ class LocalModelWorkers(ModelWorkersResource):
         return configured or ensure_worker_python((environment,), log=log)
 
     def _launch(
-        self, context: AssetExecutionContext, task: WorkerTask, python: str, env: Mapping[str, str]
+        self,
+        context: AssetExecutionContext,
+        task: WorkerTask,
+        python: str,
+        env: Mapping[str, str],
+        pass_fds: Sequence[int] = (),
     ) -> tuple[int, Sequence[Any]]:
+        """Run the worker to the end in this thread (its parent-death signal follows the thread that
+        started it); ``pass_fds`` (the GPU lease) stay open in the worker."""
         with open_pipes_session(
             context=context,
             context_injector=PipesTempFileContextInjector(),
@@ -153,17 +170,20 @@ class LocalModelWorkers(ModelWorkersResource):
             process = subprocess.Popen(
                 [python, "-m", WORKER_MODULE],
                 env={**os.environ, **env, **session.get_bootstrap_env_vars()},
+                pass_fds=tuple(pass_fds),
             )
             try:
                 returncode = process.wait()
             except DagsterExecutionInterruptedError:
                 context.log.info("interrupted: stopping the model worker")
                 process.send_signal(signal.SIGINT)
-                try:
+                with suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=self.termination_timeout_s)
-                except subprocess.TimeoutExpired:
+                raise  # still running after the timeout: killed below
+            finally:
+                if process.poll() is None:  # whatever ends the step here ends its worker first
                     process.kill()
-                raise
+                    process.wait()
         return returncode, session.get_custom_messages()
 
 
@@ -239,10 +259,15 @@ class K8sModelWorkers(ModelWorkersResource):
         """The spec (``base_pod_spec``) of a worker pod for ``environment``; ``environ`` defaults to this
         process's."""
         image = self.image_for(environment, environ)
-        return worker_pod_spec(image, self.env_secrets, self.service_account, environ)
+        return worker_pod_spec(
+            image, self.env_secrets, self.service_account, environ, active_deadline_s=self.pod_wait_timeout_s
+        )
 
-    def pod_meta(self, context: AssetExecutionContext, task: WorkerTask) -> dict[str, Any]:
-        return {
+    def pod_meta(
+        self, context: AssetExecutionContext, task: WorkerTask, owners: Sequence[dict[str, Any]] = ()
+    ) -> dict[str, Any]:
+        """Labels and annotations of a worker pod; ``owners``: its ownerReferences (the step's pod)."""
+        meta: dict[str, Any] = {
             "labels": {
                 "app.kubernetes.io/component": "model-worker",
                 "dagster/run-id": context.run_id,
@@ -251,6 +276,31 @@ class K8sModelWorkers(ModelWorkersResource):
             # A scale-down eviction would throw away the shard in progress and the loaded models.
             "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
         }
+        if owners:
+            meta["ownerReferences"] = list(owners)
+        return meta
+
+    def step_pod_owners(self, log: Any, environ: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """ownerReferences to the pod this step runs in, so that deleting it deletes the worker pod even
+        when this process was killed before it could (empty outside Kubernetes, when the worker pod goes
+        to another namespace, or when the step's pod cannot be read)."""
+        name = step_pod_name(environ)
+        if name is None:
+            return []
+        try:
+            import kubernetes
+            from dagster_k8s.client import DagsterKubernetesClient
+            from dagster_k8s.utils import detect_current_namespace
+
+            namespace = detect_current_namespace(None)
+            if namespace is None or (self.namespace and self.namespace != namespace):
+                return []  # an owner must live in its dependents' namespace
+            kubernetes.config.load_incluster_config()
+            pod = DagsterKubernetesClient.production_client().core_api.read_namespaced_pod(name, namespace)
+            return owner_references(pod.metadata.name, pod.metadata.uid)
+        except Exception as exc:  # noqa: BLE001 - the pod is still deleted when the step ends or fails
+            log.warning(f"the model-worker pod will not be owned by this step's pod {name}: {_short(exc)}")
+            return []
 
     def run(
         self, context: AssetExecutionContext, task: WorkerTask, env: Mapping[str, str]
@@ -270,7 +320,8 @@ class K8sModelWorkers(ModelWorkersResource):
                 allow_retries=False,
             ) from exc
         # bad GPU_* settings fail here
-        pod_spec, pod_meta = self.pod_spec(environment=environment), self.pod_meta(context, task)
+        pod_spec = self.pod_spec(environment=environment)
+        pod_meta = self.pod_meta(context, task, self.step_pod_owners(context.log))
         from dagster_k8s import PipesK8sClient  # only a k8s deployment pays for the kubernetes client
 
         reader = _recording_pod_logs_reader()

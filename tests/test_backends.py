@@ -232,15 +232,14 @@ def test_the_readme_segment_lines_run_offline(tmp_path, worker_python, sam3_work
 
 
 def test_switching_backend_reruns_detections_and_the_same_backend_skips(tmp_path):
-    """The detector's identity is in the stage fingerprint: with skip_if_up_to_date, a shard detected by
-    the stand-in is re-detected by the annotations backend, and a second identical run skips it. Editing
-    the annotation file re-runs it again. (Both backends need no model stack: no worker environment.)"""
+    """The detector's identity is in the stage fingerprint: a shard detected by the stand-in is re-detected
+    by the annotations backend, and a second identical run reuses it. Editing the annotation file re-runs
+    it again. (Both backends need no model stack: no worker environment.)"""
     store = LocalObjectStore(tmp_path / "data")
     (name,) = shards(store, 1, images=2)
     ids = sorted(r["image_id"] for r in read_parquet(store, layout.image_index(name)).to_pylist())
     boxes = tmp_path / "boxes.jsonl"
     boxes.write_text(json.dumps({"image": ids[0], "boxes": [[1, 2, 30, 40]]}) + "\n")
-    skip = {"ops": {"detections": {"config": {"skip_if_up_to_date": True}}}}
     annotations = DetectorResource(backend="annotations", annotations=str(boxes), match_on="image_id")
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(SHARDS_PARTITIONS_NAME, [name])
@@ -250,7 +249,6 @@ def test_switching_backend_reruns_detections_and_the_same_backend_skips(tmp_path
                 [detections],
                 partition_key=name,
                 instance=instance,
-                run_config=skip,
                 resources={
                     "storage": LocalStorageResource(root=str(store.root)),
                     "detector": detector,

@@ -35,7 +35,7 @@ def shard_store(tmp_path):
 
 
 def _materialize(store, detector, segmenter, *, det_config=None, mask_config=None):
-    """``det_config`` / ``mask_config`` mix op config (skip_if_up_to_date) and stage settings (the
+    """``det_config`` / ``mask_config`` mix op config (force) and stage settings (the
     ``stage_settings`` resource: prompt, floors, max_candidates, multimask)."""
     given = {**(det_config or {}), **(mask_config or {})}
     settings = {k: v for k, v in given.items() if k in StageSettingsResource.model_fields}
@@ -135,40 +135,51 @@ def test_fake_chain_writes_contracts_and_metadata(shard_store):
     assert len(_preview_bytes(mmeta["preview"])) < 100_000
 
 
-def test_rerun_is_idempotent_and_skip_if_up_to_date(shard_store):
-    assert _materialize(
-        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")
-    ).success
+def test_a_rerun_reuses_up_to_date_shards_and_force_recomputes_the_same_bytes(shard_store):
+    first_run = _materialize(shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake"))
+    assert first_run.success
     first = _files(shard_store)
-    assert _materialize(
-        shard_store, DetectorResource(backend="fake"), SegmenterResource(backend="fake")
-    ).success
-    assert _files(shard_store) == first  # same bytes, rewritten
+    assert _metadata(first_run, "detections")["reused"] is False
 
+    # Same inputs, model and settings (another batch size does not count): reused, nothing rewritten.
     path = shard_store.root / layout.masks(SHARD)
     stamp = path.stat().st_mtime_ns
-    skip = {"skip_if_up_to_date": True}
     result = _materialize(
-        shard_store,
-        DetectorResource(backend="fake"),
-        SegmenterResource(backend="fake"),
-        det_config=skip,
-        mask_config=skip,
+        shard_store, DetectorResource(backend="fake", batch_size=2), SegmenterResource(backend="fake")
     )
-    assert _metadata(result, "detections")["skipped"] is True
-    assert _metadata(result, "masks")["skipped"] is True
-    assert path.stat().st_mtime_ns == stamp
+    detected, segmented = _metadata(result, "detections"), _metadata(result, "masks")
+    assert detected["reused"] is True and segmented["reused"] is True
+    assert path.stat().st_mtime_ns == stamp and _files(shard_store) == first
+    # What it reused: the stored output, its counts and the model that made it.
+    original = _metadata(first_run, "detections")
+    for name in ("fingerprint", "path", "images", "candidates", "zero_candidate_images"):
+        assert detected[name] == original[name], name
+    assert detected["made_by"]["model"] == "fake_detector" and detected["made_by"]["batch_size"] == 8
+    assert segmented["candidates"] == _metadata(first_run, "masks")["candidates"]
 
-    # A changed setting changes the fingerprint: no skip, new content.
+    # force: recomputed and rewritten, to the same bytes.
+    force = {"force": True}
     result = _materialize(
         shard_store,
         DetectorResource(backend="fake"),
         SegmenterResource(backend="fake"),
-        det_config={**skip, "box_floor": 0.5},
-        mask_config=skip,
+        det_config=force,
+        mask_config=force,
     )
-    assert _metadata(result, "detections")["skipped"] is False
-    assert _metadata(result, "masks")["skipped"] is False
+    assert (
+        _metadata(result, "detections")["reused"] is False and _metadata(result, "masks")["reused"] is False
+    )
+    assert path.stat().st_mtime_ns != stamp and _files(shard_store) == first
+
+    # A changed setting changes the fingerprint: recomputed, new content.
+    result = _materialize(
+        shard_store,
+        DetectorResource(backend="fake"),
+        SegmenterResource(backend="fake"),
+        det_config={"box_floor": 0.5},
+    )
+    assert _metadata(result, "detections")["reused"] is False
+    assert _metadata(result, "masks")["reused"] is False
     assert read_parquet(shard_store, layout.detections(SHARD)).column("box_score").to_numpy().min() > 0.5
 
 
@@ -223,7 +234,15 @@ def test_tiny_random_models_through_the_assets(shard_store, tmp_path, worker_pyt
     assert (joined["x0"] >= 0).all() and (joined["y0"] >= 0).all()
 
     first = _files(shard_store)
-    assert _materialize(shard_store, detector.model_copy(), segmenter.model_copy(), det_config=config).success
+    force = {"force": True}
+    again = _materialize(
+        shard_store,
+        detector.model_copy(),
+        segmenter.model_copy(),
+        det_config=config | force,
+        mask_config=force,
+    )
+    assert again.success and _metadata(again, "detections")["reused"] is False
     assert _files(shard_store) == first  # seeded random init + CPU determinism: identical bytes
 
 

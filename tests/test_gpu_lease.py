@@ -1,8 +1,11 @@
 """GPU leases: distinct devices for concurrent holders, released on exit and on crash."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +84,44 @@ def test_the_gpu_pool_command_sets_one_slot_per_visible_gpu(tmp_path):
         [command, "gpu-pool", "--limit", "0"], env=env, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 1 and "must be >= 1" in refused.stderr
+
+
+# A step that leases the GPU and starts a long-running child, with or without the lease's descriptor.
+_STEP_WITH_CHILD = """
+import subprocess, sys, time
+from pathlib import Path
+from pseudolabel.gpu_lease import hold_gpu
+
+with hold_gpu(1, Path(sys.argv[1]), timeout_s=5) as lease:
+    fds = (lease.fd,) if sys.argv[2] == "inherit" else ()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=fds)
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("child", ["inherit", "no-inherit"])
+def test_a_child_started_with_the_lease_holds_it_past_its_killed_parent(tmp_path, child):
+    """The lease is an flock on the open file: a model worker started with its descriptor keeps the GPU
+    leased while it runs, even after its step was killed; one started without it does not."""
+    step = subprocess.Popen(
+        [sys.executable, "-c", _STEP_WITH_CHILD, str(tmp_path), child], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(step.stdout.readline())
+    try:
+        with pytest.raises(NoFreeGpu), lease_gpu(1, tmp_path, timeout_s=0):
+            pass
+        os.kill(step.pid, signal.SIGKILL)
+        step.wait(10)
+        if child == "inherit":
+            with pytest.raises(NoFreeGpu), lease_gpu(1, tmp_path, timeout_s=0.3, poll_s=0.05):
+                pass  # the step is gone, its worker is not
+            os.kill(worker, signal.SIGKILL)
+        with lease_gpu(1, tmp_path, timeout_s=5, poll_s=0.05) as index:
+            assert index == 0
+    finally:
+        for pid in (step.pid, worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        step.wait(10)
+        step.stdout.close()

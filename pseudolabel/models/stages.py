@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -35,6 +35,9 @@ from pseudolabel.models.interfaces import (
 
 DETECTION_VERSION = "detections/2"  # bump when the stored content's meaning changes (2: + query_index)
 SEGMENTATION_VERSION = "masks/1"
+# ``describe()`` entries that say how a model was run, not what it computes: a re-run or a retry that
+# differs only in these (an out-of-memory retry halves the batch) would write the same content.
+RUN_ONLY_IDENTITY = ("batch_size",)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -79,24 +82,40 @@ def ok_images(index: pa.Table) -> list[ImageRef]:
     return sorted(refs, key=lambda ref: ref.image_id)
 
 
+def content_identity(describe: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model's ``describe()`` a stage fingerprint hashes: what determines the output content
+    (model, variant, weights digest, precision, input size, backend options), without how this run
+    computed it: the batch size (a retry halves it) and which of the host's devices ran it ("cuda:1" ->
+    "cuda"; the device type stays, as the numerics differ). Worker threads and retry counts are never in
+    ``describe()``. Shards whose stored fingerprint matches are skipped, so these must not enter it."""
+    identity = {k: v for k, v in model_identity(describe).items() if k not in RUN_ONLY_IDENTITY}
+    if isinstance(identity.get("device"), str):
+        identity["device"] = identity["device"].split(":", 1)[0]
+    return identity
+
+
 def detection_fingerprint(images: Sequence[ImageRef], settings: DetectionSettings, model: dict) -> str:
+    """What determines a shard's detections: each image's id and content digest (from the shard's image
+    index), the detection settings and the detector's :func:`content_identity`."""
     return fingerprint(
         {
             "stage": DETECTION_VERSION,
             "images": [(ref.image_id, ref.sha256) for ref in images],
             "settings": asdict(settings),
-            "model": model_identity(model),
+            "model": content_identity(model),
         }
     )
 
 
 def segmentation_fingerprint(detections_sha256: str, settings: SegmentationSettings, model: dict) -> str:
+    """What determines a shard's masks: the stored detections' bytes (which carry their own fingerprint),
+    the segmentation settings and the segmenter's :func:`content_identity`."""
     return fingerprint(
         {
             "stage": SEGMENTATION_VERSION,
             "detections": detections_sha256,
             "settings": asdict(settings),
-            "model": model_identity(model),
+            "model": content_identity(model),
         }
     )
 

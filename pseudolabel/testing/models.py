@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,15 +29,39 @@ from PIL import Image
 from pseudolabel.models.interfaces import Candidates, PreparedImage, normalize_caption, phrases_of
 from pseudolabel.rle import encode_host_masks
 
+# When set, every forward call of a fake model appends one JSON line to this file: {"model", "pid",
+# "images" (the batch's image ids), "oom"}. Tests count the model work a run did across worker processes
+# (a killed worker's included): shards recomputed, shards reused.
+CALLS_LOG_ENV = "PSEUDOLABEL_FAKE_CALLS_LOG"
+
 
 class OutOfMemoryError(RuntimeError):
     """Named like ``torch.cuda.OutOfMemoryError``, which is how workers recognise one."""
 
 
-def _simulate(seconds_per_image: float, oom_above_batch: int, batch: Sequence[Any]) -> None:
-    if oom_above_batch and len(batch) > oom_above_batch:
+def _simulate(model: str, seconds_per_image: float, oom_above_batch: int, batch: Sequence[Any]) -> None:
+    oom = bool(oom_above_batch and len(batch) > oom_above_batch)
+    _log_call(model, batch, oom)
+    if oom:
         raise OutOfMemoryError(f"fake: a batch of {len(batch)} does not fit (limit {oom_above_batch})")
     time.sleep(seconds_per_image * len(batch))
+
+
+def _log_call(model: str, batch: Sequence[Any], oom: bool) -> None:
+    path = os.environ.get(CALLS_LOG_ENV)
+    if not path:
+        return
+    record = {"model": model, "pid": os.getpid(), "images": [item.image_id for item in batch], "oom": oom}
+    with open(path, "a", encoding="utf-8") as log:  # one short O_APPEND write per call
+        log.write(json.dumps(record) + "\n")
+
+
+def forward_calls(path: str | Path) -> list[dict[str, Any]]:
+    """The forward calls logged to ``path`` (see :data:`CALLS_LOG_ENV`), oldest first; [] if none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 FAKE_WARNING = "fake model: outputs are synthetic (hash-derived), not predictions"
@@ -108,7 +134,7 @@ class FakeDetector:
         text_floor: float = 0.05,
         max_candidates: int = 300,
     ) -> list[Candidates]:
-        _simulate(self.seconds_per_image, self.oom_above_batch, batch)
+        _simulate("fake_detector", self.seconds_per_image, self.oom_above_batch, batch)
         return [self._one(item, captions, box_floor, text_floor, max_candidates) for item in batch]
 
     def _one(
@@ -179,7 +205,7 @@ class FakeSegmenter:
     def segment(
         self, batch: Sequence[PreparedImage], candidates: Sequence[Candidates], *, multimask: bool = False
     ) -> list[Candidates]:
-        _simulate(self.seconds_per_image, self.oom_above_batch, batch)
+        _simulate("fake_segmenter", self.seconds_per_image, self.oom_above_batch, batch)
         return [self._one(item, found, multimask) for item, found in zip(batch, candidates, strict=True)]
 
     def _one(self, item: PreparedImage, found: Candidates, multimask: bool) -> Candidates:

@@ -2,7 +2,9 @@
 
 Loads the models once, processes every shard of the task in order, writes each shard's outputs
 atomically and reports it (one ``shard_done`` message per shard) before starting the next, so a
-worker that dies mid-task loses only the shard it was on. Logs stream into the Dagster run.
+worker that dies mid-task loses only the shard it was on; shards whose stored output is up to date
+are reused, not recomputed. Logs stream into the Dagster run. A worker started by a local step ends
+when that step's process does (:mod:`.lifetime`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pseudolabel.models.loading import ModelConfigError, load_detector, load_seg
 from pseudolabel.models.stages import DetectionSettings, SegmentationSettings
 from pseudolabel.storage import open_store
 from pseudolabel.video.tracking import TrackingSettings
+from pseudolabel.workers.lifetime import bind_to_step
 from pseudolabel.workers.shards import detect_shard, gold_candidates, segment_shard, track_shard
 from pseudolabel.workers.task import (
     DETECTIONS,
@@ -78,16 +81,16 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
         "started_at": time.time(),
     }
     # One call per shard, the models and settings bound once.
-    skip = task.skip_if_up_to_date
+    force = task.force
     if task.stage == DETECTIONS:
         settings = DetectionSettings(**task.settings)
         process = partial(
-            detect_shard, store, detector=detector, settings=settings, workers=workers, skip=skip
+            detect_shard, store, detector=detector, settings=settings, workers=workers, force=force
         )
     elif task.stage == MASKS:
         settings = SegmentationSettings(**task.settings)
         process = partial(
-            segment_shard, store, segmenter=segmenter, settings=settings, workers=workers, skip=skip
+            segment_shard, store, segmenter=segmenter, settings=settings, workers=workers, force=force
         )
     elif task.stage == VIDEO_TRACKS:
         process = partial(
@@ -97,7 +100,7 @@ def run_task(task: WorkerTask, pipes: Any) -> None:
             tracker=tracker,
             detection=DetectionSettings(**task.settings["detections"]),
             tracking=TrackingSettings(**task.settings["tracking"]),
-            skip=skip,
+            force=force,
         )
     else:  # GOLD_CANDIDATES: the "shard" is the evaluation's storage prefix
         process = partial(
@@ -135,7 +138,10 @@ def _report_failure(pipes: Any, shard: str | None, exc: BaseException) -> None:
 def main() -> int:
     from dagster_pipes import open_dagster_pipes
 
+    bound = bind_to_step()  # first: a worker whose step is already gone stops here
     with open_dagster_pipes() as pipes:
+        if bound is not None:
+            pipes.log.info(f"model worker pid {os.getpid()}: {bound}")
         run_task(WorkerTask.from_extras(pipes.extras), pipes)
     return 0
 

@@ -1,6 +1,7 @@
 """One shard through a GPU stage, as a worker runs it: the storage around the stage logic.
 
-Reads the shard's inputs, skips it when its stored output is up to date, runs the stage
+Reads the shard's inputs, reuses its stored output when that already has the shard's fingerprint
+(unless forced: a re-run or retry redoes only what is missing or changed), runs the stage
 (:mod:`pseudolabel.models.stages`), writes the provenance sidecar and the outputs, and returns the
 shard's materialization metadata (Pipes format, see :mod:`.task`): counts, timings, settings, model
 identity and a small preview. Outputs are written atomically by the store, images table (and the
@@ -32,6 +33,7 @@ from pseudolabel.models.stages import (
     DetectionSettings,
     ImageRef,
     SegmentationSettings,
+    content_identity,
     detection_fingerprint,
     ok_images,
     run_detection,
@@ -39,7 +41,7 @@ from pseudolabel.models.stages import (
     segmentation_fingerprint,
 )
 from pseudolabel.rle import EncodedMasks
-from pseudolabel.storage import ObjectStore, read_parquet, write_parquet
+from pseudolabel.storage import ObjectNotFound, ObjectStore, read_parquet, write_parquet
 from pseudolabel.video.tracking import Tracker, TrackingSettings
 from pseudolabel.video.tracks_table import ok_videos, track_shard_videos, tracking_fingerprint
 from pseudolabel.workers.task import meta
@@ -52,16 +54,18 @@ def detect_shard(
     settings: DetectionSettings,
     *,
     workers: int,
-    skip: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Every candidate above the floors for every "ok" image of ``shard`` -> detections parquet files, plus
-    the detector's masks (``detections/<shard>.masks.parquet``) when it makes them (SAM 3)."""
+    the detector's masks (``detections/<shard>.masks.parquet``) when it makes them (SAM 3). Unless
+    ``force``, a shard whose stored detections have the current fingerprint is reused as it is."""
     images = ok_images(read_parquet(store, layout.image_index(shard)))
     identity = detector.describe()
     fingerprint = detection_fingerprint(images, settings, identity)
     keys = [layout.detection_images(shard), layout.detections(shard)]
-    if skip and up_to_date(store, keys, fingerprint):
-        return _skipped(store, keys[1], fingerprint)
+    if not force and up_to_date(store, keys, fingerprint):
+        counts = _candidate_counts(read_parquet(store, keys[0]))
+        return _reused(store, keys[1], fingerprint, counts)
 
     decoding = getattr(detector, "decoding", None)  # device JPEG decoding (opt-in): counts fallbacks
     before = dict(decoding.fallbacks) if decoding is not None else {}
@@ -110,18 +114,19 @@ def segment_shard(
     settings: SegmentationSettings,
     *,
     workers: int,
-    skip: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
     """One mask per detection candidate of ``shard`` (box prompt) -> masks parquet (COCO RLE); with the
-    segmenter backend "detector", the masks the detector stored with these detections (no model)."""
+    segmenter backend "detector", the masks the detector stored with these detections (no model).
+    Unless ``force``, a shard whose stored masks have the current fingerprint is reused as it is."""
     detections_bytes = store.get_bytes(layout.detections(shard))
     detections = pq.read_table(io.BytesIO(detections_bytes))
     images = read_parquet(store, layout.detection_images(shard))
     identity = segmenter.describe()
     fingerprint = segmentation_fingerprint(sha256_hex(detections_bytes), settings, identity)
     key = layout.masks(shard)
-    if skip and up_to_date(store, [key], fingerprint):
-        return _skipped(store, key, fingerprint)
+    if not force and up_to_date(store, [key], fingerprint):
+        return _reused(store, key, fingerprint, _candidate_counts(images))
     if getattr(segmenter, "from_detections", False):
         return _copy_detection_masks(store, shard, detections, images, identity, settings, fingerprint)
 
@@ -253,15 +258,18 @@ def track_shard(
     detection: DetectionSettings,
     tracking: TrackingSettings,
     *,
-    skip: bool,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Detector keyframes + tracker over every video of ``shard`` -> video_tracks parquet (COCO RLE)."""
+    """Detector keyframes + tracker over every video of ``shard`` -> video_tracks parquet (COCO RLE).
+    Unless ``force``, a shard whose stored tracks have the current fingerprint is reused as it is."""
     videos = ok_videos(read_parquet(store, layout.video_frames_index(shard)))
     identity, tracker_identity = detector.describe(), tracker.describe()
-    fingerprint = tracking_fingerprint(videos, detection, tracking, identity, tracker_identity)
+    fingerprint = tracking_fingerprint(
+        videos, detection, tracking, content_identity(identity), content_identity(tracker_identity)
+    )
     key = layout.video_tracks(shard)
-    if skip and up_to_date(store, [key], fingerprint):
-        return _skipped(store, key, fingerprint)
+    if not force and up_to_date(store, [key], fingerprint):
+        return _reused(store, key, fingerprint, {"videos": meta(len(videos))})
 
     settings = {"detections": vars(detection), "tracking": vars(tracking)}
     store.put_json(  # provenance first: a visible output never has an older sidecar
@@ -285,6 +293,7 @@ def track_shard(
         "match_iou": meta(tracking.match_iou),
         "max_lost_keyframes": meta(tracking.max_lost_keyframes),
         "fingerprint": meta(fingerprint),
+        "reused": meta(False),
         "skipped": meta(False),
         "path": meta(store.uri(key), "path"),
     }
@@ -322,6 +331,7 @@ def _written(
     metadata = {name: meta(value) for name, value in model_metadata(identity).items()}
     metadata |= {
         "fingerprint": meta(fingerprint),
+        "reused": meta(False),
         "skipped": meta(False),
         "path": meta(store.uri(key), "path"),
     }
@@ -331,5 +341,32 @@ def _written(
     return metadata
 
 
-def _skipped(store: ObjectStore, key: str, fingerprint: str) -> dict[str, Any]:
-    return {"skipped": meta(True), "fingerprint": meta(fingerprint), "path": meta(store.uri(key), "path")}
+def _candidate_counts(images: pa.Table) -> dict[str, Any]:
+    """A shard's counts read back from its stored DETECTION_IMAGES table (one row per image)."""
+    per_image = images.column("num_candidates").to_pylist()
+    return {
+        "images": meta(len(per_image)),
+        "candidates": meta(int(sum(per_image))),
+        "zero_candidate_images": meta(sum(1 for n in per_image if not n)),
+    }
+
+
+def _reused(store: ObjectStore, key: str, fingerprint: str, counts: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of a shard whose stored output already had ``fingerprint``: nothing was computed, and
+    the materialization says what it stands for: the output (path, fingerprint, counts) and the models
+    and settings that made it (its provenance sidecar, ``made_by``). ``skipped`` is the older name."""
+    try:
+        made_by = store.get_json(layout.provenance(key))
+    except (ObjectNotFound, ValueError):
+        made_by = None
+    metadata = {
+        **counts,
+        "reused": meta(True),
+        "skipped": meta(True),
+        "fingerprint": meta(fingerprint),
+        "path": meta(store.uri(key), "path"),
+    }
+    if isinstance(made_by, dict):
+        metadata["made_by"] = meta(made_by, "json")
+        metadata["smoke_run"] = meta(bool(made_by.get("smoke_run", False)))
+    return metadata

@@ -46,7 +46,9 @@ class WorkerTask:
     detector: dict[str, Any] | None = None  # DetectorSpec.to_dict()
     segmenter: dict[str, Any] | None = None  # SegmenterSpec.to_dict()
     tracker: dict[str, Any] | None = None  # TrackerSpec.to_dict()
-    skip_if_up_to_date: bool = False  # skip shards whose stored output has the same fingerprint
+    # Recompute every shard. By default a shard whose stored output already has this task's fingerprint
+    # (same inputs, model and settings) is reused, not recomputed: re-runs and retries redo only the rest.
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
