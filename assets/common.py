@@ -8,7 +8,7 @@ backfill run of a per-shard asset takes. They are deployment settings of the cod
 it loads (decorator arguments), like the executor choice; 0 retries disables retries, as the test suite
 does. Only failures a retry can fix are retried: steps raise ``Failure(allow_retries=False)`` for
 configuration errors, missing or mismatched checkpoints and code errors (see ``resources/workers.py``).
-A retried GPU step runs with half the batch size per retry.
+A retried GPU step runs with half the batch size per retry, and reuses the shards it already finished.
 """
 
 from __future__ import annotations
