@@ -24,7 +24,7 @@ import requests
 from PIL import Image, ImageOps
 
 from pseudolabel.ids import image_id_for_url
-from pseudolabel.images.download import DownloadPolicy
+from pseudolabel.images.download import ALLOWED_NETWORKS_ENV, DownloadPolicy
 from pseudolabel.images.index import SampleItem
 from pseudolabel.images.shard import ShardOptions, process_shard
 from pseudolabel.storage import LocalObjectStore
@@ -85,6 +85,9 @@ def serve(images: dict[str, bytes], latency_s: float, address: Connection) -> No
 
 
 def main() -> None:
+    # The benchmark's image server listens on loopback, which the pipeline refuses to fetch from unless
+    # allowed (as the demo does): allow it for this process only.
+    os.environ.setdefault(ALLOWED_NETWORKS_ENV, "127.0.0.0/8")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

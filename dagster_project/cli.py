@@ -44,11 +44,23 @@ def _gpu_pool(args: argparse.Namespace) -> int:
 
 
 def _fetch_models(args: argparse.Namespace) -> int:
-    from resources.models import fetch_default_checkpoints
+    """Run ``python -m pseudolabel.models.loading`` in the ``worker`` model-worker environment (built on
+    first use), where the checkpoint tables and huggingface_hub live (see that module's docstring), with
+    this process's environment (cache, ``PSEUDOLABEL_CHECKPOINT_*`` mirror settings, ``HF_*``)."""
+    import os
+    import subprocess
 
-    for path in fetch_default_checkpoints():
-        print(path)
-    return 0
+    from pseudolabel.models.loading import WORKER_ENV
+    from pseudolabel.workers.environment import ensure_worker_python, source_path_entry
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        python = ensure_worker_python((WORKER_ENV,), log=log)
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    env = {**os.environ, "PYTHONPATH": source_path_entry()}
+    return subprocess.run([python, "-m", "pseudolabel.models.loading"], env=env).returncode
 
 
 def _workers_install(args: argparse.Namespace) -> int:

@@ -13,6 +13,15 @@ the variant's pinned table; when neither knows it, the digest seen on first down
 next to the cached file (``<file>.sha256``) and every later use must match it (trust on first use,
 reported as ``first_seen`` so the operator can pin it). A mismatch is always an error: a cached file
 is never silently replaced, because a swapped checkpoint silently changes every label downstream.
+
+Two variables act on the official files (source ``""`` / ``"official"``), for mirrors and tests:
+``$PSEUDOLABEL_CHECKPOINT_BASE_URL`` replaces the scheme and host of every official URL (a path in it is
+prepended: ``https://mirror.internal/models`` serves ``/models/segment_anything_2/092824/...``), so files
+come from a mirror or a local test server; ``$PSEUDOLABEL_CHECKPOINT_SHA256`` (``file=sha256`` pairs,
+comma or space separated) pins digests by file name, over the table, e.g. for the SAM2.1 files whose
+digests are otherwise recorded on first download. The identity a backend reports keeps the official URL
+(what the file is); the digest, checked on every use, says it is that file. A download whose digest
+differs is refused and never enters the cache.
 """
 
 from __future__ import annotations
@@ -21,14 +30,16 @@ import hashlib
 import os
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from pseudolabel.storage import S3ObjectStore, parse_s3_uri
 
 CACHE_ENV = "PSEUDOLABEL_MODEL_CACHE"
+BASE_URL_ENV = "PSEUDOLABEL_CHECKPOINT_BASE_URL"  # scheme + host (+ path prefix) of the official URLs
+SHA256_ENV = "PSEUDOLABEL_CHECKPOINT_SHA256"  # "file=sha256,..." pins for the official files
 DEFAULT_CACHE_DIR = "~/.cache/pseudolabel"
 RANDOM = "random"
 OFFICIAL = "official"
@@ -81,6 +92,39 @@ def default_cache_dir(environ: dict[str, str] | None = None) -> Path:
     return Path(environ.get(CACHE_ENV, "").strip() or DEFAULT_CACHE_DIR).expanduser()
 
 
+def official_url(url: str, environ: Mapping[str, str] | None = None) -> str:
+    """``url`` (an official release URL) with its scheme and host replaced by ``$PSEUDOLABEL_CHECKPOINT_BASE_URL``
+    when that is set; a path in the base is prepended to the URL's path."""
+    environ = os.environ if environ is None else environ
+    base = environ.get(BASE_URL_ENV, "").strip()
+    if not base:
+        return url
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise CheckpointError(
+            f"{BASE_URL_ENV}={base!r} is not a base URL: expected http(s)://host[:port][/path prefix]"
+        )
+    official = urlsplit(url)
+    return f"{base.rstrip('/')}{official.path}" + (f"?{official.query}" if official.query else "")
+
+
+def pinned_sha256s(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """File name -> sha256 from ``$PSEUDOLABEL_CHECKPOINT_SHA256`` (``name=digest`` pairs separated by
+    commas or whitespace); a malformed entry is an error, never ignored (it would unpin a file)."""
+    environ = os.environ if environ is None else environ
+    pins: dict[str, str] = {}
+    for entry in environ.get(SHA256_ENV, "").replace(",", " ").split():
+        name, _, digest = entry.partition("=")
+        digest = digest.strip().lower()
+        if not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CheckpointError(
+                f"{SHA256_ENV}: {entry!r} is not 'file=sha256' (64 hex digits), e.g. "
+                "'sam2.1_hiera_large.pt=<sha256>'"
+            )
+        pins[name] = digest
+    return pins
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -110,13 +154,18 @@ def resolve_checkpoint(
         return ResolvedCheckpoint(path=None, sha256=None, source=RANDOM, status=RANDOM_WEIGHTS)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if source in ("", OFFICIAL):
+        url = official_url(spec.url)
+        pinned = pinned_sha256s().get(spec.filename)
+        kind = "configured" if expected else f"${SHA256_ENV}" if pinned else "pinned"
         return _resolve_remote(
             spec.url,
             cache / spec.filename,
             spec,
-            expected or spec.sha256,
+            expected or pinned or spec.sha256,
             allow_download,
-            lambda target: _download_http(spec.url, target, timeout_s),
+            lambda target: _download_http(url, target, timeout_s),
+            fetched_from=url,
+            expected_kind=kind,
         )
     if source.startswith(("http://", "https://")):
         target = cache / Path(urlparse(source).path).name
@@ -159,13 +208,21 @@ def _resolve_remote(
     expected: str | None,
     allow_download: bool,
     fetch: Callable[[Path], None],
+    *,
+    fetched_from: str | None = None,
+    expected_kind: str = "configured",
 ) -> ResolvedCheckpoint:
+    """The cached ``target`` if present (checked), else ``fetch`` it into a temp file beside it, check
+    it, and only then rename it into place. ``source`` is the identity reported; ``fetched_from`` the
+    URL actually read (a mirror's, default ``source``); ``expected_kind`` says where ``expected`` came
+    from, for the error message."""
+    fetched_from = fetched_from or source
     sidecar = target.with_name(target.name + ".sha256")
     if target.is_file():
         digest = sha256_file(target)
         if expected:
             if digest != expected:
-                raise ChecksumMismatch(_mismatch_message(spec, target, expected, digest, "expected"))
+                raise ChecksumMismatch(_mismatch_message(spec, target, expected, digest, expected_kind))
             return ResolvedCheckpoint(target, digest, source, VERIFIED)
         if sidecar.is_file():
             recorded = sidecar.read_text().split()[0].strip().lower()
@@ -179,7 +236,7 @@ def _resolve_remote(
 
     if not allow_download:
         raise CheckpointNotFound(
-            _missing_message(spec, source, target, "downloads are disabled (allow_download=False)")
+            _missing_message(spec, fetched_from, target, "downloads are disabled (allow_download=False)")
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     # Fetch into a temp file beside the target, verify, then rename: a reader never sees a partial file.
@@ -191,14 +248,16 @@ def _resolve_remote(
             fetch(tmp)
         except Exception as exc:  # network, HTTP status, S3 errors: all mean "not available here"
             raise CheckpointNotFound(
-                _missing_message(spec, source, target, f"fetching it failed: {exc!r}")
+                _missing_message(spec, fetched_from, target, f"fetching it failed: {exc!r}")
             ) from exc
         digest = sha256_file(tmp)
         if expected and digest != expected:
-            raise ChecksumMismatch(_mismatch_message(spec, Path(source), expected, digest, "expected"))
+            raise ChecksumMismatch(
+                _download_mismatch_message(spec, fetched_from, target, expected, digest, expected_kind)
+            )
         os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # a refused or partial download never stays in the cache
     if expected:
         return ResolvedCheckpoint(target, digest, source, VERIFIED)
     sidecar.write_text(f"{digest}  {target.name}\n")
@@ -206,9 +265,17 @@ def _resolve_remote(
 
 
 def _download_http(url: str, target: Path, timeout_s: float) -> None:
+    """``url``'s body into ``target``. A body shorter than its Content-Length is an error: http.client's
+    ``read(n)`` returns a dropped connection's partial body as if complete, and an unpinned file's
+    digest would then be recorded from the truncated copy."""
+    received = 0
     with urllib.request.urlopen(url, timeout=timeout_s) as response, open(target, "wb") as out:
+        announced = response.headers.get("Content-Length")
         while chunk := response.read(_CHUNK):
             out.write(chunk)
+            received += len(chunk)
+    if announced is not None and received != int(announced):
+        raise OSError(f"incomplete download: {received} of {announced} bytes")
 
 
 def _write_bytes(data: bytes, target: Path) -> None:
@@ -229,6 +296,17 @@ def _missing_message(spec: CheckpointSpec, source: str, target: Path, why: str) 
         f"  source:     {source} -> {why}\n"
         f"To provide it: copy the file to {target}; or set the resource's `checkpoint` to a local path or an "
         f"s3:// URI holding it; or run where {source} is reachable. Use checkpoint='random' only for smoke runs."
+    )
+
+
+def _download_mismatch_message(
+    spec: CheckpointSpec, url: str, target: Path, expected: str, actual: str, kind: str
+) -> str:
+    return (
+        f"{spec.name} checkpoint '{target.name}' downloaded from {url} has sha256 {actual}, but the {kind} "
+        f"sha256 is {expected}. Refused: it was not stored in the cache ({target} is unchanged). The "
+        f"download is corrupted or not the expected file; if a mirror serves it ({BASE_URL_ENV}), check "
+        f"the mirror's copy."
     )
 
 

@@ -13,17 +13,35 @@ Checkpoint sources (``checkpoint``): "" = the official release URL, downloaded o
 (``cache_dir``, default ``$PSEUDOLABEL_MODEL_CACHE`` or ~/.cache/pseudolabel) and verified by sha256;
 a local path; an ``s3://`` URI; or "random" = untrained weights for offline smoke runs. ``tiny``
 shrinks the architecture (random weights only) for tests and the offline demo.
+
+:func:`fetch_default_checkpoints` (``pseudolabel fetch-models``, run as ``python -m
+pseudolabel.models.loading`` by the CLI) runs in the model-worker environment, not the orchestrator's:
+the URL and digest tables live beside the architectures they configure (``grounding_dino_build``,
+``sam2_build``, which import torch), so a torch-free copy would be a second table to keep in step; the
+text encoder comes through ``huggingface_hub``, which only the worker environment installs; and the
+cache it fills is read by local model workers, which need that environment anyway. The cost is that a
+first ``fetch-models`` builds the worker environment, as a first GPU step or ``pseudolabel demo`` does.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pseudolabel.models.checkpoints import RANDOM, ResolvedCheckpoint, default_cache_dir, resolve_checkpoint
+from pseudolabel.models.checkpoints import (
+    RANDOM,
+    UNPINNED,
+    CheckpointError,
+    CheckpointNotFound,
+    ResolvedCheckpoint,
+    default_cache_dir,
+    resolve_checkpoint,
+)
 from pseudolabel.models.interfaces import Detector, Segmenter
 from pseudolabel.models.report import SMOKE_RUN_NOTE
 
@@ -261,31 +279,54 @@ def _builder(target: str) -> Any:
     return found
 
 
-def fetch_default_checkpoints(cache_dir: str = "", *, text_encoder: bool = True) -> list[Path]:
-    """Download (once) and verify the default checkpoints into the model cache; with ``text_encoder``,
-    also bert-base-uncased into the Hugging Face cache. Returns the local paths."""
+# What Grounding DINO reads of bert-base-uncased: the hub repo also holds TF, Flax and Rust weights.
+TEXT_ENCODER_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "*.safetensors"]
+
+
+def fetch_default_checkpoints(
+    cache_dir: str = "", *, text_encoder: bool = True, log: Callable[[str], object] = lambda _: None
+) -> list[ResolvedCheckpoint]:
+    """Download (once) and verify the default detector's and segmenter's checkpoints into the model cache
+    (official URLs, ``$PSEUDOLABEL_CHECKPOINT_BASE_URL`` mirrors them); with ``text_encoder``, also
+    bert-base-uncased into the Hugging Face cache (``HF_ENDPOINT`` mirrors it). Worker environment only.
+    Raises :class:`~pseudolabel.models.checkpoints.CheckpointError` for a missing or mismatched file."""
     from pseudolabel.models import grounding_dino_build, sam2_build
 
-    paths = []
+    resolved = []
     for spec, checkpoint in (
         (DetectorSpec(cache_dir=cache_dir), grounding_dino_build.VARIANTS[DetectorSpec.variant].checkpoint),
         (SegmenterSpec(cache_dir=cache_dir), sam2_build.VARIANTS[SegmenterSpec.variant].checkpoint),
     ):
-        resolved = spec_checkpoint(spec, checkpoint)
-        if resolved.path is not None:
-            paths.append(resolved.path)
+        log(f"{checkpoint.name}: {checkpoint.filename} ...")
+        resolved.append(spec_checkpoint(spec, checkpoint))
     if text_encoder:
         from huggingface_hub import snapshot_download
 
-        patterns = [
-            "config.json",
-            "vocab.txt",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "model.safetensors",
-        ]
-        paths.append(Path(snapshot_download(DetectorSpec.text_encoder, allow_patterns=patterns)))
-    return paths
+        name = DetectorSpec.text_encoder
+        log(f"text encoder: {name} (Hugging Face hub) ...")
+        try:
+            path = Path(snapshot_download(name, allow_patterns=TEXT_ENCODER_FILES))
+        except Exception as exc:  # offline, hub errors: say what is missing and how to provide it
+            raise CheckpointNotFound(
+                f"Grounding DINO text encoder {name!r} could not be fetched from the Hugging Face hub "
+                f"({exc!r}). Run where the hub (or HF_ENDPOINT) is reachable, or set the detector's "
+                "text_encoder to a local directory holding it."
+            ) from exc
+        resolved.append(ResolvedCheckpoint(path, None, f"hf://{name}", UNPINNED))
+    return resolved
+
+
+def fetch_main() -> int:
+    """``python -m pseudolabel.models.loading``: fetch the defaults, print one line per file (path,
+    sha256, how it was verified) on stdout; a failure is one clear message on stderr, exit 1."""
+    try:
+        resolved = fetch_default_checkpoints(log=lambda line: print(line, file=sys.stderr, flush=True))
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for item in resolved:
+        print(f"{item.path}  sha256={item.sha256 or '-'}  {item.status}")
+    return 0
 
 
 def spec_checkpoint(spec: _Spec, official: Any) -> ResolvedCheckpoint:
@@ -333,3 +374,10 @@ def spec_identity(spec: _Spec, resolved: ResolvedCheckpoint) -> dict[str, Any]:
     if resolved.is_random:
         identity |= {"seed": spec.seed, "tiny": spec.tiny, "smoke_run_note": SMOKE_RUN_NOTE}
     return identity
+
+
+if __name__ == "__main__":
+    # Run the module proper, not this ``__main__`` copy: the builders import pseudolabel.models.loading.
+    from pseudolabel.models.loading import fetch_main as _fetch_main
+
+    sys.exit(_fetch_main())
