@@ -46,7 +46,7 @@ from dagster import (
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
 
-from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, hold_gpu
+from pseudolabel.gpu_lease import DEFAULT_LOCK_DIR, NoFreeGpu, hold_gpu
 from pseudolabel.models.loading import WORKER_ENV
 from pseudolabel.workers.environment import PYTHON_ENV, ensure_worker_python, source_path_entry
 from pseudolabel.workers.lifetime import LEASE_FD_ENV, STEP_PID_ENV
@@ -121,14 +121,24 @@ class LocalModelWorkers(ModelWorkersResource):
             python = self.interpreter(task, context.log.info)
         except ValueError as exc:  # models that need two worker environments: no retry can help
             raise Failure(description=f"{task.stage}: {exc}", allow_retries=False) from exc
-        devices = visible_gpus(self.gpus)
+        try:
+            devices = visible_gpus(self.gpus)
+        except ValueError as exc:  # a bad PSEUDOLABEL_GPUS / gpus: the same on every retry
+            raise Failure(description=f"{task.stage}: {exc}", allow_retries=False) from exc
         # The worker ends with this process (pseudolabel.workers.lifetime).
         worker_env = {**env, "PYTHONPATH": source_path_entry(), STEP_PID_ENV: str(os.getpid())}
         with ExitStack() as stack:
             lease_fds: tuple[int, ...] = ()
             if devices:
                 lock_dir = Path(self.lease_dir) if self.lease_dir else DEFAULT_LOCK_DIR
-                lease = stack.enter_context(hold_gpu(len(devices), lock_dir, self.lease_timeout_s))
+                try:
+                    lease = stack.enter_context(hold_gpu(len(devices), lock_dir, self.lease_timeout_s))
+                except NoFreeGpu as exc:  # waited lease_timeout_s already: retrying only waits again
+                    raise Failure(
+                        description=f"{task.stage}: {exc}. Lower the `gpu` pool limit to the number of GPUs "
+                        "(`pseudolabel gpu-pool`) or raise lease_timeout_s.",
+                        allow_retries=False,
+                    ) from exc
                 worker_env["CUDA_VISIBLE_DEVICES"] = devices[lease.index]
                 worker_env[LEASE_FD_ENV] = str(lease.fd)  # the worker holds the lease as long as it runs
                 lease_fds = (lease.fd,)

@@ -125,3 +125,36 @@ def test_a_child_started_with_the_lease_holds_it_past_its_killed_parent(tmp_path
                 os.kill(pid, signal.SIGKILL)
         step.wait(10)
         step.stdout.close()
+
+
+def _worker_task():
+    from pseudolabel.workers.task import DETECTIONS, WorkerTask
+
+    return WorkerTask(stage=DETECTIONS, shards=["shard-00000"], storage="/nonexistent")
+
+
+def test_a_bad_gpu_count_fails_the_step_once(tmp_path):
+    """Configuration errors fail once: a retry would meet the same setting (allow_retries=False)."""
+    from dagster import Failure, build_asset_context
+
+    from resources.workers import LocalModelWorkers
+
+    workers = LocalModelWorkers(python=sys.executable, gpus="two", lease_dir=str(tmp_path))
+    with pytest.raises(Failure) as failed:
+        workers.run(build_asset_context(), _worker_task(), {})
+    assert failed.value.allow_retries is False
+    assert "must be a whole number of GPUs, got 'two'" in failed.value.description
+
+
+def test_no_free_gpu_after_the_timeout_fails_the_step_once(tmp_path):
+    """Every GPU leased by another step for longer than lease_timeout_s: one failure that says what to do,
+    not a retry that would wait as long again."""
+    from dagster import Failure, build_asset_context
+
+    from resources.workers import LocalModelWorkers
+
+    workers = LocalModelWorkers(python=sys.executable, gpus="1", lease_dir=str(tmp_path), lease_timeout_s=0.3)
+    with lease_gpu(1, tmp_path), pytest.raises(Failure) as failed:
+        workers.run(build_asset_context(), _worker_task(), {})
+    assert failed.value.allow_retries is False
+    assert "stayed leased" in failed.value.description and "pseudolabel gpu-pool" in failed.value.description
