@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a machine with a CUDA GPU: the worker-side tests on CUDA, then the GPU
-# benchmarks (random weights: throughput only, never label quality). Each step's output goes to
-# DIR/<step>.txt (default ./gpu-results); a failing step is reported and the next one still runs.
+# Every GPU check in one go, for a machine with a CUDA GPU: the whole worker-side test suite (every test
+# runs on the CPU and, where it takes a device, on CUDA too: the bf16 autocast tests on the real GPU
+# beside the CPU emulation of it), then the GPU benchmarks (random weights: throughput only, never
+# label quality). Each step's output goes to DIR/<step>.txt (default ./gpu-results); a failing step is
+# reported and the next one still runs.
 #
-#   bench/gpu_checks.sh [DIR]                # PYTHON=... picks the interpreter (default python3)
+#   bench/gpu_checks.sh [DIR]    # PYTHON=... the worker interpreter (default python3);
+#                                # PYTHON_SAM3=... the worker-sam3 one, to run the SAM 3 suite too
 #
-# The interpreter needs the worker extras: pip install -e ".[worker,worker-test]" (the same
-# environment `pseudolabel workers install` builds). Longest first to go if time is short: the
-# --compile chain run (one compilation per padded batch shape before its timed runs).
+# The interpreters need the worker extras: pip install -e ".[worker,worker-test]" (and
+# ".[worker-sam3,worker-test]" in another environment), the environments `pseudolabel workers install`
+# builds. Longest first to go if time is short: the --compile chain run (one compilation per padded
+# batch shape before its timed runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu-results}"
@@ -31,7 +35,12 @@ step() {  # step NAME COMMAND...: run it, keep its output, note a failure
 }
 
 step gpu nvidia-smi
-step cuda-tests "$python" -m pytest -c tests/worker/pytest.ini tests/worker -k cuda -q
+step worker-tests "$python" -m pytest -c tests/worker/pytest.ini tests/worker -q
+if [[ -n "${PYTHON_SAM3:-}" ]]; then
+  step sam3-tests "$PYTHON_SAM3" -m pytest -c tests/worker_sam3/pytest.ini tests/worker_sam3 -q
+else
+  echo "== sam3-tests: not run (set PYTHON_SAM3 to the worker-sam3 interpreter)"
+fi
 step host-overhead "$python" bench/gpu_host_overhead.py --device cuda --images 4
 step transformer-syncs "$python" bench/gpu_host_overhead.py --device cuda --stages transformer --batch-size 8
 step jpeg-decode "$python" bench/jpeg_decode.py --device cuda

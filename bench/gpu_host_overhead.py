@@ -12,9 +12,14 @@ binarisation, device->host copies, RLE. Photos are 4000x3000 (12 MP) and 640x480
                 positive, one copy per batch, RLE on worker threads; one copy per detection batch)
 
 Syncs are counted with ``pseudolabel.models.runtime.counting_syncs`` (.cpu(), .item(), .tolist(),
-.numpy(), bool(tensor), nonzero, stream/event synchronize). On a CPU-only machine the "device" is the
-CPU, so host ms also contains the tensor work a GPU would do (interpolation, gathers): the ratio is
-then mostly the pixels no longer upsampled. Both paths run in the same process on the same inputs.
+.numpy(), bool(tensor), nonzero, stream/event synchronize, blocking host->device copies). On a
+CPU-only machine the "device" is the CPU, so host ms also contains the tensor work a GPU would do
+(interpolation, gathers): the ratio is then mostly the pixels no longer upsampled. Both paths run in
+the same process on the same inputs. "outside ms" leaves out the time inside tensor operations AND
+inside waits for the device (``.cpu()`` is an operation, ``Event.synchronize`` a wait: both paths'
+waits land on the same side). Masks may differ in a few pixels between the paths on CUDA (a logit
+within float rounding of 0: CUDA's ``F.interpolate`` orders its products differently); the count is
+printed, and more than 1 in 100,000 pixels fails the run.
 
     python bench/gpu_host_overhead.py                    # both sizes, 20 and 300 candidates
     python bench/gpu_host_overhead.py --images 1 --sizes 12mp
@@ -34,7 +39,7 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +89,37 @@ class TensorOps(TorchDispatchMode):
         return result
 
 
+@contextlib.contextmanager
+def timing_waits(ops: TensorOps) -> Iterator[None]:
+    """Adds the time spent waiting for the device in CUDA stream / event / device synchronisation to
+    ``ops.seconds``, as the wait inside ``.cpu()`` already is (an operation): device time never counts
+    as host work, whichever way a path waits."""
+    patched = [
+        (torch.cuda, "synchronize"),
+        (torch.cuda.Event, "synchronize"),
+        (torch.cuda.Stream, "synchronize"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
+
+    def timed(original: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                ops.seconds += time.perf_counter() - started
+
+        return wrapper
+
+    for owner, name, original in saved:
+        setattr(owner, name, timed(original))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
 def mode_overhead_s(calls: int = 20000) -> float:
     """Seconds :class:`TensorOps` adds to one operation (subtracted from the instrumented runs)."""
     x = torch.zeros(1)
@@ -119,7 +155,7 @@ def measure(run: Callable[[], list], images: int, emulate: bool, overhead_s: flo
         started = time.perf_counter()
         run()
         timings.append(time.perf_counter() - started)
-        with TensorOps() as ops:
+        with TensorOps() as ops, timing_waits(ops):
             started = time.perf_counter()
             run()
             elapsed = time.perf_counter() - started
@@ -280,8 +316,10 @@ def main() -> None:
                     return out
 
                 rows.append(measure(run, args.images, emulate, overhead))
-            _check_same_masks(rows[0].results, rows[1].results)
+            differ = _check_same_masks(rows[0].results, rows[1].results)
             _print("masks", size, candidates, rows)
+            if differ:
+                print(f"{'':<24}| {differ} mask pixels differ between the paths (logits at 0)", flush=True)
 
 
 HEADER = (
@@ -307,10 +345,23 @@ def _check_same_detections(before: list[Candidates], after: list[Candidates]) ->
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.query_indices, b.query_indices)
 
 
-def _check_same_masks(before: list[Candidates], after: list[Candidates]) -> None:
+def _check_same_masks(before: list[Candidates], after: list[Candidates], most: float = 1e-5) -> int:
+    """Mask pixels that differ between the two paths (0 on the CPU, where both interpolate alike; on
+    CUDA a pixel whose logit is within float rounding of 0 may flip); fails past ``most`` of the
+    pixels, or on any score difference."""
+    from pseudolabel.rle import decode_rle
+
+    differ = pixels = 0
     for a, b in zip(before, after, strict=True):
-        assert a.masks.counts == b.masks.counts, f"{a.image_id}: masks differ between the paths"
-        assert np.array_equal(a.mask_scores, b.mask_scores)
+        assert np.array_equal(a.mask_scores, b.mask_scores), f"{a.image_id}: scores differ between the paths"
+        pixels += len(a.masks) * a.height * a.width
+        for one, two in zip(a.masks.counts, b.masks.counts, strict=True):
+            if one != two:
+                differ += int(
+                    (decode_rle(one, a.height, a.width) != decode_rle(two, b.height, b.width)).sum()
+                )
+    assert differ <= most * pixels, f"{differ} of {pixels} mask pixels differ between the paths"
+    return differ
 
 
 if __name__ == "__main__":

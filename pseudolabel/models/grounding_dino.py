@@ -48,6 +48,16 @@ from pseudolabel.models.runtime import (
     normalization,
 )
 
+# compile: true pads every batch to a multiple of this many pixels per side (and to the batch size), so
+# the number of static shapes Dynamo compiles stays bounded (see GroundingDinoDetector).
+COMPILE_SHAPE_STEP = 128
+
+
+def compiled_shapes(max_size: int, step: int = COMPILE_SHAPE_STEP) -> int:
+    """How many padded (H, W) shapes a detector with long side ``max_size`` can meet: both sides are
+    multiples of ``step`` up to ``max_size`` rounded up."""
+    return (-(-max_size // step)) ** 2
+
 
 def input_size(width: int, height: int, short_side: int, max_size: int) -> tuple[int, int]:
     """(w, h) of the model input: short side ``short_side`` unless the long side would exceed ``max_size``
@@ -82,9 +92,13 @@ class GroundingDinoDetector:
       device, precision: where and how to run (precision "bf16" = autocast, weights stay fp32).
       batch_size: images per forward pass.
       image_size, max_size: model input short side and long-side cap (800 / 1333 as trained).
-      compile: ``torch.compile`` the backbone and the transformer with static shapes (opt-in: the first
-        batch of every new padded input shape pays a compilation; speed-up unmeasured here, see the
-        README's GPU throughput notes).
+      compile: ``torch.compile`` the backbone and the transformer with static shapes (opt-in; speed-up
+        unmeasured here, see the README's GPU throughput notes). Every batch is then padded to the
+        batch size (copies of its first image, dropped from the results) and each side to a multiple
+        of :data:`COMPILE_SHAPE_STEP` px, so Dynamo meets at most :func:`compiled_shapes` shapes and its
+        recompile limit is raised to that: past the limit (8 by default) it would silently run
+        uncompiled after paying for 8 compilations. The padding changes the numbers slightly (the
+        backbone sees more border), so it enters :meth:`describe`.
       decode_on_device: decode each batch's JPEGs on ``device`` in one call and resize them there
         (:class:`ImageDecoding`) instead of decoding + resizing in the CPU workers (opt-in).
       info: identity for metadata (variant, checkpoint sha256, ...), returned by :meth:`describe`.
@@ -116,6 +130,13 @@ class GroundingDinoDetector:
         self._transformer: Any = (
             torch.compile(model.transformer, dynamic=False) if compile else model.transformer
         )
+        self.shape_step = COMPILE_SHAPE_STEP if compile else 0  # 0: pad to the batch's largest image only
+        if compile:
+            from torch._dynamo import config as dynamo
+
+            shapes = compiled_shapes(max_size, self.shape_step)
+            dynamo.recompile_limit = max(dynamo.recompile_limit, shapes)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 2 * shapes)
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
@@ -137,6 +158,10 @@ class GroundingDinoDetector:
         )
         if self.decoding.on_device:  # only when on: default runs keep their earlier fingerprints
             described["decode_on_device"] = True
+        if self.shape_step:
+            described["padded_shapes"] = (
+                f"batch of {self.batch_size}, sides multiples of {self.shape_step} px"
+            )
         return described
 
     # ---- CPU side (background workers) ---------------------------------------------------------
@@ -174,7 +199,8 @@ class GroundingDinoDetector:
                 scores = self._score(logits, boxes, encoded, box_floor, text_floor)
                 per_caption.append((encoded, logits.shape[1], scores))
         # Every caption's (B, Q, 8) scores cross to the host together: one synchronisation per batch.
-        scored = [scores for _, _, scores in per_caption if scores is not None]
+        # Rows past the batch (padding for compiled shapes) stay on the device.
+        scored = [scores[: len(batch)] for _, _, scores in per_caption if scores is not None]
         host = iter(HostCopy(scored).wait() if scored else [])
         found = []
         offset = 0  # caption_index * num_queries: merged query indices stay unique and in caption order
@@ -245,18 +271,27 @@ class GroundingDinoDetector:
 
     def _batch_tensor(self, batch: Sequence[PreparedImage]) -> Any:
         """Normalise on the device and pad to the largest image: NestedTensor (B, 3, H, W) + mask (B, H, W)
-        that is True on padding (the model ignores it, and predicts boxes relative to the unpadded part)."""
+        that is True on padding (the model ignores it, and predicts boxes relative to the unpadded part).
+        With ``shape_step`` (compile): H and W rounded up to multiples of it, and B up to the batch size
+        with copies of the first image."""
         from groundingdino.util.misc import NestedTensor
 
         height = max(item.pixels.shape[1] for item in batch)
         width = max(item.pixels.shape[2] for item in batch)
-        tensors = torch.zeros(len(batch), 3, height, width, device=self.device)
-        mask = torch.ones(len(batch), height, width, dtype=torch.bool, device=self.device)
+        rows = len(batch)
+        if self.shape_step:
+            height, width = (-(-side // self.shape_step) * self.shape_step for side in (height, width))
+            rows = max(rows, self.batch_size)
+        tensors = torch.zeros(rows, 3, height, width, device=self.device)
+        mask = torch.ones(rows, height, width, dtype=torch.bool, device=self.device)
         for i, item in enumerate(batch):
             pixels = item.pixels.to(self.device, non_blocking=True)
             _, h, w = pixels.shape
             tensors[i, :, :h, :w] = pixels.float() * self._scale - self._shift
             mask[i, :h, :w] = False
+        if rows > len(batch):
+            tensors[len(batch) :] = tensors[0]
+            mask[len(batch) :] = mask[0]
         return NestedTensor(tensors, mask)
 
     def _image_features(

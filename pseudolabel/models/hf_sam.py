@@ -55,9 +55,11 @@ from pseudolabel.models.runtime import (
     FP32,
     HostCopy,
     describe_runtime,
+    enable_tf32,
     inference,
     normalization,
     prepare_image,
+    run_in_fp32,
     seeded,
     to_device,
 )
@@ -170,7 +172,11 @@ class HfSamSegmenter:
         max_boxes_per_call: int = 64,
         info: dict[str, Any] | None = None,
     ) -> None:
+        enable_tf32(device)
         self.model = model.to(device).eval()
+        # Predicted IoU and object score in fp32 under bf16 autocast: bf16 IoUs tie (see sam2_segmenter).
+        run_in_fp32(model.mask_decoder.iou_prediction_head)
+        run_in_fp32(model.mask_decoder.pred_obj_score_head)
         self.device = device
         self.precision = precision
         self.batch_size = batch_size

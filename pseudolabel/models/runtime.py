@@ -6,7 +6,9 @@ import contextlib
 import io
 import logging
 import math
+import re
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torch.utils._pytree import tree_map
 
 # Moved to the torch-free domain code (the CPU stages use it too); re-exported for the model code.
 from pseudolabel.images.shard import usable_cpus as usable_cpus
@@ -51,10 +55,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device while inside (a no-op for other devices and for a bare
+    ``cuda``). Whatever a library allocates on "cuda" without an index, pins, or records on "the
+    current stream" then lands on ``device`` (cuda:1 with ``--device cuda:1``), not on device 0."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def inference(device: torch.device, precision: str) -> Iterator[None]:
-    """``torch.inference_mode`` plus bf16 autocast when asked (weights stay fp32)."""
+    """``torch.inference_mode`` plus bf16 autocast when asked (weights stay fp32), with ``device`` as the
+    current device (:func:`device_scope`)."""
     with (
+        device_scope(device),
         torch.inference_mode(),
         torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == BF16),
     ):
@@ -62,8 +77,12 @@ def inference(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Page-locked host memory makes the later host->GPU copy asynchronous; pointless for CPU runs."""
-    return tensor.pin_memory() if device.type == "cuda" else tensor
+    """Page-locked host memory makes the later host->GPU copy asynchronous; pointless for CPU runs.
+    Pinned under ``device``'s context (:func:`device_scope`), so no context is created on device 0."""
+    if device.type != "cuda":
+        return tensor
+    with device_scope(device):
+        return tensor.pin_memory()
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -74,20 +93,49 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def enable_tf32(device: torch.device) -> None:
     """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (10-bit mantissa products, fp32
-    accumulation); a no-op elsewhere. Process-wide, as torch's flags are."""
+    accumulation); a no-op elsewhere. Process-wide, as torch's flags are: every backend calls it when
+    built for CUDA, so a model's numerics never depend on which other model the process loaded."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def run_in_fp32(module: nn.Module) -> nn.Module:
+    """``module`` (a small output head) runs in fp32 even inside autocast: its half-precision inputs are
+    cast to fp32 and autocast is off while it runs. Under bf16 autocast a head's outputs would be
+    rounded to 8 significant bits (steps of 2^-8 just below 1: predicted IoUs tie, scores and boxes
+    move); a head costs nothing next to the trunk. Weights, ``state_dict`` and ``save_pretrained``
+    are unchanged; idempotent; a deep copy keeps it."""
+    if getattr(module, "_runs_in_fp32", False):
+        return module
+    forward = type(module).forward
+
+    def fp32_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = tree_map(
+            lambda x: x.float() if isinstance(x, torch.Tensor) and x.dtype in _HALF else x, (args, kwargs)
+        )
+        weight = next(self.parameters(), None)
+        with torch.autocast(weight.device.type if weight is not None else "cpu", enabled=False):
+            return forward(self, *args, **kwargs)
+
+    module.forward = types.MethodType(fp32_forward, module)
+    module._runs_in_fp32 = True
+    return module
+
+
 class HostCopy:
     """Device tensors copied to host memory with ONE synchronisation point, which can come later.
 
-    On CUDA the copies go into pinned buffers with ``non_blocking=True`` and an event is recorded;
-    :meth:`wait` (thread-safe, syncs once) blocks on that event only. Several tensors travel as one
-    byte buffer, so a CPU run reads them back in one ``.cpu()`` as well. ``tensors`` must be
-    contiguous; any shapes and dtypes. ``then``: host work done once on the arrays after the copy
-    (by whichever thread waits first); :meth:`wait` returns its result.
+    On CUDA the copies go into pinned buffers with ``non_blocking=True`` and an event is recorded on
+    the stream the copy runs on, the current stream of the tensors' device (cuda:N, whatever the
+    current device is); :meth:`wait` (thread-safe, syncs once) blocks on that event only. Several
+    tensors travel as one byte buffer, so a CPU run reads them back in one ``.cpu()`` as well.
+    ``tensors`` must be contiguous, on one device, of a dtype numpy has (not bf16: cast a bf16 result
+    to fp32 on the device first); any shapes. ``then``: host work done once on the arrays after the
+    copy (by whichever thread waits first); :meth:`wait` returns its result.
     """
 
     def __init__(
@@ -95,6 +143,12 @@ class HostCopy:
         tensors: Sequence[torch.Tensor],
         then: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
     ) -> None:
+        unsupported = sorted({str(t.dtype) for t in tensors if t.dtype not in _NUMPY})
+        if unsupported:
+            raise TypeError(
+                f"HostCopy: no numpy dtype for {', '.join(unsupported)} (a bf16 result of autocast? "
+                "cast it to float32 on the device first)"
+            )
         self._then = then
         self._specs = [(t.shape, t.dtype) for t in tensors]
         # Each part padded to 8 bytes so every dtype view on the host stays aligned.
@@ -108,10 +162,7 @@ class HostCopy:
         packed = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._event = None
         if packed.device.type == "cuda":
-            self._host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
+            self._host, self._event = _copy_to_pinned(packed)
         else:
             self._device = packed  # nothing in flight: the copy happens in wait()
         self._lock = threading.Lock()
@@ -137,12 +188,29 @@ class HostCopy:
             return self._arrays
 
 
+def _copy_to_pinned(packed: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(pinned host buffer, event): ``packed`` (a CUDA tensor) copied without blocking, and an event
+    recorded after the copy on the stream it runs on: the current stream of ``packed``'s device. An
+    event on the current device's stream instead (device 0 while the copy runs on cuda:1) would
+    complete before the copy lands, and the host would read a half-written buffer."""
+    device = packed.device
+    with device_scope(device):  # the pinned buffer under the copy's context, not device 0's
+        stream = torch.cuda.current_stream(device)
+        host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        return host, stream.record_event()
+
+
 _NUMPY = {
     torch.bool: np.bool_,
     torch.uint8: np.uint8,
+    torch.int8: np.int8,
+    torch.int16: np.int16,
     torch.int32: np.int32,
     torch.int64: np.int64,
+    torch.float16: np.float16,
     torch.float32: np.float32,
+    torch.float64: np.float64,
 }
 
 
@@ -202,6 +270,27 @@ def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 NOT_JPEG, DECODE_ERROR = "not_jpeg", "decode_error"  # why an image took the PIL path (ImageDecoding)
 
+# torchvision's CUDA decoder rethrows every failure as a plain RuntimeError("Error while decoding JPEG
+# images: <what>"). Out of memory reads as PyTorch's "CUDA out of memory" (its output tensors), an
+# nvJPEG call failing with NVJPEG_STATUS_ALLOCATOR_FAILURE (5; nvJPEG allocates outside PyTorch's
+# cache) or a stream sync failing with cudaErrorMemoryAllocation (2).
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|Failed to (?!synchronize)[^:]*: 5\b|Failed to synchronize CUDA stream: 2\b", re.I
+)
+
+
+def decoder_out_of_memory(exc: BaseException) -> bool:
+    """Whether a decode failure is the device running out of memory (not the data's fault: the stage's
+    retry halves the batch) rather than a JPEG the decoder rejects."""
+    return isinstance(exc, torch.OutOfMemoryError) or bool(_OUT_OF_MEMORY.search(str(exc)))
+
+
+def _as_out_of_memory(exc: RuntimeError) -> torch.OutOfMemoryError:
+    """``exc`` as the type workers recognise (``OutOfMemoryError``), keeping its message."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return exc
+    return torch.OutOfMemoryError(f"JPEG decoding on the device ran out of memory: {exc}")
+
 
 class ImageDecoding:
     """Where a detector's images are decoded and resized.
@@ -245,9 +334,10 @@ class ImageDecoding:
         encoded: list[EncodedJpeg] = [batch[i].pixels for i in todo]
         try:
             images = self._decode_jpegs([e.data for e in encoded])
-        except torch.OutOfMemoryError:  # not the data's fault: the stage's retry halves the batch
-            raise
-        except RuntimeError:  # one bad image fails the whole call: find it
+        except RuntimeError as exc:
+            if decoder_out_of_memory(exc):  # not the data's fault: the stage's retry halves the batch
+                raise _as_out_of_memory(exc) from exc
+            # one bad image fails the whole call: find it
             images = [self._decode_one(batch[i].image_id, e) for i, e in zip(todo, encoded, strict=True)]
         out = list(batch)
         for i, e, image in zip(todo, encoded, images, strict=True):
@@ -264,8 +354,8 @@ class ImageDecoding:
             # could still be read by queued kernels. Wait on the host for the current stream first; the
             # detectors' previous batch already ended with a host copy, so this costs ~nothing.
             torch.cuda.current_stream(self.device).synchronize()
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with device_scope(self.device), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
 
     def _decode_one(self, image_id: str, encoded: EncodedJpeg) -> torch.Tensor:
@@ -273,9 +363,9 @@ class ImageDecoding:
         resize on the host (already at the target size, so :func:`resize_pixels` leaves it as it is)."""
         try:
             return self._decode_jpegs([encoded.data])[0]
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:
+        except RuntimeError as exc:
+            if decoder_out_of_memory(exc):
+                raise _as_out_of_memory(exc) from exc
             self._fell_back(DECODE_ERROR, image_id)
         data = encoded.data.numpy().tobytes()
         try:
@@ -327,7 +417,8 @@ def describe_runtime(
 
 
 class SyncCount:
-    """Device->host synchronisations seen by :func:`counting_syncs`."""
+    """Synchronisations seen by :func:`counting_syncs`: device->host reads, waits, blocking host->device
+    copies."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -340,16 +431,24 @@ class SyncCount:
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
 
+H2D = "to(device)"  # SyncCount kind of a blocking host->device copy
+
+
 @contextlib.contextmanager
 def counting_syncs(emulate_device: bool = False) -> Iterator[SyncCount]:
     """Count the calls that make the host wait for the device, in every thread, while inside.
 
     Counted: ``.cpu()``, blocking ``.to(cpu)`` from a real device, ``.item()``, ``.tolist()``, ``.numpy()``,
-    ``bool`` / ``int`` / ``float`` / ``__index__`` of a tensor,
-    ``.nonzero()`` / ``torch.nonzero`` on device tensors, and CUDA stream / event / device
-    synchronisation. With ``emulate_device`` a CPU run counts CPU tensors as device tensors, except
-    those a counted ``.cpu()`` / ``.to(cpu)`` returned (already host copies), so a CPU run counts what a
-    CUDA run would. For benchmarks and tests; not thread-safe to nest.
+    ``bool`` / ``int`` / ``float`` / ``__index__`` of a tensor, a blocking ``copy_`` into host memory from a
+    real device, ``.nonzero()`` / ``torch.nonzero`` on device tensors, CUDA stream / event / device
+    synchronisation, and (kind :data:`H2D`) host->device copies that block: PyTorch waits for the
+    stream after a copy from pageable memory or without ``non_blocking`` (``.to(device)``, ``.cuda()``,
+    ``copy_``), and ``torch.tensor`` / ``torch.as_tensor`` of host data with a ``device`` make one.
+    With ``emulate_device`` a CPU run counts CPU tensors as device tensors, except
+    those a counted ``.cpu()`` / ``.to(cpu)`` returned (already host copies), and ``torch.tensor`` /
+    ``torch.as_tensor`` with any ``device`` as host->device copies, so a CPU run counts what a CUDA
+    run would, but for ``.to(device)`` / ``copy_`` (a CPU "device" cannot tell them from no-ops).
+    For benchmarks and tests; not thread-safe to nest.
     """
     counter = SyncCount()
     host_mark = "_pseudolabel_host_copy"
@@ -364,6 +463,12 @@ def counting_syncs(emulate_device: bool = False) -> Iterator[SyncCount]:
             setattr(result, host_mark, True)
         return result
 
+    def uploads(source: torch.Tensor, target: Any, non_blocking: bool) -> bool:
+        """Whether copying ``source`` into ``target`` is a blocking host->device copy on a real device."""
+        if not (isinstance(target, torch.Tensor) and target.device.type != "cpu"):
+            return False
+        return source.device.type == "cpu" and not (non_blocking and source.is_pinned())
+
     def reads(name: str, original: Callable) -> Callable:
         def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if on_device(self):
@@ -376,14 +481,38 @@ def counting_syncs(emulate_device: bool = False) -> Iterator[SyncCount]:
         def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             was_on_device = on_device(self)
             result = original(self, *args, **kwargs)
+            non_blocking = bool(kwargs.get("non_blocking", False))
             to_host = isinstance(result, torch.Tensor) and result.device.type == "cpu"
             # .to(): only a real device change counts (an emulated device cannot tell a CPU "move" from
             # a no-op .to(x.device) or a dtype cast).
             moves = name == "cpu" or self.device.type != "cpu"
-            if was_on_device and to_host and moves and not kwargs.get("non_blocking", False):
+            if was_on_device and to_host and moves and not non_blocking:
                 counter.add(name)
                 mark(result)
+            elif uploads(self, result, non_blocking):
+                counter.add(H2D)
             return result
+
+        return wrapper
+
+    def copies_into(original: Callable) -> Callable:
+        def wrapper(self: torch.Tensor, source: Any, non_blocking: bool = False, **kwargs: Any) -> Any:
+            if isinstance(source, torch.Tensor):
+                if uploads(source, self, non_blocking):
+                    counter.add(H2D)
+                elif source.device.type != "cpu" and self.device.type == "cpu" and not non_blocking:
+                    counter.add("copy_(cpu)")
+            return original(self, source, non_blocking, **kwargs)
+
+        return wrapper
+
+    def creates(original: Callable) -> Callable:
+        def wrapper(data: Any, *args: Any, **kwargs: Any) -> Any:
+            device = kwargs.get("device")
+            from_host = not isinstance(data, torch.Tensor) or data.device.type == "cpu"
+            if device is not None and from_host and (emulate_device or torch.device(device).type != "cpu"):
+                counter.add(H2D)
+            return original(data, *args, **kwargs)
 
         return wrapper
 
@@ -397,6 +526,10 @@ def counting_syncs(emulate_device: bool = False) -> Iterator[SyncCount]:
     patches: list[tuple[Any, str, Callable]] = [
         (torch.Tensor, "cpu", copies("cpu", torch.Tensor.cpu)),
         (torch.Tensor, "to", copies("to(cpu)", torch.Tensor.to)),
+        (torch.Tensor, "cuda", copies("cuda", torch.Tensor.cuda)),
+        (torch.Tensor, "copy_", copies_into(torch.Tensor.copy_)),
+        (torch, "tensor", creates(torch.tensor)),
+        (torch, "as_tensor", creates(torch.as_tensor)),
         *(
             (torch.Tensor, name, reads(name, getattr(torch.Tensor, name)))
             for name in (

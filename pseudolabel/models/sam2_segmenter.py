@@ -58,9 +58,12 @@ from pseudolabel.models.runtime import (
     FP32,
     HostCopy,
     describe_runtime,
+    device_scope,
+    enable_tf32,
     inference,
     normalization,
     prepare_image,
+    run_in_fp32,
     to_device,
     usable_cpus,
 )
@@ -73,7 +76,8 @@ def load_sam2(spec: SegmenterSpec) -> Sam2Segmenter:
     resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
     device, precision = spec_runtime(spec, resolved)
     overrides = sam2_overrides(spec.tiny, spec.image_size)
-    model = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
+    with device_scope(device):  # sam2 puts some tables on "cuda" while building: the model's device
+        model = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed)
     info = {
         "model": "sam2.1",
         "variant": spec.variant + ("-tiny" if spec.tiny else ""),
@@ -123,7 +127,9 @@ class Sam2Segmenter:
         bucket_cost: int | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
+        enable_tf32(device)
         self.model = model.to(device).eval()
+        fp32_heads(model)
         self.device = device
         self.precision = precision
         self.batch_size = batch_size
@@ -327,6 +333,16 @@ class Sam2Segmenter:
             total += size
         flush(len(batch))
         return placed
+
+
+def fp32_heads(model: nn.Module) -> None:
+    """SAM2's predicted-IoU and object-score heads in fp32 under bf16 autocast (:func:`run_in_fp32`): in
+    bf16 the three multimask IoUs round to steps of 2^-8 and often tie, and ties pick the first mask."""
+    decoder = getattr(model, "sam_mask_decoder", None)
+    for name in ("iou_prediction_head", "pred_obj_score_head"):  # the latter only with object pointers
+        head = getattr(decoder, name, None)
+        if isinstance(head, nn.Module):
+            run_in_fp32(head)
 
 
 class PendingMasks:

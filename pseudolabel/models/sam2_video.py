@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from pseudolabel.models.loading import TrackerSpec, spec_checkpoint, spec_identity, spec_runtime
-from pseudolabel.models.runtime import FP32, inference
+from pseudolabel.models.runtime import FP32, device_scope, enable_tf32, inference
 from pseudolabel.models.sam2_build import VARIANTS, build_sam2_model, sam2_overrides
+from pseudolabel.models.sam2_segmenter import fp32_heads
 from pseudolabel.rle import encode_device_masks
 from pseudolabel.video.tracking import TrackedFrame
 
@@ -32,7 +33,10 @@ def load_sam2_video(spec: TrackerSpec) -> Sam2VideoTracker:
     resolved = spec_checkpoint(spec, VARIANTS[spec.variant].checkpoint)
     device, precision = spec_runtime(spec, resolved)
     overrides = sam2_overrides(spec.tiny, spec.image_size)
-    predictor = build_sam2_model(spec.variant, resolved.path, overrides=overrides, seed=spec.seed, video=True)
+    with device_scope(device):  # sam2 puts some tables on "cuda" while building: the model's device
+        predictor = build_sam2_model(
+            spec.variant, resolved.path, overrides=overrides, seed=spec.seed, video=True
+        )
     info = {
         "model": "sam2.1-video",
         "variant": spec.variant + ("-tiny" if spec.tiny else ""),
@@ -63,7 +67,9 @@ class Sam2VideoTracker:
         offload_state_to_cpu: bool = False,
         info: dict[str, Any] | None = None,
     ) -> None:
+        enable_tf32(device)
         self.predictor = predictor.to(device).eval()
+        fp32_heads(predictor)  # the IoU picks the kept mask, the object score is the presence score
         self.device = device
         self.precision = precision
         self.offload_video_to_cpu = offload_video_to_cpu

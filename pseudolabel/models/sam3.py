@@ -188,6 +188,7 @@ class Sam3Detector:
 
         enable_tf32(device)
         self.model = model.to(device).eval()
+        fp32_heads(self.model)
         self.tokenizer = tokenizer
         self.device = device
         self.precision = precision
@@ -247,7 +248,7 @@ class Sam3Detector:
         its mask at the original image size."""
         import torch
 
-        from pseudolabel.models.runtime import HostCopy, inference
+        from pseudolabel.models.runtime import HostCopy, inference, to_device
 
         if not batch:
             return []
@@ -258,7 +259,8 @@ class Sam3Detector:
         kept: list[list[tuple[np.ndarray, ...]]] = [[] for _ in batch]
         low_res: list[list[torch.Tensor]] = [[] for _ in batch]
         with inference(self.device, self.precision):
-            pixels = torch.stack([item.pixels for item in batch]).to(self.device, non_blocking=True)
+            # Each pinned tensor copied on its own: stacking on the host would make a pageable, blocking copy.
+            pixels = torch.stack([item.pixels.to(self.device, non_blocking=True) for item in batch])
             vision = self.model.get_vision_features(pixel_values=pixels.float() * self._scale - self._shift)
             for p, phrase in enumerate(phrases):
                 input_ids, attention_mask = self.phrase_tokens(phrase)
@@ -288,7 +290,7 @@ class Sam3Detector:
                             np.full(len(keep), p, np.int32),
                         )
                     )
-                    low_res[b].append(out.pred_masks[b, torch.from_numpy(keep).to(self.device)])
+                    low_res[b].append(out.pred_masks[b, to_device(keep, self.device)])
             return [
                 self._candidates(item, parts, masks, phrases, max_candidates)
                 for item, parts, masks in zip(batch, kept, low_res, strict=True)
@@ -305,6 +307,8 @@ class Sam3Detector:
         """One image's kept instances of every phrase -> the best ``max_candidates``, boxes and masks in
         original pixels."""
         import torch
+
+        from pseudolabel.models.runtime import to_device
 
         if not parts:
             return Candidates.empty(item.image_id, item.width, item.height).with_no_masks(1)
@@ -324,7 +328,7 @@ class Sam3Detector:
             [phrases[i] for i in phrase_ids[order]],
             query_indices[order],
         )
-        logits = torch.cat(low_res)[torch.from_numpy(order).to(self.device)]
+        logits = torch.cat(low_res)[to_device(order, self.device)]
         masks = EncodedMasks.concat(
             [
                 self._encode(logits[i : i + MASK_CHUNK], item.height, item.width)
@@ -347,6 +351,17 @@ class Sam3Detector:
             logits.float().sigmoid().unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False
         ).squeeze(0)
         return encode_device_masks(probabilities > MASK_THRESHOLD)
+
+
+def fp32_heads(model: Any) -> None:
+    """SAM 3's score, box and presence heads in fp32 under bf16 autocast (``runtime.run_in_fp32``), as
+    Grounding DINO and OWL keep theirs: in bf16 their logits and box offsets round to 8 significant
+    bits (a logit of 2 to steps of 1/64) before the sigmoids."""
+    from pseudolabel.models.runtime import run_in_fp32
+
+    run_in_fp32(model.dot_product_scoring)
+    run_in_fp32(model.detr_decoder.box_head)
+    run_in_fp32(model.detr_decoder.presence_head)
 
 
 # ---- segmenter backend "detector": the detector's own masks ------------------------------------------

@@ -94,10 +94,12 @@ def test_empty_map_has_no_regions():
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
+    """On the CPU in fp32 whatever the machine (bf16 on CUDA: test_cuda_autocast.py)."""
     spec = DetectorSpec(
         backend="dinov2_saliency",
         checkpoint="random",
         tiny=True,
+        device="cpu",
         allow_download=False,
         cache_dir=str(tmp_path_factory.mktemp("cache")),
     )

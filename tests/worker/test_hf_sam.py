@@ -21,10 +21,13 @@ SIZE = tiny.TINY_EDGETAM_IMAGE_SIZE
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
+    """On the CPU in fp32 whatever the machine: these tests compare with fp32 references on the host
+    (bf16 on CUDA: test_cuda_autocast.py)."""
     spec = SegmenterSpec(
         backend="edgetam",
         checkpoint="random",
         tiny=True,
+        device="cpu",
         allow_download=False,
         cache_dir=str(tmp_path_factory.mktemp("c")),
     )
