@@ -106,6 +106,19 @@ def shards_per_run() -> BackfillPolicy:
 SINGLE_RUN = BackfillPolicy.single_run()
 
 
+class GpuStageConfig(Config):
+    """What every GPU stage's config has."""
+
+    force: bool = Field(
+        default=False,
+        description=(
+            "Recompute every shard of the run. By default a shard whose stored output already has the "
+            "fingerprint of its inputs, model and settings (not batch size, workers, device or retry) is "
+            "reused without running the models, so a re-run or a retry redoes only the shards still missing."
+        ),
+    )
+
+
 GPU_POOL = "gpu"  # one slot per GPU: `pseudolabel gpu-pool` sets it from the visible GPUs
 
 

@@ -1,9 +1,8 @@
 """``detections``: the detector backend's candidates for every "ok" image of a shard, in a model worker (GPU)."""
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, asset
-from pydantic import Field
+from dagster import AssetExecutionContext, MaterializeResult, asset
 
-from assets.common import gpu_shard_asset_args
+from assets.common import GpuStageConfig, gpu_shard_asset_args
 from pseudolabel.models.stages import DETECTION_VERSION
 from pseudolabel.workers.task import DETECTIONS, WorkerTask
 from resources.models import DetectorResource, StageSettingsResource
@@ -11,15 +10,8 @@ from resources.storage import StorageResource
 from resources.workers import ModelWorkersResource
 
 
-class DetectionsConfig(Config):
-    force: bool = Field(
-        default=False,
-        description=(
-            "Recompute every shard of the run. By default a shard whose stored output already has the "
-            "fingerprint of its inputs, model and settings (not batch size, workers, device or retry) is "
-            "reused without running the models, so a re-run or a retry redoes only the shards still missing."
-        ),
-    )
+class DetectionsConfig(GpuStageConfig):
+    """The detections step's config (the models and prompt are resources)."""
 
 
 # The stage version is the code version: bumping it shows every shard unsynced in the UI.

@@ -1,10 +1,9 @@
 """``video_tracks``: detector keyframes + SAM2 video tracking over every video of a shard, in a model
 worker (GPU). One row per (video, frame, track) with its COCO RLE mask: video_tracks/<shard>.parquet."""
 
-from dagster import AssetExecutionContext, Config, Failure, MaterializeResult, MetadataValue, asset
-from pydantic import Field
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
-from assets.common import gpu_shard_asset_args
+from assets.common import GpuStageConfig, gpu_shard_asset_args
 from pseudolabel.storage import ObjectNotFound
 from pseudolabel.video.tracking import TRACKING_VERSION, TrackingSettings
 from pseudolabel.video.tracks_table import shard_has_videos, write_no_tracks
@@ -14,7 +13,7 @@ from resources.storage import StorageResource
 from resources.workers import ModelWorkersResource
 
 
-class VideoTracksConfig(Config):
+class VideoTracksConfig(GpuStageConfig):
     # Detector keyframes (and the tracker's window) every K frames.
     keyframe_every: int = TrackingSettings.keyframe_every
     # A keyframe detection continues a track when its box IoU with the track is at least this.
@@ -23,14 +22,6 @@ class VideoTracksConfig(Config):
     max_lost_keyframes: int = TrackingSettings.max_lost_keyframes
     # Track objects that appear mid-video back to the previous keyframe.
     backward: bool = TrackingSettings.backward
-    force: bool = Field(
-        default=False,
-        description=(
-            "Recompute every shard of the run. By default a shard whose stored output already has the "
-            "fingerprint of its inputs, model and settings (not batch size, workers, device or retry) is "
-            "reused without running the models, so a re-run or a retry redoes only the shards still missing."
-        ),
-    )
 
 
 @asset(
