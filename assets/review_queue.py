@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 import pandas as pd
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
-from pseudolabel.exports.label_studio import label_config
 from pydantic import Field
 
 from pseudolabel import layout
 from pseudolabel.dataset.collect import labelled_shards
+from pseudolabel.exports.label_studio import label_config
 from pseudolabel.labels.candidates import read_candidates
 from pseudolabel.labels.coco import category_names
 from pseudolabel.labels.lineage import current_provenance
