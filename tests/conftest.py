@@ -40,6 +40,19 @@ from resources.storage import LocalStorageResource, S3StorageResource, StorageRe
 # test_sam3_suite.py), not here.
 collect_ignore = ["worker", "worker_sam3"]
 
+# Tests sharing an expensive session fixture run in one pytest-xdist worker (`--dist loadgroup`), so
+# each fixture starts once per run: a real Label Studio, the demo, the PostgreSQL server.
+XDIST_GROUPS = {"label_studio": "label_studio", "demo_run": "demo", "postgres_server": "postgres"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in XDIST_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
 # moto accepts any credentials; explicit ones keep boto3 away from the developer's ~/.aws.
 _MOTO_CREDENTIALS = {
     "aws_access_key_id": "testing",
